@@ -1,0 +1,180 @@
+"""Checkpoints: one ``.safetensors`` file, the model config and version in its metadata.
+
+Nothing is ever unpickled. Writes are atomic (temp file + fsync + rename), so a run killed
+mid-write leaves the previous checkpoint intact.
+
+Training state (optimizer, scheduler, RNG, counters) uses the same container: nested
+dicts/lists are flattened, tensors stored by path, everything else kept as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from unetkit import config as cfg
+from unetkit import registry
+from unetkit._atomic import atomic_path
+from unetkit._version import __version__
+from unetkit.errors import CheckpointError, UnetkitError
+
+FORMAT = "unetkit-checkpoint"
+STATE_FORMAT = "unetkit-state"
+
+
+def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    path = Path(path)
+    # clone: safetensors refuses tensors that share storage (tied or viewed weights)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({e}); unetkit never unpickles "
+            f"files, convert .pt/.ckpt weights with `unetkit convert`"
+        ) from None
+    return tensors, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's metadata: model name, config dict, version, and any extras (JSON)."""
+    _, meta = _read(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a unetkit model checkpoint (format={meta.get('format')!r})")
+    return {k: (v if k in ("format", "model", "unetkit_version") else json.loads(v))
+            for k, v in meta.items()}
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Save a registered model to one ``.safetensors`` file (atomic).
+
+    Args:
+        model: any model from ``unetkit.create_model`` (DDP/compiled wrappers are unwrapped).
+        path: file to write; parent folders are created.
+        extra: JSON-serialisable facts for later use (e.g. normalisation, class names).
+
+    Example:
+        >>> unetkit.save(net, "run/best.safetensors")   # doctest: +SKIP
+    """
+    model = unwrap(model)
+    meta = {
+        "format": FORMAT,
+        "unetkit_version": __version__,
+        "model": registry.name_of(model),
+        "config": cfg.to_json(model.config),
+    }
+    for k, v in (extra or {}).items():
+        if k in meta:
+            raise CheckpointError(f"extra key {k!r} is reserved")
+        meta[k] = json.dumps(v)
+    return _write(path, model.state_dict(), meta)
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a checkpoint written by ``save``; returned in eval mode."""
+    tensors, meta = _read(path)
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(
+            f"{path}: safetensors file has no unetkit metadata (a bare state dict?); "
+            f"for diffusers/LDM weights use `unetkit convert`"
+        )
+    try:
+        model = registry.model_from_config(
+            meta["model"], json.loads(meta["config"]), source=str(path))
+    except UnetkitError as e:
+        raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
+    load_state_dict_strict(model, tensors, source=str(path))
+    return model.to(map_location).eval()
+
+
+def load_state_dict_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``tensors`` into ``model``; mismatched keys or shapes raise CheckpointError listing them."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{title} keys: {', '.join(items[:10])}{more}")
+        raise CheckpointError(f"{source}: weights do not match the model; " + "; ".join(parts))
+    model.load_state_dict(tensors, strict=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# --- training state: nested containers of tensors and JSON values ----------------------
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "root"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        items = [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: v for k, v in items}}
+        return {"__items__": items}  # e.g. optimizer state keyed by int
+    if isinstance(obj, (list, tuple)):
+        kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
+        return {kind: [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store {type(obj).__name__} at {prefix!r} in a state file")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"].items()}
+    if "__items__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+    if "__tuple__" in obj:
+        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    return [_unflatten(v, tensors) for v in obj["__list__"]]
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically save a nested training state (tensors + JSON scalars) as safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(state, "", tensors)
+    return _write(path, tensors, {"format": STATE_FORMAT, "unetkit_version": __version__,
+                                  "tree": json.dumps(tree)})
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Inverse of ``save_state``."""
+    tensors, meta = _read(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a unetkit training-state file")
+    return _unflatten(json.loads(meta["tree"]), tensors)

@@ -1,0 +1,3 @@
+"""Model families; importing this package registers them."""
+
+from unetkit.models import unet  # noqa: F401
