@@ -7,4 +7,12 @@ from unetkit._version import __version__
 from unetkit.formats.checkpoint import load, read_metadata, save
 from unetkit.registry import create_model, list_models, model_info
 
-__all__ = ["__version__", "create_model", "list_models", "load", "model_info", "read_metadata", "save"]
+__all__ = [
+    "__version__",
+    "create_model",
+    "list_models",
+    "load",
+    "model_info",
+    "read_metadata",
+    "save",
+]

@@ -50,7 +50,13 @@ def register_model(
         if name in _REGISTRY:
             raise ConfigError(f"model name {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(
-            name, model_cls, config, description, dict(presets or {}), tuple(dims), task,
+            name,
+            model_cls,
+            config,
+            description,
+            dict(presets or {}),
+            tuple(dims),
+            task,
             dict(test_overrides or {}),
         )
         model_cls.registry_name = name
@@ -108,7 +114,9 @@ def create_model(name: str, *, preset: str | None = None, **overrides: Any) -> n
     return entry.model_cls(build_config(name, preset=preset, **overrides))
 
 
-def model_from_config(name: str, config_dict: dict[str, Any], *, source: str = "config") -> nn.Module:
+def model_from_config(
+    name: str, config_dict: dict[str, Any], *, source: str = "config"
+) -> nn.Module:
     entry = get_entry(name)
     return entry.model_cls(cfg.from_dict(entry.config_cls, config_dict, source=source))
 

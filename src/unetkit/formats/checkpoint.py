@@ -58,9 +58,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's metadata: model name, config dict, version, and any extras (JSON)."""
     _, meta = _read(path)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a unetkit model checkpoint (format={meta.get('format')!r})")
-    return {k: (v if k in ("format", "model", "unetkit_version") else json.loads(v))
-            for k, v in meta.items()}
+        raise CheckpointError(
+            f"{path}: not a unetkit model checkpoint (format={meta.get('format')!r})"
+        )
+    return {
+        k: (v if k in ("format", "model", "unetkit_version") else json.loads(v))
+        for k, v in meta.items()
+    }
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
@@ -98,20 +102,26 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         )
     try:
         model = registry.model_from_config(
-            meta["model"], json.loads(meta["config"]), source=str(path))
+            meta["model"], json.loads(meta["config"]), source=str(path)
+        )
     except UnetkitError as e:
         raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
     load_state_dict_strict(model, tensors, source=str(path))
     return model.to(map_location).eval()
 
 
-def load_state_dict_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load ``tensors`` into ``model``; mismatched keys or shapes raise CheckpointError listing them."""
+def load_state_dict_strict(
+    model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str
+) -> None:
+    """Load ``tensors`` into ``model``; a key or shape mismatch raises CheckpointError."""
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tensors[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
@@ -168,8 +178,11 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically save a nested training state (tensors + JSON scalars) as safetensors."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(state, "", tensors)
-    return _write(path, tensors, {"format": STATE_FORMAT, "unetkit_version": __version__,
-                                  "tree": json.dumps(tree)})
+    return _write(
+        path,
+        tensors,
+        {"format": STATE_FORMAT, "unetkit_version": __version__, "tree": json.dumps(tree)},
+    )
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -67,8 +67,7 @@ class SegmentationModel(nn.Module):
         result = []
         for want in output_size:
             n = next(
-                (m for m in range(1, int(want) + _SEARCH)
-                 if (self._output_length(m) or 0) >= want),
+                (m for m in range(1, int(want) + _SEARCH) if (self._output_length(m) or 0) >= want),
                 None,
             )
             if n is None:
@@ -87,7 +86,7 @@ class SegmentationModel(nn.Module):
         if x.dim() != self.dims + 2:
             raise InputSizeError(
                 f"{type(self).__name__} (dims={self.dims}) expects a tensor N×C×"
-                f"{'×'.join('DHW'[-self.dims:])}, got shape {tuple(x.shape)}"
+                f"{'×'.join('DHW'[-self.dims :])}, got shape {tuple(x.shape)}"
             )
         if x.shape[1] != self.in_channels:
             raise InputSizeError(

@@ -46,10 +46,12 @@ class UNetDecoder(nn.Module):
         stages = []
         chans = list(encoder_channels)
         for deep, skip in zip(chans[:0:-1], chans[-2::-1], strict=True):
-            stages.append(DecoderStage(
-                Upsample(dims, deep, skip, mode=up),
-                DoubleConv(dims, 2 * skip, skip, padding=padding, norm=norm, act=act),
-            ))
+            stages.append(
+                DecoderStage(
+                    Upsample(dims, deep, skip, mode=up),
+                    DoubleConv(dims, 2 * skip, skip, padding=padding, norm=norm, act=act),
+                )
+            )
         self.stages = nn.ModuleList(stages)
         self.out_channels = chans[0]
         self.shrink = tuple(s.block.shrink() for s in stages)

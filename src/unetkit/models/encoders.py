@@ -56,8 +56,15 @@ class ConvEncoder(nn.Module):
         prev = in_channels
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
-            block = DoubleConv(dims, prev, ch, padding=padding, norm=norm, act=act,
-                               dropout=dropout if last else 0.0)
+            block = DoubleConv(
+                dims,
+                prev,
+                ch,
+                padding=padding,
+                norm=norm,
+                act=act,
+                dropout=dropout if last else 0.0,
+            )
             sampler = nn.Identity() if i == 0 else Downsample(dims, prev, mode=down)
             stages.append(EncoderStage(sampler, block))
             prev = ch

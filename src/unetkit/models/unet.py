@@ -92,10 +92,19 @@ class UNet(SegmentationModel):
         super().__init__()
         self.config = config
         self.in_channels, self.out_channels, self.dims = (
-            config.in_channels, config.out_channels, config.dims)
+            config.in_channels,
+            config.out_channels,
+            config.dims,
+        )
         opts = dict(padding=config.padding, norm=config.norm, act=config.act)
-        self.encoder = ConvEncoder(config.dims, config.in_channels, config.channels,
-                                   down=config.down, dropout=config.dropout, **opts)
+        self.encoder = ConvEncoder(
+            config.dims,
+            config.in_channels,
+            config.channels,
+            down=config.down,
+            dropout=config.dropout,
+            **opts,
+        )
         self.decoder = UNetDecoder(config.dims, config.channels, up=config.up, **opts)
         self.head = conv_nd(config.dims)(config.channels[0], config.out_channels, 1)
         self.multiple = 2 ** (len(config.channels) - 1)
@@ -113,7 +122,7 @@ class UNet(SegmentationModel):
         size = None
         if self.config.padding == "same":  # pad to a multiple of 2^depth, crop back below
             x, size = pad_to_multiple(x, self.multiple)
-        features = self.encoder(x)            # [N×c0×S, N×c1×S/2, ..., bottleneck]
-        x = self.decoder(features)            # N×c0×S (valid: S minus the lost margin)
-        x = self.head(x)                      # N×out×S
+        features = self.encoder(x)  # [N×c0×S, N×c1×S/2, ..., bottleneck]
+        x = self.decoder(features)  # N×c0×S (valid: S minus the lost margin)
+        x = self.head(x)  # N×out×S
         return x if size is None else crop_to(x, size)

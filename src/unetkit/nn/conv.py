@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from unetkit.config import check_choice
@@ -46,8 +45,13 @@ class ConvNormAct(nn.Sequential):
         check_choice("padding", padding, PADDINGS)
         pad = dilation * (kernel_size - 1) // 2 if padding == "same" else 0
         conv = conv_nd(dims)(
-            in_channels, out_channels, kernel_size,
-            stride=stride, padding=pad, dilation=dilation, bias=norm == "none",
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=pad,
+            dilation=dilation,
+            bias=norm == "none",
         )
         super().__init__()
         self.conv = conv
@@ -97,5 +101,3 @@ class DoubleConv(nn.Sequential):
 
     def shrink(self) -> int:
         return self.conv1.shrink() + self.conv2.shrink()
-
-

@@ -71,8 +71,9 @@ class Upsample(nn.Module):
         if self.mode == "transposed":
             return self.op(x)
         if self.mode == "interp":
-            x = F.interpolate(x, scale_factor=2.0, mode=INTERP_MODES[self.dims],
-                              align_corners=False)
+            x = F.interpolate(
+                x, scale_factor=2.0, mode=INTERP_MODES[self.dims], align_corners=False
+            )
             return self.op(x)
         return pixel_shuffle_nd(self.op(x), 2)
 
@@ -105,7 +106,9 @@ def merge_skip(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return torch.cat([skip, x], dim=1)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, *, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, ...]]:
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, *, mode: str = "reflect"
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Pad spatial axes at the end up to a multiple of ``multiple``; return (padded, original size).
 
     Reflect padding (falling back to replicate where the axis is too short to reflect) keeps

@@ -1,0 +1,56 @@
+"""`unetkit` entry point: argument parsing and sub-command dispatch only.
+
+Each sub-command lives in its own module with ``add_parser(subparsers)`` and ``run(args)``;
+library errors become one clear line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from unetkit._version import __version__
+from unetkit.errors import UnetkitError
+
+# sub-command modules, each with add_parser() and run()
+COMMANDS = ["models"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unetkit",
+        description="The U-Net family end to end: train, predict, evaluate, inspect models.",
+    )
+    parser.add_argument("--version", action="version", version=f"unetkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"unetkit.cli.{name.replace('-', '_')}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return int(args.run(args) or 0)
+    except UnetkitError as e:
+        print(f"unetkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unetkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
