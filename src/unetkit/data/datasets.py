@@ -1,0 +1,398 @@
+"""Segmentation data sets: a folder of images and masks, and synthetic cells.
+
+Both return dict samples of torch tensors:
+
+- ``"image"``: float32 C×H×W (C×D×H×W for volumes), scaled by dtype (uint8 /255, ...);
+- ``"mask"``: int64 H×W, the training target (class index per pixel);
+- ``"instances"``: int32 H×W instance labels, when the data has them;
+- ``"weight"``: float32 H×W, the U-Net border weight map, when ``weight_map`` is given;
+- ``"name"``: the sample's name (file stem).
+
+Targets (``target=``) built from instance labels (or, lacking them, from the connected
+components of the mask):
+
+- ``"semantic"``: the mask's classes (``instances > 0`` for instance label files);
+- ``"separated"``: foreground with a 1-pixel background gap where two instances touch — the
+  ground truth the U-Net paper trains on, where the border weight map matters most;
+- ``"boundary"``: 3 classes, background 0 / interior 1 / instance boundary 2.
+
+Targets and the weight map are computed on the whole image before augmentation (so cells
+beyond a later crop still count, as in the paper's precomputed maps); the transform then
+crops and warps them together with the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from unetkit.data.io import (
+    check_mask_options,
+    decode_mask,
+    list_images,
+    read_image,
+    to_float_image,
+)
+from unetkit.data.synthetic import STYLES, synth_cells
+from unetkit.data.transforms import Transform
+from unetkit.data.weightmaps import border_weight_map, instance_borders, separate_touching
+from unetkit.errors import ConfigError, DataError, did_you_mean
+
+__all__ = [
+    "TARGETS",
+    "FolderSegmentationDataset",
+    "SyntheticCellsDataset",
+    "boundary_target",
+    "split_indices",
+]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("semantic", "separated", "boundary")
+_WEIGHT_OPTIONS = ("w0", "sigma", "class_weights")
+_MAX_LISTED = 10  # problems listed in one error message
+
+
+def boundary_target(instances: np.ndarray) -> np.ndarray:
+    """3-class target: 0 background, 1 cell interior, 2 cell boundary.
+
+    Boundary pixels are the instance pixels with a face neighbour of another label (another
+    instance or the background): 1 pixel thick at the background, 2 between touching cells.
+    The image edge is not a boundary (a cell cut by the edge goes on beyond it).
+
+    Args:
+        instances: integer labels, H×W or D×H×W.
+
+    Returns:
+        int64 array shaped like ``instances``.
+
+    Example:
+        >>> boundary_target(np.array([[0, 1, 1, 1, 2, 2, 0]])).tolist()
+        [[0, 2, 1, 2, 2, 2, 0]]
+    """
+    instances = np.asarray(instances)
+    target = (instances > 0).astype(np.int64)
+    target[instance_borders(instances)] = 2
+    return target
+
+
+def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic random train/validation split of ``range(n)``.
+
+    Args:
+        n: number of samples.
+        val_fraction: fraction for validation, in [0, 1); at least one sample when > 0
+            and n ≥ 2, and always at least one training sample.
+        seed: the split is a function of (n, val_fraction, seed) only.
+
+    Returns:
+        (train_indices, val_indices): sorted int64 arrays; use with ``torch.utils.data.Subset``.
+
+    Example:
+        >>> train, val = split_indices(10, 0.2, seed=0)
+        >>> len(train), len(val)
+        (8, 2)
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    if n < 1:
+        raise ConfigError(f"split_indices: n={n} samples, need at least 1")
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """Instance labels from a class mask: connected components of each foreground class."""
+    instances = np.zeros(mask.shape, np.int64)
+    offset = 0
+    for c in np.unique(mask):
+        if c <= 0:
+            continue
+        labels, count = ndimage.label(mask == c)
+        instances[labels > 0] = labels[labels > 0] + offset
+        offset += count
+    return instances
+
+
+class _SegmentationDataset(Dataset):
+    """Shared sample pipeline: targets → weight map → augmentation → tensors."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        transform: Transform | None,
+        weight_map: Mapping[str, Any] | None,
+        seed: int,
+    ) -> None:
+        if target not in TARGETS:
+            raise ConfigError(f"target={target!r}{did_you_mean(target, TARGETS)}: use {TARGETS}")
+        if weight_map is not None:
+            for key in weight_map:
+                if key not in _WEIGHT_OPTIONS:
+                    raise ConfigError(
+                        f"weight_map: unknown option {key!r}{did_you_mean(key, _WEIGHT_OPTIONS)}; "
+                        f"valid options: {', '.join(_WEIGHT_OPTIONS)}"
+                    )
+            weight_map = dict(weight_map)
+            border_weight_map(np.zeros((2, 2), np.int32), **weight_map)  # bad values fail now
+        self.target = target
+        self.transform = transform
+        self.weight_map = weight_map
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream: sample i of epoch e uses rng([seed, i, e])."""
+        self.epoch = int(epoch)
+
+    def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(name, float image C×..., class mask or None, instance labels or None)."""
+        raise NotImplementedError
+
+    def _target_classes(self, num_classes: int) -> int:
+        return {"semantic": num_classes, "separated": 2, "boundary": 3}[self.target]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        name, image, classes, instances = self._load(index)
+        sample: dict[str, Any] = {"image": image, "name": name}
+        sample.update(self._targets(classes, instances))
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, index, self.epoch])
+            sample = self.transform(sample, rng)
+        return _to_tensors(sample)
+
+    def _targets(self, classes: np.ndarray | None, instances: np.ndarray | None) -> dict:
+        out: dict[str, np.ndarray] = {}
+        if instances is not None:
+            out["instances"] = instances.astype(np.int32)
+        objects = instances
+        if objects is None and (self.target != "semantic" or self.weight_map is not None):
+            objects = _components(classes)  # no instance file: separate by connectivity
+        if self.target == "semantic":
+            mask = classes if classes is not None else (instances > 0).astype(np.int64)
+        elif self.target == "separated":
+            objects = separate_touching(objects)
+            mask = (objects > 0).astype(np.int64)
+        else:
+            mask = boundary_target(objects)
+        out["mask"] = mask
+        if self.weight_map is not None:
+            out["weight"] = border_weight_map(objects, mask=mask, **self.weight_map)
+        return out
+
+
+def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    dtypes = {"image": np.float32, "mask": np.int64, "instances": np.int32, "weight": np.float32}
+    out = dict(sample)
+    for key, dtype in dtypes.items():
+        if key in out:  # copies: flips and rotations leave negative strides
+            out[key] = torch.from_numpy(np.ascontiguousarray(out[key], dtype=dtype))
+    return out
+
+
+class FolderSegmentationDataset(_SegmentationDataset):
+    """Images and masks from two folders, paired by file stem.
+
+    ``root`` holds ``images/`` and ``masks/``; ``images/a.png`` pairs with ``masks/a.png``
+    (or ``a.tif``, any supported type). Files are listed and paired when the data set is
+    built; their content is checked when a sample is read, or all at once by
+    :meth:`validate`.
+
+    Args:
+        root: the folder holding ``images/`` and ``masks/``, or an (images_dir, masks_dir) pair.
+        num_classes: classes in the mask files (background included), used to decode and
+            check them; the returned mask has :attr:`target_classes` classes.
+        mask_mode: "auto", "index", "binary" or "instances" (see :func:`decode_mask`).
+        target: "semantic", "separated" or "boundary" (see the module docstring).
+        transform: augmentation, called as ``transform(sample, rng)``.
+        weight_map: None, or options of :func:`border_weight_map` (``w0``, ``sigma``,
+            ``class_weights``), e.g. ``{"w0": 10, "sigma": 5}``.
+        spatial_dims: 2 for images, 3 for TIFF volumes.
+        seed: seed of the augmentation stream.
+
+    Example:
+        >>> ds = FolderSegmentationDataset("data/cells", mask_mode="instances")  # doctest: +SKIP
+        >>> ds.validate(); ds[0]["image"].shape                                  # doctest: +SKIP
+        torch.Size([1, 256, 256])
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike],
+        *,
+        num_classes: int = 2,
+        mask_mode: str = "auto",
+        target: str = "semantic",
+        transform: Transform | None = None,
+        weight_map: Mapping[str, Any] | None = None,
+        spatial_dims: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(target=target, transform=transform, weight_map=weight_map, seed=seed)
+        check_mask_options(num_classes, mask_mode)
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims={spatial_dims}: use 2 (images) or 3 (volumes)")
+        if isinstance(root, (str, os.PathLike)):
+            images_dir, masks_dir = Path(root) / "images", Path(root) / "masks"
+            for folder in (images_dir, masks_dir):
+                if not folder.is_dir():
+                    raise DataError(
+                        f"{folder}: folder not found; a data folder holds images/ and masks/ "
+                        "(or pass the pair (images_dir, masks_dir))"
+                    )
+        else:
+            images_dir, masks_dir = (Path(p) for p in root)
+        self.images_dir, self.masks_dir = images_dir, masks_dir
+        self.num_classes = num_classes
+        self.mask_mode = mask_mode
+        self.spatial_dims = spatial_dims
+        self.target_classes = self._target_classes(num_classes)
+        self.pairs = _pair_files(images_dir, masks_dir)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        image_path, mask_path = self.pairs[index]
+        image = to_float_image(
+            read_image(image_path, palette_to_rgb=True),
+            path=image_path,
+            spatial_dims=self.spatial_dims,
+        )
+        raw = read_image(mask_path)
+        labels = decode_mask(
+            raw,
+            self.num_classes,
+            path=mask_path,
+            mode=self.mask_mode,
+            spatial_dims=self.spatial_dims,
+        )
+        if labels.shape != image.shape[1:]:
+            raise DataError(
+                f"{image_path} ({_fmt_size(image.shape[1:])}) and its mask {mask_path} "
+                f"({_fmt_size(labels.shape)}) differ in size; a mask must match its image "
+                "pixel for pixel"
+            )
+        if self.mask_mode == "instances":
+            return image_path.stem, image, None, labels
+        return image_path.stem, image, labels, None
+
+    def validate(self) -> None:
+        """Read every image and mask now; raise one DataError listing every problem found."""
+        problems = []
+        for index in range(len(self)):
+            try:
+                self._load(index)
+            except DataError as e:
+                problems.append(str(e))
+        if problems:
+            listed = "\n  ".join(problems[:_MAX_LISTED])
+            more = len(problems) - _MAX_LISTED
+            tail = f"\n  ... and {more} more" if more > 0 else ""
+            raise DataError(
+                f"{self.images_dir.parent}: {len(problems)} of {len(self)} samples are "
+                f"invalid:\n  {listed}{tail}"
+            )
+
+
+def _fmt_size(shape: Sequence[int]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def _pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    images, masks = list_images(images_dir), list_images(masks_dir)
+    if not images:
+        raise DataError(f"{images_dir}: no images found (.png .tif .tiff .jpg .jpeg)")
+    by_stem: dict[str, Path] = {}
+    for mask in masks:
+        if mask.stem in by_stem:
+            raise DataError(
+                f"{masks_dir}: two masks for one image: {by_stem[mask.stem].name} and "
+                f"{mask.name}; keep one"
+            )
+        by_stem[mask.stem] = mask
+    missing = [p for p in images if p.stem not in by_stem]
+    if missing:
+        names = ", ".join(str(p) for p in missing[:_MAX_LISTED])
+        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        raise DataError(
+            f"{len(missing)} image(s) without a mask: {names}{more}; expected a mask with "
+            f"the same name (any of .png .tif .tiff) in {masks_dir}"
+        )
+    stems = {p.stem for p in images}
+    orphans = [m.name for m in masks if m.stem not in stems]
+    if orphans:
+        log.warning(
+            "%s: %d mask(s) without an image, ignored: %s", masks_dir, len(orphans), orphans[:5]
+        )
+    return [(p, by_stem[p.stem]) for p in images]
+
+
+class SyntheticCellsDataset(_SegmentationDataset):
+    """Synthetic microscopy cells generated on the fly (see :func:`synth_cells`).
+
+    Sample i is always the same image (``synth_cells(shape, seed=(seed, i))``), with its
+    instance labels, so the data set needs no files and is identical on every machine.
+
+    Args:
+        n: number of samples.
+        shape: (H, W) of each image.
+        seed: seed of the images and of the augmentation stream.
+        style: "fluorescence" or "phase".
+        n_cells: range of the number of cells per image.
+        target: "semantic", "separated" or "boundary".
+        transform: augmentation, called as ``transform(sample, rng)``.
+        weight_map: None, or options of :func:`border_weight_map`.
+
+    Example:
+        >>> ds = SyntheticCellsDataset(8, shape=(64, 64), weight_map={"w0": 10, "sigma": 5})
+        >>> sorted(ds[0])
+        ['image', 'instances', 'mask', 'name', 'weight']
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        shape: Sequence[int] = (256, 256),
+        seed: int = 0,
+        style: str = "fluorescence",
+        n_cells: tuple[int, int] = (15, 40),
+        target: str = "semantic",
+        transform: Transform | None = None,
+        weight_map: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(target=target, transform=transform, weight_map=weight_map, seed=seed)
+        if n < 1:
+            raise ConfigError(f"SyntheticCellsDataset: n={n} samples, need at least 1")
+        self.n = int(n)
+        self.shape = tuple(int(s) for s in shape)
+        self.style = style
+        self.n_cells = n_cells
+        self.num_classes = 2
+        self.target_classes = self._target_classes(2)
+        if style not in STYLES:
+            raise ConfigError(f"style={style!r}{did_you_mean(style, STYLES)}: use one of {STYLES}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        image, instances = synth_cells(
+            self.shape, seed=(self.seed, index), style=self.style, n_cells=self.n_cells
+        )
+        return f"synthetic_{index:05d}", image[None], None, instances.astype(np.int64)

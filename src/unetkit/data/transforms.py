@@ -1,0 +1,287 @@
+"""Seeded, label-aware augmentations on sample dicts.
+
+A sample is a dict of numpy arrays: ``"image"`` C×H×W (or C×D×H×W) float, and optionally
+``"mask"`` (class indices), ``"instances"`` (instance labels) and ``"weight"`` (pixel weights),
+each H×W (or D×H×W); other keys (``"name"``) pass through. Every geometric transform applies
+the same operation to all of these, so image and labels stay aligned; labels are never
+interpolated. A transform is called as ``transform(sample, rng)`` with a
+``np.random.Generator``, so an augmentation is reproducible from its seed.
+
+Example:
+    >>> aug = Compose([RandomCrop(64), RandomFlip(), RandomRot90(), ElasticDeform()])
+    >>> sample = {"image": np.zeros((1, 80, 80), np.float32), "mask": np.zeros((80, 80), int)}
+    >>> aug(sample, np.random.default_rng(0))["image"].shape
+    (1, 64, 64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from unetkit.data.elastic import elastic_deform
+from unetkit.errors import ConfigError, did_you_mean
+
+__all__ = [
+    "LABEL_KEYS",
+    "Compose",
+    "ElasticDeform",
+    "IntensityJitter",
+    "Normalize",
+    "RandomCrop",
+    "RandomFlip",
+    "RandomRot90",
+    "Transform",
+]
+
+Sample = dict[str, Any]
+Transform = Callable[[Sample, np.random.Generator], Sample]
+LABEL_KEYS = ("mask", "instances", "weight")  # spatial arrays without a channel axis
+
+
+def _spatial_dims(sample: Sample) -> int:
+    return sample["image"].ndim - 1
+
+
+def _apply_spatial(sample: Sample, op: Callable[[np.ndarray, str], np.ndarray]) -> Sample:
+    """Return a copy of ``sample`` with ``op(array, key)`` applied to every spatial array."""
+    out = dict(sample)
+    for key in ("image", *LABEL_KEYS):
+        if key in out:
+            out[key] = op(out[key], key)
+    return out
+
+
+def _axis(axis: int, spatial_dims: int) -> int:
+    """A spatial axis (0-based over spatial dims, or negative from the end) as a negative
+    array axis, valid for both the image (channel first) and the label arrays."""
+    if not -spatial_dims <= axis < spatial_dims:
+        raise ConfigError(f"axis {axis} out of range for {spatial_dims} spatial dims")
+    return axis - spatial_dims if axis >= 0 else axis
+
+
+class Compose:
+    """Apply transforms in order, with one generator.
+
+    Args:
+        transforms: callables ``(sample, rng) -> sample``.
+    """
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        for transform in self.transforms:
+            sample = transform(sample, rng)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+class RandomCrop:
+    """Crop a random window; pad first where the sample is smaller than the window.
+
+    Args:
+        size: window size; an int for every spatial axis, or a tuple for the last
+            ``len(size)`` axes (e.g. (H, W) crops only the plane of a volume).
+        label_pad: value for padded ``"mask"`` pixels (0, or the loss's ignore index).
+            The image is padded by reflection; instances and weights by 0 (no object, no
+            loss).
+    """
+
+    def __init__(self, size: int | Sequence[int], *, label_pad: int = 0) -> None:
+        self.size = (int(size),) if isinstance(size, int) else tuple(int(s) for s in size)
+        if min(self.size) < 1:
+            raise ConfigError(f"RandomCrop size={size}: must be ≥ 1")
+        self.label_pad = label_pad
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        nd = _spatial_dims(sample)
+        spatial = sample["image"].shape[1:]
+        sizes = self.size * nd if len(self.size) == 1 else self.size
+        if len(sizes) > nd:
+            raise ConfigError(f"RandomCrop size={self.size} has more axes than the sample ({nd})")
+        sizes = spatial[: nd - len(sizes)] + tuple(sizes)
+        pads, starts = [], []
+        for n, size in zip(spatial, sizes, strict=True):
+            total = max(size - n, 0)
+            before = int(rng.integers(0, total + 1))
+            pads.append((before, total - before))
+            starts.append(int(rng.integers(0, n + total - size + 1)))
+        window = tuple(slice(s, s + size) for s, size in zip(starts, sizes, strict=True))
+
+        def crop(a: np.ndarray, key: str) -> np.ndarray:
+            if any(p != (0, 0) for p in pads):
+                width = [(0, 0)] * (a.ndim - nd) + pads
+                if key == "image":
+                    a = np.pad(a, width, mode="reflect")
+                else:
+                    a = np.pad(a, width, constant_values=self.label_pad if key == "mask" else 0)
+            return a[(Ellipsis, *window)]
+
+        return _apply_spatial(sample, crop)
+
+    def __repr__(self) -> str:
+        return f"RandomCrop({self.size}, label_pad={self.label_pad})"
+
+
+class RandomFlip:
+    """Flip each chosen spatial axis independently with probability ``p``.
+
+    Args:
+        axes: spatial axes (0 = first spatial axis; negative from the end); default all.
+        p: flip probability per axis.
+    """
+
+    def __init__(self, axes: Sequence[int] | None = None, *, p: float = 0.5) -> None:
+        self.axes = None if axes is None else tuple(axes)
+        self.p = p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        nd = _spatial_dims(sample)
+        axes = range(nd) if self.axes is None else self.axes
+        flips = tuple(_axis(ax, nd) for ax in axes if rng.random() < self.p)
+        if not flips:
+            return sample
+        return _apply_spatial(sample, lambda a, _: np.flip(a, flips))
+
+    def __repr__(self) -> str:
+        return f"RandomFlip(axes={self.axes}, p={self.p})"
+
+
+class RandomRot90:
+    """Rotate by a random multiple of 90° (k uniform in 0..3) in one plane.
+
+    Args:
+        axes: the two spatial axes of the plane; default the last two (H, W).
+    """
+
+    def __init__(self, axes: tuple[int, int] = (-2, -1)) -> None:
+        self.axes = tuple(axes)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        nd = _spatial_dims(sample)
+        plane = tuple(_axis(ax, nd) for ax in self.axes)
+        k = int(rng.integers(4))
+        if k == 0:
+            return sample
+        return _apply_spatial(sample, lambda a, _: np.rot90(a, k, axes=plane))
+
+    def __repr__(self) -> str:
+        return f"RandomRot90(axes={self.axes})"
+
+
+class IntensityJitter:
+    """Random gamma, gain, bias and Gaussian noise on the image only.
+
+    The gamma curve is applied to the image rescaled to its own [min, max] and mapped back,
+    so it works on images that are not in [0, 1] (e.g. after z-scoring).
+
+    Args:
+        gain: range of the multiplicative factor.
+        bias: range of the additive offset.
+        gamma: range of the gamma exponent (sampled log-uniformly).
+        noise_std: the noise standard deviation is drawn uniformly from [0, noise_std].
+    """
+
+    def __init__(
+        self,
+        *,
+        gain: tuple[float, float] = (0.9, 1.1),
+        bias: tuple[float, float] = (-0.05, 0.05),
+        gamma: tuple[float, float] = (0.8, 1.25),
+        noise_std: float = 0.02,
+    ) -> None:
+        if gamma[0] <= 0 or noise_std < 0:
+            raise ConfigError(f"IntensityJitter: need gamma > 0, noise_std ≥ 0; got {gamma}")
+        self.gain, self.bias, self.gamma, self.noise_std = gain, bias, gamma, noise_std
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        image = sample["image"].astype(np.float32)
+        gamma = float(np.exp(rng.uniform(np.log(self.gamma[0]), np.log(self.gamma[1]))))
+        gain, bias = rng.uniform(*self.gain), rng.uniform(*self.bias)
+        lo, hi = float(image.min()), float(image.max())
+        if hi > lo:
+            image = lo + (hi - lo) * ((image - lo) / (hi - lo)) ** gamma
+        image = image * gain + bias
+        std = rng.uniform(0.0, self.noise_std)
+        if std > 0:
+            image = image + rng.normal(0.0, std, size=image.shape)
+        return {**sample, "image": image.astype(np.float32)}
+
+    def __repr__(self) -> str:
+        return (
+            f"IntensityJitter(gain={self.gain}, bias={self.bias}, gamma={self.gamma}, "
+            f"noise_std={self.noise_std})"
+        )
+
+
+class ElasticDeform:
+    """The U-Net paper's elastic deformation (see :mod:`unetkit.data.elastic`).
+
+    One displacement field warps everything: the image cubically, the weight map linearly
+    (stays non-negative), mask and instances by nearest neighbour (no new label values).
+
+    Args:
+        grid: control points per axis (paper: 3).
+        sigma: displacement standard deviation in pixels (paper: 10).
+        p: probability of deforming a sample.
+    """
+
+    ORDERS = {"image": 3, "weight": 1, "mask": 0, "instances": 0}
+
+    def __init__(self, *, grid: int = 3, sigma: float = 10.0, p: float = 1.0) -> None:
+        self.grid, self.sigma, self.p = grid, sigma, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        keys = [k for k in self.ORDERS if k in sample]
+        warped = elastic_deform(
+            [sample[k] for k in keys],
+            rng=rng,
+            grid=self.grid,
+            sigma=self.sigma,
+            orders=[self.ORDERS[k] for k in keys],
+            spatial_dims=_spatial_dims(sample),
+        )
+        return {**sample, **dict(zip(keys, warped, strict=True))}
+
+    def __repr__(self) -> str:
+        return f"ElasticDeform(grid={self.grid}, sigma={self.sigma}, p={self.p})"
+
+
+class Normalize:
+    """Per-image, per-channel intensity normalisation (deterministic).
+
+    Args:
+        mode: ``"zscore"`` (zero mean, unit std) or ``"percentile"`` (the 1st and 99th
+            percentiles map to 0 and 1), robust for 12/16-bit microscopy images.
+    """
+
+    MODES = ("zscore", "percentile")
+
+    def __init__(self, mode: str = "zscore") -> None:
+        if mode not in self.MODES:
+            raise ConfigError(
+                f"Normalize mode={mode!r}{did_you_mean(mode, self.MODES)}: use {self.MODES}"
+            )
+        self.mode = mode
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        image = sample["image"].astype(np.float32)
+        flat = image.reshape(image.shape[0], -1)
+        if self.mode == "zscore":
+            centre, scale = flat.mean(axis=1), flat.std(axis=1)
+        else:
+            low, high = np.percentile(flat, [1.0, 99.0], axis=1)
+            centre, scale = low, high - low
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        scale = np.maximum(scale, 1e-6).reshape(shape)  # flat channels: no division by 0
+        return {**sample, "image": ((image - centre.reshape(shape)) / scale).astype(np.float32)}
+
+    def __repr__(self) -> str:
+        return f"Normalize({self.mode!r})"
