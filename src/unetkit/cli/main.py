@@ -15,7 +15,7 @@ from unetkit._version import __version__
 from unetkit.errors import UnetkitError
 
 # sub-command modules, each with add_parser() and run()
-COMMANDS = ["models"]
+COMMANDS = ["train", "predict", "evaluate", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,524 @@
+"""Tiled inference for images and volumes of any size (1D, 2D, 3D).
+
+* **Overlap-tile** (Ronneberger et al., MICCAI 2015, Fig. 2) for valid-padding models: each
+  output tile is predicted from the tile plus the context the model consumes, context beyond
+  the border filled by mirroring. Tiles start at multiples of the network's shift period
+  (``2**depth`` for a U-Net), so every max-pool sees the same pixel pairs as one forward pass
+  over the whole mirrored image: the stitched result equals that pass.
+* **Sliding window** for same-padding models: overlapping windows weighted by a Gaussian
+  importance map (nnU-Net, Isensee et al. 2021) or uniformly, then averaged.
+
+Memory stays bounded: tiles are cut lazily (mirroring is index arithmetic, no padded copy of
+the image), run ``batch_size`` at a time and added into one ``out_channels×*S`` float32
+output. The Gaussian is separable and the grid a Cartesian product, so the weight sum is a
+product of per-axis sums and needs no full-size buffer. Peak memory: the output plus one
+tile batch (plus the image, which may be a numpy memmap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from unetkit.config import check_choice
+from unetkit.errors import ConfigError, DataError, InputSizeError
+from unetkit.inference.tta import resolve_tta, tta_predict
+
+logger = logging.getLogger(__name__)
+
+PAD_MODES = ("reflect", "replicate", "constant")
+BLEND_MODES = ("gaussian", "constant")
+ACTIVATIONS = ("probabilities", "logits")
+DEFAULT_TILE_VOXELS = 2**18  # default tile: 512² in 2D, 64³ in 3D
+WHOLE_IMAGE_VOXELS = 2**20  # predict_tiled(tile=None) runs smaller inputs in one pass
+_WEIGHT_FLOOR = 1e-6  # per-axis floor of the Gaussian: border pixels keep a usable weight
+
+Activation = str | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+# --- tile planning -----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+    """Tile positions covering an image: per axis, the tile starts (a Cartesian grid).
+
+    A start may be negative and a tile may run past the end (its input is padded); each
+    tile writes the part ``[start, start + keep)`` of its prediction that lies in the image.
+
+    Example:
+        >>> g = TileGrid.sliding((100, 60), (64, 64), overlap=0.5)
+        >>> g.starts, len(g)
+        (((0, 18, 36), (-2,)), 3)
+    """
+
+    image_size: tuple[int, ...]
+    tile: tuple[int, ...]
+    starts: tuple[tuple[int, ...], ...]
+    keep: tuple[int, ...]
+
+    @classmethod
+    def sliding(
+        cls, image_size: Sequence[int], tile: Sequence[int], overlap: float = 0.25
+    ) -> TileGrid:
+        """Evenly spaced windows overlapping by at least ``overlap`` (a fraction of the
+        tile), first at 0, last snapped to the end; a short axis gets one centred tile."""
+        if not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"overlap={overlap} must be in [0, 1), e.g. 0.25 or 0.5")
+        starts = []
+        for n, t in zip(image_size, tile, strict=True):
+            if n <= t:
+                starts.append((-((t - n) // 2),))
+                continue
+            target = max(1.0, t * (1.0 - overlap))
+            count = math.ceil((n - t) / target) + 1
+            step = (n - t) / (count - 1)
+            starts.append(tuple(int(round(i * step)) for i in range(count)))
+        return cls(tuple(image_size), tuple(tile), tuple(starts), tuple(tile))
+
+    @classmethod
+    def stepped(
+        cls, image_size: Sequence[int], tile: Sequence[int], step: Sequence[int]
+    ) -> TileGrid:
+        """Tiles at 0, step, 2·step, ... each keeping ``step <= tile`` pixels (no output
+        overlap); the last one runs past the end of the image."""
+        starts = []
+        for n, t, s in zip(image_size, tile, step, strict=True):
+            if not 0 < s <= t:
+                raise ConfigError(f"step {s} must be in [1, tile={t}]")
+            starts.append(tuple(range(0, n, s)))
+        return cls(tuple(image_size), tuple(tile), tuple(starts), tuple(step))
+
+    def __len__(self) -> int:
+        return math.prod(len(s) for s in self.starts)
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return iter(itertools.product(*self.starts))
+
+    def regions(self, start: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(output slices, tile slices) of the part of a tile at ``start`` that is written."""
+        out, tile = [], []
+        for s, k, n in zip(start, self.keep, self.image_size, strict=True):
+            lo, hi = max(s, 0), min(s + k, n)
+            out.append(slice(lo, hi))
+            tile.append(slice(lo - s, hi - s))
+        return tuple(out), tuple(tile)
+
+    def axis_weights(self, axis: int, profile: torch.Tensor) -> torch.Tensor:
+        """Sum over this axis' tiles of a 1D weight ``profile`` (length tile), per pixel."""
+        n, k = self.image_size[axis], self.keep[axis]
+        total = torch.zeros(n, dtype=torch.float64)
+        for s in self.starts[axis]:
+            lo, hi = max(s, 0), min(s + k, n)
+            total[lo:hi] += profile[lo - s : hi - s]
+        return total
+
+
+# --- tile extraction with mirror padding -------------------------------------------------
+def mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Map indices onto ``[0, n)`` by mirroring at the edges without repeating the edge pixel.
+
+    Repeats for any distance (``-1 -> 1``, ``n -> n-2``), like ``numpy.pad(mode="reflect")``,
+    so context wider than the image is still defined (the paper's mirror extrapolation).
+    """
+    if n == 1:
+        return torch.zeros_like(index)
+    period = 2 * (n - 1)
+    r = index.remainder(period)
+    return torch.where(r < n, r, period - r)
+
+
+def extract_tile(
+    image: torch.Tensor, start: Sequence[int], size: Sequence[int], pad_mode: str = "reflect"
+) -> torch.Tensor:
+    """The window ``[start, start + size)`` (``C×*size``) of a ``C×*S`` image, padded where
+    it leaves the image: reflect (mirror, the paper's choice) | replicate | constant (zeros).
+    A view of ``image`` when the window lies inside it."""
+    x = image
+    outside = []
+    for axis, (s, t, n) in enumerate(zip(start, size, image.shape[1:], strict=True)):
+        if s >= 0 and s + t <= n:
+            x = x.narrow(axis + 1, s, t)  # cheap view first, so gathers touch less data
+        else:
+            outside.append((axis, s, t, n))
+    for axis, s, t, n in outside:
+        index = torch.arange(s, s + t, device=x.device)
+        if pad_mode == "reflect":
+            x = x.index_select(axis + 1, mirror_index(index, n))
+        else:
+            x = x.index_select(axis + 1, index.clamp(0, n - 1))
+            if pad_mode == "constant":
+                where = [slice(None)] * x.dim()
+                where[axis + 1] = (index < 0) | (index >= n)
+                x[tuple(where)] = 0
+    return x
+
+
+# --- blending ----------------------------------------------------------------------------
+def gaussian_profile(length: int, sigma_scale: float = 0.125) -> torch.Tensor:
+    """1D Gaussian over ``length`` pixels, sigma = ``sigma_scale * length``, peak 1, float64.
+
+    Symmetric by construction and floored at a small positive value so that a border pixel
+    covered by only one tile still gets a weight (the nnU-Net rule, Isensee et al. 2021).
+    """
+    if not sigma_scale > 0:
+        raise ConfigError(f"sigma_scale={sigma_scale} must be > 0 (nnU-Net uses 0.125)")
+    sigma = max(sigma_scale * length, 1e-3)
+    x = torch.arange(length, dtype=torch.float64) - (length - 1) / 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (g / g.max()).clamp_min(_WEIGHT_FLOOR)
+
+
+def importance_map(
+    tile: Sequence[int], blend: str = "gaussian", sigma_scale: float = 0.125
+) -> torch.Tensor:
+    """Per-pixel weight of a tile's prediction (``*tile``, float32): outer product of 1D
+    Gaussians (``blend="gaussian"``) or ones (``"constant"``)."""
+    w = torch.ones((), dtype=torch.float64)
+    for p in _profiles(tile, blend, sigma_scale):
+        w = w.unsqueeze(-1) * p
+    return w.float()
+
+
+def _profiles(tile: Sequence[int], blend: str, sigma_scale: float) -> list[torch.Tensor]:
+    check_choice("blend", blend, BLEND_MODES)
+    if blend == "constant":
+        return [torch.ones(t, dtype=torch.float64) for t in tile]
+    return [gaussian_profile(t, sigma_scale) for t in tile]
+
+
+# --- shared plumbing ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """eval() + inference_mode for the call; the model's train/eval flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _as_image(model: nn.Module, image: torch.Tensor | np.ndarray, where: str) -> torch.Tensor:
+    """Check a single ``C×*S`` float image against the model; numpy arrays are wrapped."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise DataError(
+            f"{where}: image must be a torch.Tensor or numpy array, got {type(image).__name__}"
+        )
+    dims = getattr(model, "dims", image.dim() - 1)
+    channels = getattr(model, "in_channels", None)
+    expect = f"C×{'×'.join('DHW'[-dims:])} = ({channels or 'C'}, {', '.join(['…'] * dims)})"
+    got = f"got shape {tuple(image.shape)}"
+    if image.dim() != dims + 1:
+        hint = {
+            dims: "; add a channel axis: image[None]",
+            dims + 2: "; pass one image per call: image[0]",
+        }.get(image.dim(), "")
+        raise InputSizeError(
+            f"{where}: {type(model).__name__} (dims={dims}) takes one image {expect}, {got}{hint}"
+        )
+    if channels is not None and image.shape[0] != channels:
+        raise InputSizeError(
+            f"{where}: {type(model).__name__} expects {channels} input "
+            f"channel(s), image {expect}, {got}"
+        )
+    if min(image.shape[1:]) < 1:
+        raise InputSizeError(f"{where}: image has an empty axis (shape {tuple(image.shape)})")
+    if not image.is_floating_point():
+        raise DataError(
+            f"{where}: image dtype is {image.dtype}; pass a normalised float "
+            "image, e.g. image.float() / 255 or array.astype('float32')"
+        )
+    return image
+
+
+def _expand(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
+    values = (int(value),) * dims if isinstance(value, int | np.integer) else tuple(value)
+    if len(values) != dims or any(v < 1 for v in values):
+        raise ConfigError(f"{name}={value!r} must be a positive int or {dims} positive ints")
+    return tuple(int(v) for v in values)
+
+
+def _predictor(
+    model: nn.Module, activation: Activation, tta: bool | str | None, dims: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Batch (CPU) -> float32 prediction on the model's device: activation, then TTA mean."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if activation is None or activation == "logits":
+        act: Callable[[torch.Tensor], torch.Tensor] = lambda y: y  # noqa: E731
+    elif callable(activation):
+        act = activation
+    else:
+        check_choice("activation", activation, ACTIVATIONS)
+        act = getattr(model, "probabilities", None) or _probabilities
+    transforms = resolve_tta(tta, dims)
+    return lambda x: tta_predict(lambda t: act(model(t)), x.to(device, dtype), transforms)
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def _stream(
+    model: nn.Module,
+    image: torch.Tensor,
+    grid: TileGrid,
+    window: tuple[Sequence[int], Sequence[int]],
+    opts: dict,
+    weight: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Run the grid's tiles ``batch_size`` at a time; write (or, with ``accumulate``, add
+    ``weight``-ed) the kept part of each prediction into one output tensor.
+
+    ``window`` = (offset, size) of each input tile relative to the tile's output start;
+    ``opts`` holds the engine's batch_size, pad_mode, activation, tta and out arguments.
+    """
+    if opts["batch_size"] < 1:
+        raise ConfigError(f"batch_size={opts['batch_size']} must be >= 1")
+    predict = _predictor(model, opts["activation"], opts["tta"], len(grid.tile))
+    positions, result = iter(grid), None
+    with _inference(model):
+        while chunk := list(itertools.islice(positions, opts["batch_size"])):
+            starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
+            tiles = [extract_tile(image, s, window[1], opts["pad_mode"]) for s in starts]
+            y = predict(torch.stack(tiles))  # N×K×*tile, float32, on the model's device
+            if tuple(y.shape[2:]) != grid.tile:
+                raise InputSizeError(
+                    f"the model maps a {tuple(window[1])} tile to "
+                    f"{tuple(y.shape[2:])}, expected {grid.tile}"
+                )
+            if weight is not None:
+                y = y.mul_(weight.to(y.device))
+            y = y.cpu()
+            if result is None:
+                result = _output(opts["out"], (y.shape[1], *grid.image_size), accumulate)
+            for i, s in enumerate(chunk):
+                dst, src = grid.regions(s)
+                part, target = y[(i, slice(None), *src)], result[(slice(None), *dst)]
+                target.add_(part) if accumulate else target.copy_(part)
+    return result
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], fill: bool) -> torch.Tensor:
+    if out is None:
+        with torch.inference_mode(False):  # a normal tensor: the caller may edit it later
+            return torch.zeros(shape) if fill else torch.empty(shape)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu":
+        raise InputSizeError(
+            f"out must be a float32 CPU tensor of shape {shape}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out.zero_() if fill else out
+
+
+# --- the engines -------------------------------------------------------------------------
+def overlap_tile(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    tile_out: int | Sequence[int],
+    batch_size: int = 4,
+    activation: Activation = None,
+    tta: bool | str = False,
+    pad_mode: str = "reflect",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Overlap-tile prediction with a valid-padding model (Ronneberger et al. 2015, Fig. 2).
+
+    Args:
+        model: a valid-padding ``SegmentationModel`` (``model.is_valid_padding``).
+        image: ``C×*S`` float image of any size (numpy accepted).
+        tile_out: requested output tile size (int or per axis); raised to the next size the
+            model can produce (``model.input_size_for``) and to at least the shift period,
+            and capped at the image size. Input tiles add the model's margin on every side.
+        batch_size: tiles per forward pass (does not change the result).
+        activation: None/"logits" (default), "probabilities" (softmax/sigmoid) or a callable
+            on ``N×K×*T`` tensors, applied per tile (tiles do not overlap).
+        tta: False, True/"flip" or "flip_rot90": per-tile augmentation, averaged after
+            ``activation``.
+        pad_mode: context beyond the border: reflect (mirror, the paper) | replicate | constant.
+        out: optional preallocated float32 ``K×*S`` CPU tensor to write into (e.g. a memmap).
+
+    Returns:
+        ``out_channels×*S`` float32 on CPU, equal to one forward pass over the whole image
+        mirror-padded by the margin (and up to a valid size), cropped to ``S``.
+
+    Example:
+        >>> import unetkit
+        >>> net = unetkit.create_model("unet", channels=(4, 8), padding="valid", norm="none")
+        >>> overlap_tile(net, torch.rand(1, 70, 53), tile_out=24).shape
+        torch.Size([2, 70, 53])
+    """
+    image = _as_image(model, image, "overlap_tile")
+    check_choice("pad_mode", pad_mode, PAD_MODES)
+    if not getattr(model, "is_valid_padding", False):
+        raise ConfigError(
+            f"overlap_tile needs a valid-padding model; {type(model).__name__} "
+            "keeps the size (same padding): use sliding_window instead"
+        )
+    size = tuple(image.shape[1:])
+    dims = len(size)
+    period = _shift_period(model, dims)
+    want = [
+        max(min(t, n), p)
+        for t, n, p in zip(_expand(tile_out, dims, "tile_out"), size, period, strict=True)
+    ]
+    tile_in = model.input_size_for(want)
+    tile_o = model.output_size_for(tile_in)
+    before = [(i - o) // 2 for i, o in zip(tile_in, tile_o, strict=True)]
+    # Output tiles start at multiples of the shift period so the network sees the same
+    # pooling phase as a whole-image pass; a tile longer than its step is partly discarded.
+    step = [o // p * p for o, p in zip(tile_o, period, strict=True)]
+    grid = TileGrid.stepped(size, tile_o, step)
+    logger.debug(
+        "overlap_tile: %d tiles, input %s -> output %s, step %s", len(grid), tile_in, tile_o, step
+    )
+    opts = dict(batch_size=batch_size, pad_mode=pad_mode, activation=activation, tta=tta, out=out)
+    return _stream(model, image, grid, (before, tile_in), opts)
+
+
+def _shift_period(model: nn.Module, dims: int) -> tuple[int, ...]:
+    """Shift under which the model is translation-equivariant: the spacing of its valid
+    input sizes (``2**depth`` for a valid U-Net; 1 for a pooling-free network)."""
+    first = model.input_size_for((1,) * dims)
+    out = model.output_size_for(first)
+    second = model.input_size_for(tuple(o + 1 for o in out))
+    return tuple(b - a for a, b in zip(first, second, strict=True))
+
+
+def sliding_window(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    tile: int | Sequence[int],
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    batch_size: int = 4,
+    pad_mode: str = "reflect",
+    activation: Activation = "probabilities",
+    tta: bool | str = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sliding-window prediction with a same-padding model, blended (nnU-Net style).
+
+    Each window's prediction is multiplied by an importance map (a Gaussian with
+    sigma = ``sigma_scale * tile``, or ones), added into a running sum, and the sum is
+    divided by the summed weights. Blending is done after ``activation``: by default on
+    probabilities, so every output is a convex combination of probabilities (a valid
+    distribution, agreeing with TTA averaging); pass ``activation=None`` to blend logits
+    (nnU-Net v2's choice) and get logits back.
+
+    Args:
+        model: a same-padding model (any module mapping ``N×C×*T`` to ``N×K×*T``).
+        image: ``C×*S`` float image of any size (numpy accepted).
+        tile: window size (int or per axis); axes shorter than it are padded.
+        overlap: minimum overlap of neighbouring windows as a fraction of the tile, [0, 1).
+        blend: gaussian | constant.
+        sigma_scale: Gaussian sigma as a fraction of the tile (0.125 as in nnU-Net).
+        batch_size: windows per forward pass (does not change the result).
+        pad_mode: padding where a window leaves the image: reflect | replicate | constant.
+        activation: "probabilities" (default), None/"logits", or a callable.
+        tta: False, True/"flip" or "flip_rot90": per-window test-time augmentation.
+        out: optional preallocated float32 ``K×*S`` CPU tensor to accumulate into.
+
+    Returns:
+        ``K×*S`` float32 on CPU.
+
+    Example:
+        >>> import unetkit
+        >>> net = unetkit.create_model("unet", channels=(4, 8))
+        >>> sliding_window(net, torch.rand(1, 100, 70), tile=64).shape
+        torch.Size([2, 100, 70])
+    """
+    image = _as_image(model, image, "sliding_window")
+    check_choice("pad_mode", pad_mode, PAD_MODES)
+    if getattr(model, "is_valid_padding", False):
+        raise ConfigError(
+            f"sliding_window needs a same-padding model; {type(model).__name__}"
+            " uses valid padding: use overlap_tile (or predict_tiled)"
+        )
+    size = tuple(image.shape[1:])
+    dims = len(size)
+    tile = _expand(tile, dims, "tile")
+    grid = TileGrid.sliding(size, tile, overlap)
+    profiles = _profiles(tile, blend, sigma_scale)
+    logger.debug("sliding_window: %d windows of %s over %s", len(grid), tile, size)
+    opts = dict(batch_size=batch_size, pad_mode=pad_mode, activation=activation, tta=tta, out=out)
+    weight = importance_map(tile, blend, sigma_scale) if blend == "gaussian" else None
+    result = _stream(model, image, grid, ((0,) * dims, tile), opts, weight, accumulate=True)
+    # Divide by the summed weights, one axis at a time: the weight is a product over axes.
+    for axis, profile in enumerate(profiles):
+        shape = [1] * (dims + 1)
+        shape[axis + 1] = size[axis]
+        result.div_(grid.axis_weights(axis, profile).float().view(shape))
+    return result
+
+
+def predict_tiled(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    tile: int | Sequence[int] | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool | str = False,
+    device: str | torch.device | None = None,
+    activation: Activation = "probabilities",
+) -> torch.Tensor:
+    """Predict a whole image of any size: overlap-tile for valid-padding models, Gaussian
+    sliding window otherwise.
+
+    Args:
+        model: a ``SegmentationModel``; run in eval mode under ``torch.inference_mode``
+            (its train/eval flag is restored afterwards).
+        image: ``C×*S`` float image (numpy accepted); stays where it is, tiles are copied.
+        tile: output tile (valid padding) or window (same padding) size; None runs the
+            whole image in one pass when it has at most ``WHOLE_IMAGE_VOXELS`` voxels, else
+            uses tiles of about ``DEFAULT_TILE_VOXELS`` input voxels.
+        overlap: window overlap for same-padding models (overlap-tile outputs never overlap).
+        batch_size: tiles per forward pass.
+        tta: False, True/"flip" or "flip_rot90": test-time augmentation per tile.
+        device: run the model there (the model is moved with ``model.to(device)`` and stays);
+            None uses the device the model is on.
+        activation: "probabilities" (default), None/"logits", or a callable.
+
+    Returns:
+        ``out_channels×*S`` float32 tensor on CPU.
+
+    Example:
+        >>> import unetkit
+        >>> net = unetkit.create_model("unet", channels=(4, 8), padding="valid")
+        >>> predict_tiled(net, torch.rand(1, 300, 200), tile=96).shape
+        torch.Size([2, 300, 200])
+    """
+    image = _as_image(model, image, "predict_tiled")
+    if device is not None:
+        model.to(device)
+    size = tuple(image.shape[1:])
+    dims = len(size)
+    valid = getattr(model, "is_valid_padding", False)
+    if tile is None:
+        whole = model.input_size_for(size) if valid else size
+        if math.prod(whole) <= WHOLE_IMAGE_VOXELS:
+            tile = size
+        else:
+            edge = round(DEFAULT_TILE_VOXELS ** (1 / dims)) // 16 * 16
+            margin = model.margin()[0] if valid else 0
+            tile = tuple(min(max(edge - 2 * margin, 16), n) for n in size)
+    common = dict(batch_size=batch_size, activation=activation, tta=tta)
+    if valid:
+        return overlap_tile(model, image, tile_out=tile, **common)
+    return sliding_window(model, image, tile=tile, overlap=overlap, **common)

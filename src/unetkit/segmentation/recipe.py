@@ -1,0 +1,332 @@
+"""The segmentation training recipe: one frozen config -> data, model, loss, trainer.
+
+``train(recipe, run_dir)`` is what `unetkit train` calls. Two presets name the two ways to
+train a U-Net: ``"modern"`` (same padding, batch norm, Dice+CE, AdamW, cosine schedule) and
+``"paper"`` (Ronneberger et al. 2015: valid convolutions, border-weighted cross-entropy with
+w0=10 and sigma=5, elastic deformation, SGD with momentum 0.99).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from unetkit import config as cfg
+from unetkit import registry
+from unetkit.data import transforms as T
+from unetkit.data.datasets import FolderSegmentationDataset, SyntheticCellsDataset, split_indices
+from unetkit.errors import ConfigError, DataError
+from unetkit.nn.sampling import center_crop
+from unetkit.segmentation.losses import build_loss
+from unetkit.segmentation.metrics import dice, pixel_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationRecipe:
+    """Everything a segmentation run needs; saved as the run's resolved config.
+
+    Args:
+        data: folder with ``images/`` and ``masks/``; None trains on built-in synthetic cells.
+        val_data: separate validation folder (default: ``val_fraction`` of ``data``).
+        num_classes, mask_mode: how masks are read (see unetkit.data.io.decode_mask).
+        target: semantic | separated | boundary (3 classes; gives instances by watershed).
+        model, preset, model_options: registry name, preset and config overrides.
+        normalize: per-image intensity normalisation, zscore | percentile.
+        crop: training patch size (output size for valid-padding models).
+        elastic, flips, intensity: augmentations; elastic_sigma in pixels (paper: 10).
+        loss: ce | dice | dice_ce | weighted_ce; w0, sigma: the paper's border weight map.
+        epochs, samples_per_epoch, batch_size, lr, optimizer, momentum, weight_decay,
+        scheduler, warmup_steps, grad_accum, precision: optimisation (see training.fit).
+        synthetic_train, synthetic_val, synthetic_size, synthetic_style: built-in data.
+    """
+
+    data: str | None = None
+    val_data: str | None = None
+    num_classes: int = 2
+    mask_mode: str = "auto"
+    target: str = "boundary"
+    val_fraction: float = 0.2
+    model: str = "unet"
+    preset: str | None = None
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    normalize: str = "zscore"
+    crop: int = 128
+    elastic: bool = True
+    elastic_sigma: float = 10.0
+    flips: bool = True
+    intensity: bool = True
+    loss: str = "dice_ce"
+    w0: float = 10.0
+    sigma: float = 5.0
+    epochs: int = 20
+    samples_per_epoch: int | None = None
+    batch_size: int = 8
+    lr: float = 2e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.99
+    weight_decay: float = 1e-4
+    scheduler: str = "warmup_cosine"
+    warmup_steps: int = 20
+    grad_accum: int = 1
+    precision: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    synthetic_train: int = 48
+    synthetic_val: int = 8
+    synthetic_size: int = 256
+    synthetic_style: str = "fluorescence"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "modern": {},
+    "paper": dict(
+        preset="paper",
+        target="separated",
+        loss="weighted_ce",
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.99,
+        weight_decay=0.0,
+        scheduler="constant",
+        warmup_steps=0,
+        batch_size=1,
+        crop=388,
+        intensity=False,
+    ),
+    "demo": dict(
+        model_options={"channels": (16, 32, 64, 128)},
+        epochs=12,
+        batch_size=8,
+        samples_per_epoch=96,
+        synthetic_train=96,
+        synthetic_val=12,
+    ),
+}
+
+
+def make_recipe(preset: str | None = None, **overrides: Any) -> SegmentationRecipe:
+    """A recipe from defaults, then a named preset (modern | paper | demo), then overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        cfg.check_choice("recipe preset", preset, PRESETS)
+        values.update(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg.from_dict(SegmentationRecipe, values, source="recipe")
+
+
+def target_channels(recipe: SegmentationRecipe) -> int:
+    return {"semantic": recipe.num_classes, "separated": 2, "boundary": 3}[recipe.target]
+
+
+def build_model(recipe: SegmentationRecipe, in_channels: int) -> torch.nn.Module:
+    options = dict(recipe.model_options)
+    options.setdefault("in_channels", in_channels)
+    options.setdefault("out_channels", target_channels(recipe))
+    return registry.create_model(recipe.model, preset=recipe.preset, **options)
+
+
+def input_crop(model: torch.nn.Module, crop: int) -> int:
+    """Training patch size: valid-padding models need ``crop`` of output plus their margin."""
+    if getattr(model, "is_valid_padding", False):
+        return model.input_size_for((crop,) * model.dims)[0]
+    return crop
+
+
+def build_transforms(recipe: SegmentationRecipe, crop: int | None) -> tuple[T.Compose, T.Compose]:
+    """(train, eval) transforms: augmentation then normalisation; eval only normalises."""
+    train: list[Any] = []
+    if recipe.elastic:  # before the crop, so warped-in context comes from the real image
+        train.append(T.ElasticDeform(grid=3, sigma=recipe.elastic_sigma, p=0.5))
+    if crop is not None:
+        train.append(T.RandomCrop(crop))
+    if recipe.flips:
+        train += [T.RandomFlip(), T.RandomRot90()]
+    if recipe.intensity:
+        train.append(T.IntensityJitter())
+    norm = T.Normalize(recipe.normalize)
+    return T.Compose([*train, norm]), T.Compose([norm])
+
+
+class _Repeat(Dataset):
+    """``n`` samples drawn cyclically from ``base`` (more random crops per epoch)."""
+
+    def __init__(self, base: Dataset, n: int) -> None:
+        self.base, self.n = base, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[i % len(self.base)]
+
+    def set_epoch(self, epoch: int) -> None:
+        getattr(self.base, "set_epoch", lambda e: None)(
+            epoch * ((self.n + len(self.base) - 1) // len(self.base))
+        )
+
+
+def build_datasets(recipe: SegmentationRecipe, crop: int | None) -> tuple[Dataset, Dataset, int]:
+    """(train, validation, in_channels) for the recipe's data or the synthetic cells."""
+    train_tf, eval_tf = build_transforms(recipe, crop)
+    weight = {"w0": recipe.w0, "sigma": recipe.sigma} if recipe.loss == "weighted_ce" else None
+    common = dict(target=recipe.target, weight_map=weight)
+    if recipe.data is None:
+        s = (recipe.synthetic_size,) * 2
+        opts = dict(shape=s, style=recipe.synthetic_style, **common)
+        train = SyntheticCellsDataset(
+            recipe.synthetic_train, seed=recipe.seed, transform=train_tf, **opts
+        )
+        val = SyntheticCellsDataset(
+            recipe.synthetic_val, seed=recipe.seed + 10_000, transform=eval_tf, **opts
+        )
+        in_channels = 1
+    else:
+        fopts = dict(
+            num_classes=recipe.num_classes, mask_mode=recipe.mask_mode, seed=recipe.seed, **common
+        )
+        train = FolderSegmentationDataset(recipe.data, transform=train_tf, **fopts)
+        if recipe.val_data is not None:
+            val = FolderSegmentationDataset(recipe.val_data, transform=eval_tf, **fopts)
+        else:
+            val = FolderSegmentationDataset(recipe.data, transform=eval_tf, **fopts)
+            tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
+            if len(tr_idx) == 0 or len(va_idx) == 0:
+                raise DataError(
+                    f"{recipe.data}: {len(train)} image(s) cannot be split into "
+                    f"train and validation; add images or pass --val-data"
+                )
+            train, val = _subset(train, tr_idx), _subset(val, va_idx)
+        in_channels = int(val[0]["image"].shape[0])
+    if recipe.samples_per_epoch:
+        train = _Repeat(train, recipe.samples_per_epoch)
+    return train, val, in_channels
+
+
+def _subset(ds: Dataset, idx: np.ndarray) -> Subset:
+    sub = Subset(ds, idx.tolist())
+    sub.set_epoch = ds.set_epoch  # type: ignore[attr-defined]
+    return sub
+
+
+def crop_targets(logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+    """Centre-crop the targets to a valid-padding model's (smaller) output."""
+    size = logits.shape[2:]
+    if batch["mask"].shape[1:] == size:
+        return batch
+    out = dict(batch)
+    for key in ("mask", "weight", "instances"):
+        if key in out:
+            out[key] = center_crop(out[key][:, None], size)[:, 0]
+    return out
+
+
+class SegmentationLoss:
+    """The recipe's loss on (logits, batch), valid-padding aware."""
+
+    def __init__(self, recipe: SegmentationRecipe) -> None:
+        self.loss = build_loss(recipe.loss)
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return self.loss(logits, crop_targets(logits, batch))
+
+
+class SegmentationMetrics:
+    """Per-batch validation sums: pixel error and mean foreground Dice (per image)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        batch = crop_targets(logits, batch)
+        pred = (
+            logits.argmax(1).cpu().numpy()
+            if logits.shape[1] > 1
+            else (logits[:, 0] > 0).long().cpu().numpy()
+        )
+        target = batch["mask"].cpu().numpy()
+        # dice of "any foreground" as well as the mean over classes; one row per image
+        dices = [
+            dice(p, t, num_classes=max(2, self.num_classes)).mean
+            for p, t in zip(pred, target, strict=True)
+        ]
+        fg = [dice(p > 0, t > 0, num_classes=2).mean for p, t in zip(pred, target, strict=True)]
+        errs = [pixel_error(p > 0, t > 0) for p, t in zip(pred, target, strict=True)]
+        return {
+            "dice": float(np.sum(dices)),
+            "fg_dice": float(np.sum(fg)),
+            "pixel_error": float(np.sum(errs)),
+        }
+
+
+def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
+    """Facts `unetkit predict` needs besides the weights."""
+    return {
+        "task": "segmentation",
+        "target": recipe.target,
+        "normalize": recipe.normalize,
+        "num_classes": recipe.num_classes,
+    }
+
+
+def train(
+    recipe: SegmentationRecipe,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> Any:
+    """Train a segmentation model as ``recipe`` says; returns the trainer's FitResult."""
+    from unetkit.training.tasks import SupervisedTask
+    from unetkit.training.trainer import fit
+
+    torch.manual_seed(recipe.seed)
+    probe_model = build_model(recipe, in_channels=1)
+    crop = input_crop(probe_model, recipe.crop)
+    train_ds, val_ds, in_channels = build_datasets(recipe, crop)
+    model = build_model(recipe, in_channels) if in_channels != 1 else probe_model
+    if recipe.target == "semantic" and recipe.num_classes < 2:
+        raise ConfigError("num_classes must be at least 2 (background + one class)")
+    task = SupervisedTask(
+        SegmentationLoss(recipe),
+        SegmentationMetrics(target_channels(recipe)),
+        monitor="val/fg_dice",
+        mode="max",
+    )
+    log.info(
+        "training %s (%s parameters) on %s",
+        recipe.model,
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        recipe.data or "built-in synthetic cells",
+    )
+    return fit(
+        model,
+        task,
+        train_ds,
+        val_ds,
+        run_dir=Path(run_dir),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        momentum=recipe.momentum if recipe.optimizer == "sgd" else None,
+        scheduler=recipe.scheduler,
+        warmup_steps=recipe.warmup_steps,
+        precision=recipe.precision,
+        grad_accum=recipe.grad_accum,
+        num_workers=recipe.num_workers,
+        seed=recipe.seed,
+        resume=resume,
+        progress=progress,
+        checkpoint_extra=checkpoint_extra(recipe),
+        run_config=cfg.to_dict(recipe),
+    )
