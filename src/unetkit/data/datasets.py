@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from unetkit.data.io import (
     check_mask_options,
     decode_mask,
+    looks_like_instances,
     list_images,
     read_image,
     to_float_image,
@@ -274,11 +275,14 @@ class FolderSegmentationDataset(_SegmentationDataset):
             spatial_dims=self.spatial_dims,
         )
         raw = read_image(mask_path)
+        mode = self.mask_mode
+        if mode == "auto" and looks_like_instances(raw, self.num_classes):
+            mode = "instances"
         labels = decode_mask(
             raw,
             self.num_classes,
             path=mask_path,
-            mode=self.mask_mode,
+            mode=mode,
             spatial_dims=self.spatial_dims,
         )
         if labels.shape != image.shape[1:]:
@@ -287,7 +291,7 @@ class FolderSegmentationDataset(_SegmentationDataset):
                 f"({_fmt_size(labels.shape)}) differ in size; a mask must match its image "
                 "pixel for pixel"
             )
-        if self.mask_mode == "instances":
+        if mode == "instances":
             return image_path.stem, image, None, labels
         return image_path.stem, image, labels, None
 
@@ -380,6 +384,7 @@ class SyntheticCellsDataset(_SegmentationDataset):
         if n < 1:
             raise ConfigError(f"SyntheticCellsDataset: n={n} samples, need at least 1")
         self.n = int(n)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.shape = tuple(int(s) for s in shape)
         self.style = style
         self.n_cells = n_cells
@@ -392,7 +397,11 @@ class SyntheticCellsDataset(_SegmentationDataset):
         return self.n
 
     def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        image, instances = synth_cells(
-            self.shape, seed=(self.seed, index), style=self.style, n_cells=self.n_cells
-        )
-        return f"synthetic_{index:05d}", image[None], None, instances.astype(np.int64)
+        # generating costs ~70 ms per 256² image, the rest of a sample ~10 ms: keep them
+        if index not in self._cache:
+            image, instances = synth_cells(
+                self.shape, seed=(self.seed, index), style=self.style, n_cells=self.n_cells
+            )
+            self._cache[index] = (image[None], instances.astype(np.int64))
+        image, instances = self._cache[index]
+        return f"synthetic_{index:05d}", image.copy(), None, instances.copy()

@@ -250,7 +250,9 @@ def decode_mask(
         ``"binary"``: values ⊆ {0, 255} or {0, 1}, decoded to 0/1.
         ``"instances"``: an instance label image (0 = background, 1..N = objects); the labels
         are returned, and the semantic mask is ``labels > 0``.
-        ``"auto"``: binary when num_classes == 2 and values ⊆ {0, 255} or {0, 1}, else index.
+        ``"auto"``: binary when num_classes == 2 and values ⊆ {0, 255} or {0, 1}, else index;
+        folder data sets read a 2-class mask with other values as instance labels
+        (see :func:`looks_like_instances`).
 
     Args:
         arr: H×W (or D×H×W) integer array; a grey mask saved as RGB(A) is accepted.
@@ -293,6 +295,21 @@ def decode_mask(
             "--mask-mode (num_classes= / mask_mode= in the API; 'instances' for label images)"
         )
     return labels
+
+
+def looks_like_instances(arr: np.ndarray, num_classes: int) -> bool:
+    """True for what ``mode="auto"`` reads as an instance label image: a 2-class task whose
+    single-channel integer mask has values beyond 0/1 that are not the binary 0/255."""
+    arr = np.asarray(arr)
+    if num_classes != 2 or arr.dtype.kind not in "ui" or arr.ndim > 3:
+        return False
+    values = np.unique(arr)
+    return (
+        values.size > 2
+        and not _binary_scale(values)
+        and values[0] >= 0
+        or (values.size == 2 and values[0] == 0 and 1 < values[1] != 255)
+    )
 
 
 def check_mask_options(num_classes: int, mode: str) -> None:

@@ -104,9 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "demo": dict(
         model_options={"channels": (16, 32, 64, 128)},
-        epochs=12,
+        epochs=16,
         batch_size=8,
-        samples_per_epoch=96,
+        samples_per_epoch=320,
         synthetic_train=96,
         synthetic_val=12,
     ),
@@ -194,8 +194,10 @@ def build_datasets(recipe: SegmentationRecipe, crop: int | None) -> tuple[Datase
             num_classes=recipe.num_classes, mask_mode=recipe.mask_mode, seed=recipe.seed, **common
         )
         train = FolderSegmentationDataset(recipe.data, transform=train_tf, **fopts)
+        train.validate()  # every bad file named now, not mid-epoch inside a DataLoader
         if recipe.val_data is not None:
             val = FolderSegmentationDataset(recipe.val_data, transform=eval_tf, **fopts)
+            val.validate()
         else:
             val = FolderSegmentationDataset(recipe.data, transform=eval_tf, **fopts)
             tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
