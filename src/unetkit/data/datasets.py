@@ -37,8 +37,8 @@ from torch.utils.data import Dataset
 from unetkit.data.io import (
     check_mask_options,
     decode_mask,
-    looks_like_instances,
     list_images,
+    looks_like_instances,
     read_image,
     to_float_image,
 )
