@@ -40,7 +40,9 @@ def split_folders(data: Path, root: Path) -> tuple[Path, Path]:
         for sub in ("images", "masks"):
             (root / name / sub).mkdir(parents=True)
             for i in idx:
-                (root / name / sub / f"slice{i:02d}.png").symlink_to(data / sub / f"slice{i:02d}.png")
+                (root / name / sub / f"slice{i:02d}.png").symlink_to(
+                    data / sub / f"slice{i:02d}.png"
+                )
         out.append(root / name)
     return out[0], out[1]
 
@@ -56,8 +58,13 @@ def evaluate(checkpoint: Path, test: Path, tile: int | None) -> dict[str, float]
         truth = s["mask"].numpy()
         cells_pred = ndimage.label(pred.labels == 1)[0]
         cells_true = ndimage.label(truth == 1)[0]
-        scores.append((pixel_error(pred.labels, truth), rand_error(cells_pred, cells_true),
-                       dice(pred.labels, truth, num_classes=2).mean))
+        scores.append(
+            (
+                pixel_error(pred.labels, truth),
+                rand_error(cells_pred, cells_true),
+                dice(pred.labels, truth, num_classes=2).mean,
+            )
+        )
     px, rand, d = np.mean(scores, axis=0)
     return {"pixel_error": px, "rand_error": rand, "dice": d}
 
@@ -71,10 +78,16 @@ def main() -> None:
     args = ap.parse_args()
     configs = {
         # the paper: one 572->388 tile per step; the border weight map from membrane-separated cells
-        "paper": R.make_recipe("paper", target="semantic", crop=388, batch_size=1,
-                               lr=0.01, precision="auto"),
-        "modern": R.make_recipe("modern", target="semantic", crop=256, batch_size=4,
-                                model_options={"channels": (32, 64, 128, 256, 512)}),
+        "paper": R.make_recipe(
+            "paper", target="semantic", crop=388, batch_size=1, lr=0.01, precision="auto"
+        ),
+        "modern": R.make_recipe(
+            "modern",
+            target="semantic",
+            crop=256,
+            batch_size=4,
+            model_options={"channels": (32, 64, 128, 256, 512)},
+        ),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,20 +97,31 @@ def main() -> None:
                 continue
             per_epoch = 25
             recipe = R.make_recipe(
-                None, **{**cfg.to_dict(base), "data": str(train), "val_data": str(test),
-                         "samples_per_epoch": per_epoch * base.batch_size,
-                         "epochs": max(1, args.steps // per_epoch)})
+                None,
+                **{
+                    **cfg.to_dict(base),
+                    "data": str(train),
+                    "val_data": str(test),
+                    "samples_per_epoch": per_epoch * base.batch_size,
+                    "epochs": max(1, args.steps // per_epoch),
+                },
+            )
             start = time.time()
             R.train(recipe, args.out / name, resume=False, progress=True)
             minutes = (time.time() - start) / 60
-            scores = evaluate(args.out / name / "checkpoints" / "best.safetensors", test,
-                              tile=388 if name == "paper" else None)
+            scores = evaluate(
+                args.out / name / "checkpoints" / "best.safetensors",
+                test,
+                tile=388 if name == "paper" else None,
+            )
             rows.append((name, recipe.epochs * per_epoch, minutes, scores))
     print("\n| configuration | steps | train min | pixel error | Rand error | Dice (cells) |")
     print("|---|---|---|---|---|---|")
     for name, steps, minutes, s in rows:
-        print(f"| {name} | {steps} | {minutes:.1f} | {s['pixel_error']:.4f} | "
-              f"{s['rand_error']:.4f} | {s['dice']:.4f} |")
+        print(
+            f"| {name} | {steps} | {minutes:.1f} | {s['pixel_error']:.4f} | "
+            f"{s['rand_error']:.4f} | {s['dice']:.4f} |"
+        )
 
 
 if __name__ == "__main__":
