@@ -14,6 +14,7 @@ from unetkit import config as cfg
 from unetkit._atomic import atomic_write_text
 from unetkit.errors import ConfigError
 from unetkit.segmentation import recipe as R
+from unetkit.training import distributed
 
 # flag -> recipe field, for options that are plain values
 _VALUE_FLAGS = {
@@ -145,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     result = R.train(recipe, out, resume=not args.no_resume, progress=not args.no_progress)
     minutes = (time.time() - start) / 60
+    if not distributed.is_main():  # under torchrun only rank 0 reports and writes
+        return 0
     print(
         f"trained in {minutes:.1f} min; best val/fg_dice {result.best_metric:.4f} "
         f"(epoch {result.best_epoch})"

@@ -183,3 +183,25 @@ def evaluate_dataset(
         acc.add(scores)
         rows.append({"image": s.get("name", len(rows)), **scores})
     return rows, acc.compute()
+
+
+def predict(model: torch.nn.Module | str | os.PathLike, image: np.ndarray | str | os.PathLike,
+            **options: Any) -> Prediction:
+    """Segment one image with a model or checkpoint path: the one-call Python API.
+
+    Args:
+        model: a checkpoint path, or a model (then trained on z-scored images, semantic).
+        image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
+        options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size).
+
+    Example:
+        >>> pred = unetkit.predict("run/checkpoints/best.safetensors", "cells.png")  # doctest: +SKIP
+        >>> pred.instances.max()   # number of cells                          # doctest: +SKIP
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model, meta = load_for_inference(model)
+    else:
+        meta = {"normalize": "zscore", "target": "semantic"}
+    path = image if isinstance(image, (str, os.PathLike)) else None
+    raw = read_image(path) if path is not None else np.asarray(image)
+    return predict_image(model, to_float_image(raw, path=path), meta, InferenceOptions(**options))

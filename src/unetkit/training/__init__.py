@@ -1,0 +1,9 @@
+"""Task-agnostic training: fit(), tasks, optimisers, run directories, torch.distributed."""
+
+from unetkit.training.logging import RunDirectory
+from unetkit.training.optim import build_optimizer, build_scheduler
+from unetkit.training.tasks import SupervisedTask, Task
+from unetkit.training.trainer import FitResult, fit
+
+__all__ = ["FitResult", "RunDirectory", "SupervisedTask", "Task", "build_optimizer",
+           "build_scheduler", "fit"]
