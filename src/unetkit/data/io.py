@@ -298,18 +298,19 @@ def decode_mask(
 
 
 def looks_like_instances(arr: np.ndarray, num_classes: int) -> bool:
-    """True for what ``mode="auto"`` reads as an instance label image: a 2-class task whose
-    single-channel integer mask has values beyond 0/1 that are not the binary 0/255."""
+    """True for what folder data sets in ``mode="auto"`` read as an instance label image.
+
+    A 2-class task whose single-channel integer mask is 16/32-bit with values beyond 0/1, or
+    8-bit with at least three objects (values 0 plus three or more labels, not 0/255). A mask
+    with one stray value (e.g. 0, 1, 7) stays a class mask, so the error names the value.
+    """
     arr = np.asarray(arr)
     if num_classes != 2 or arr.dtype.kind not in "ui" or arr.ndim > 3:
         return False
     values = np.unique(arr)
-    return (
-        values.size > 2
-        and not _binary_scale(values)
-        and values[0] >= 0
-        or (values.size == 2 and values[0] == 0 and 1 < values[1] != 255)
-    )
+    if values[0] < 0 or values[-1] <= 1 or _binary_scale(values):
+        return False
+    return arr.dtype.itemsize >= 2 or values.size >= 4
 
 
 def check_mask_options(num_classes: int, mode: str) -> None:

@@ -2,9 +2,11 @@
 
 A sample is a dict of numpy arrays: ``"image"`` C×H×W (or C×D×H×W) float, and optionally
 ``"mask"`` (class indices), ``"instances"`` (instance labels) and ``"weight"`` (pixel weights),
-each H×W (or D×H×W); other keys (``"name"``) pass through. Every geometric transform applies
-the same operation to all of these, so image and labels stay aligned; labels are never
-interpolated. A transform is called as ``transform(sample, rng)`` with a
+each H×W (or D×H×W), and for dense regression ``"target"`` (float K×H×W, channels first) with
+``"valid"`` (bool H×W, False where the target is missing); other keys (``"name"``) pass
+through. Every geometric transform applies the same operation to all of these (``SPATIAL_KEYS``),
+so image and targets stay aligned; labels are never interpolated. Padding (``RandomCrop``)
+fills targets with 0 and ``"valid"`` with False, so padded pixels drop out of the loss. A transform is called as ``transform(sample, rng)`` with a
 ``np.random.Generator``, so an augmentation is reproducible from its seed.
 
 Example:
@@ -26,6 +28,8 @@ from unetkit.errors import ConfigError, did_you_mean
 
 __all__ = [
     "LABEL_KEYS",
+    "REGRESSION_KEYS",
+    "SPATIAL_KEYS",
     "Compose",
     "ElasticDeform",
     "IntensityJitter",
@@ -39,6 +43,8 @@ __all__ = [
 Sample = dict[str, Any]
 Transform = Callable[[Sample, np.random.Generator], Sample]
 LABEL_KEYS = ("mask", "instances", "weight")  # spatial arrays without a channel axis
+REGRESSION_KEYS = ("target", "valid")  # target K×H×W (channels first), valid H×W bool
+SPATIAL_KEYS = ("image", *LABEL_KEYS, *REGRESSION_KEYS)  # what geometric transforms move
 
 
 def _spatial_dims(sample: Sample) -> int:
@@ -48,7 +54,7 @@ def _spatial_dims(sample: Sample) -> int:
 def _apply_spatial(sample: Sample, op: Callable[[np.ndarray, str], np.ndarray]) -> Sample:
     """Return a copy of ``sample`` with ``op(array, key)`` applied to every spatial array."""
     out = dict(sample)
-    for key in ("image", *LABEL_KEYS):
+    for key in SPATIAL_KEYS:
         if key in out:
             out[key] = op(out[key], key)
     return out
@@ -224,6 +230,9 @@ class ElasticDeform:
 
     One displacement field warps everything: the image cubically, the weight map linearly
     (stays non-negative), mask and instances by nearest neighbour (no new label values).
+    A regression ``"target"`` is warped linearly (cubic splines overshoot at depth edges,
+    inventing depths found nowhere in the scene); ``"valid"`` is warped linearly as 0/1 and
+    kept only where it stays 1, so a warped target value never mixes in a missing pixel.
 
     Args:
         grid: control points per axis (paper: 3).
@@ -231,7 +240,7 @@ class ElasticDeform:
         p: probability of deforming a sample.
     """
 
-    ORDERS = {"image": 3, "weight": 1, "mask": 0, "instances": 0}
+    ORDERS = {"image": 3, "weight": 1, "mask": 0, "instances": 0, "target": 1, "valid": 1}
 
     def __init__(self, *, grid: int = 3, sigma: float = 10.0, p: float = 1.0) -> None:
         self.grid, self.sigma, self.p = grid, sigma, p
@@ -240,15 +249,19 @@ class ElasticDeform:
         if rng.random() >= self.p:
             return sample
         keys = [k for k in self.ORDERS if k in sample]
+        arrays = [sample[k].astype(np.float32) if k == "valid" else sample[k] for k in keys]
         warped = elastic_deform(
-            [sample[k] for k in keys],
+            arrays,
             rng=rng,
             grid=self.grid,
             sigma=self.sigma,
             orders=[self.ORDERS[k] for k in keys],
             spatial_dims=_spatial_dims(sample),
         )
-        return {**sample, **dict(zip(keys, warped, strict=True))}
+        out = {**sample, **dict(zip(keys, warped, strict=True))}
+        if "valid" in out:  # valid only where every pixel interpolated from was valid
+            out["valid"] = out["valid"] >= 1.0 - 1e-6
+        return out
 
     def __repr__(self) -> str:
         return f"ElasticDeform(grid={self.grid}, sigma={self.sigma}, p={self.p})"

@@ -1,3 +1,4 @@
 """Model families; importing this package registers them."""
 
 from unetkit.models import unet  # noqa: F401
+from unetkit.models import vnet  # noqa: F401

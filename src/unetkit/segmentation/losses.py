@@ -211,12 +211,14 @@ def soft_dice_loss(
     smooth: float = 1e-5,
     include_background: bool = False,
     ignore_index: int = -100,
+    squared: bool = False,
 ) -> torch.Tensor:
     """Soft Dice loss, 1 − mean over classes of the batch-level soft Dice.
 
     For each scored class c, sums run over the batch and all spatial positions
     (the "batch Dice" of nnU-Net, Isensee et al. 2021; soft Dice after Milletari et al. 2016,
-    V-Net): Dice_c = (2 Σ p_c g_c + smooth) / (Σ p_c + Σ g_c + smooth).
+    V-Net): Dice_c = (2 Σ p_c g_c + smooth) / (Σ p_c + Σ g_c + smooth). With ``squared`` the
+    denominator is Σ p_c² + Σ g_c² + smooth, the form of Milletari et al. 2016 (eq. 1).
     Class 0 (background) is left out unless ``include_background``; a 1-channel sigmoid
     model scores [1 − p, p] as classes 0 and 1.
 
@@ -230,6 +232,7 @@ def soft_dice_loss(
         smooth: added to numerator and denominator.
         include_background: also score class 0.
         ignore_index: target value whose pixels are skipped.
+        squared: square p and g in the denominator (the V-Net paper's Dice loss).
 
     Example:
         >>> target = torch.zeros(1, 4, 4, dtype=torch.long); target[:, :2] = 1
@@ -248,7 +251,10 @@ def soft_dice_loss(
         probs, onehot = probs[:, 1:], onehot[:, 1:]
     dims = (0, *range(2, probs.ndim))
     intersection = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
+    if squared:
+        denominator = probs.square().sum(dims) + onehot.square().sum(dims)
+    else:
+        denominator = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * intersection + smooth) / (denominator + smooth)
     return 1 - dice.mean()
 
