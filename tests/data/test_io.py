@@ -232,3 +232,14 @@ def test_decode_mask_from_16bit_file(tmp_path):
     np.testing.assert_array_equal(
         decode_mask(read_image(tmp_path / "m.png"), 2, mode="instances"), labels
     )
+
+
+def test_auto_mode_reads_label_images_as_instances():
+    from unetkit.data.io import looks_like_instances
+
+    labels16 = np.array([[0, 1, 2], [3, 3, 0]], np.uint16)
+    assert looks_like_instances(labels16, 2)
+    assert looks_like_instances(np.array([[0, 1, 2, 5]], np.uint8), 2)
+    assert not looks_like_instances(np.array([[0, 1, 7]], np.uint8), 2)  # stray value: error
+    assert not looks_like_instances(np.array([[0, 255]], np.uint8), 2)  # binary
+    assert not looks_like_instances(labels16, 4)  # a 4-class index mask

@@ -2,3 +2,4 @@
 
 from unetkit.models import unet  # noqa: F401
 from unetkit.models import vnet  # noqa: F401
+from unetkit.models import deeplabv3plus  # noqa: F401
