@@ -157,6 +157,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def _has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype``, or a null context when ``dtype`` is None."""
     if dtype is None:
@@ -448,6 +452,9 @@ def fit(
         dtype = resolve_precision(fc.precision, dev)
         distributed.seed_everything(fc.seed + rank)
         model.to(dev)
+        if dtype is not None and _has_conv2d(model):
+            # bf16 convolutions are ~1.5x faster in NHWC on CPU (oneDNN); values unchanged
+            model.to(memory_format=torch.channels_last)
         named = trainable_parameters(model, trainable)
         wd = DEFAULT_WEIGHT_DECAY[fc.optimizer] if fc.weight_decay is None else fc.weight_decay
         groups = parameter_groups(named, wd)
