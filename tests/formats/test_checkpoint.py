@@ -107,3 +107,14 @@ def test_training_state_round_trip(tmp_path: Path) -> None:
     opt2.load_state_dict(loaded["optimizer"])
     for k, v in opt.state_dict()["state"].items():
         assert torch.equal(opt2.state_dict()["state"][k]["exp_avg"], v["exp_avg"])
+
+
+def test_written_files_get_the_usual_mode(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = unetkit.save(_model(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

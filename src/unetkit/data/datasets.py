@@ -35,6 +35,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from unetkit.data.io import (
+    IMAGE_EXTENSIONS,
     check_mask_options,
     decode_mask,
     list_images,
@@ -44,6 +45,7 @@ from unetkit.data.io import (
 )
 from unetkit.data.synthetic import STYLES, synth_cells
 from unetkit.data.transforms import Transform
+from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.data.weightmaps import border_weight_map, instance_borders, separate_touching
 from unetkit.errors import ConfigError, DataError, did_you_mean
 
@@ -222,7 +224,8 @@ class FolderSegmentationDataset(_SegmentationDataset):
         transform: augmentation, called as ``transform(sample, rng)``.
         weight_map: None, or options of :func:`border_weight_map` (``w0``, ``sigma``,
             ``class_weights``), e.g. ``{"w0": 10, "sigma": 5}``.
-        spatial_dims: 2 for images, 3 for TIFF volumes.
+        spatial_dims: 2 for images, 3 for volumes (multi-page ``.tif``/``.tiff`` or NIfTI
+            ``.nii``/``.nii.gz``, read with :func:`unetkit.data.volumes.read_volume`).
         seed: seed of the augmentation stream.
 
     Example:
@@ -262,19 +265,19 @@ class FolderSegmentationDataset(_SegmentationDataset):
         self.mask_mode = mask_mode
         self.spatial_dims = spatial_dims
         self.target_classes = self._target_classes(num_classes)
-        self.pairs = _pair_files(images_dir, masks_dir)
+        extensions = VOLUME_EXTENSIONS if spatial_dims == 3 else IMAGE_EXTENSIONS
+        self.pairs = _pair_files(images_dir, masks_dir, extensions)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
         image_path, mask_path = self.pairs[index]
-        image = to_float_image(
-            read_image(image_path, palette_to_rgb=True),
-            path=image_path,
-            spatial_dims=self.spatial_dims,
-        )
-        raw = read_image(mask_path)
+        if self.spatial_dims == 3:
+            raw_image, raw = read_volume(image_path)[0], read_volume(mask_path)[0]
+        else:
+            raw_image, raw = read_image(image_path, palette_to_rgb=True), read_image(mask_path)
+        image = to_float_image(raw_image, path=image_path, spatial_dims=self.spatial_dims)
         mode = self.mask_mode
         if mode == "auto" and looks_like_instances(raw, self.num_classes):
             mode = "instances"
@@ -291,9 +294,10 @@ class FolderSegmentationDataset(_SegmentationDataset):
                 f"({_fmt_size(labels.shape)}) differ in size; a mask must match its image "
                 "pixel for pixel"
             )
+        name = volume_stem(image_path)
         if mode == "instances":
-            return image_path.stem, image, None, labels
-        return image_path.stem, image, labels, None
+            return name, image, None, labels
+        return name, image, labels, None
 
     def validate(self) -> None:
         """Read every image and mask now; raise one DataError listing every problem found."""
@@ -317,33 +321,37 @@ def _fmt_size(shape: Sequence[int]) -> str:
     return "×".join(str(s) for s in shape)
 
 
-def _pair_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
-    images, masks = list_images(images_dir), list_images(masks_dir)
+def _pair_files(
+    images_dir: Path, masks_dir: Path, extensions: Sequence[str]
+) -> list[tuple[Path, Path]]:
+    images = list_images(images_dir, extensions=extensions)
+    masks = list_images(masks_dir, extensions=extensions)
     if not images:
-        raise DataError(f"{images_dir}: no images found (.png .tif .tiff .jpg .jpeg)")
-    by_stem: dict[str, Path] = {}
+        raise DataError(f"{images_dir}: no images found ({' '.join(extensions)})")
+    by_stem: dict[str, Path] = {}  # "a.nii.gz" pairs with "a.tif": stems without extension
     for mask in masks:
-        if mask.stem in by_stem:
+        stem = volume_stem(mask)
+        if stem in by_stem:
             raise DataError(
-                f"{masks_dir}: two masks for one image: {by_stem[mask.stem].name} and "
+                f"{masks_dir}: two masks for one image: {by_stem[stem].name} and "
                 f"{mask.name}; keep one"
             )
-        by_stem[mask.stem] = mask
-    missing = [p for p in images if p.stem not in by_stem]
+        by_stem[stem] = mask
+    missing = [p for p in images if volume_stem(p) not in by_stem]
     if missing:
         names = ", ".join(str(p) for p in missing[:_MAX_LISTED])
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise DataError(
             f"{len(missing)} image(s) without a mask: {names}{more}; expected a mask with "
-            f"the same name (any of .png .tif .tiff) in {masks_dir}"
+            f"the same name (any of {' '.join(extensions)}) in {masks_dir}"
         )
-    stems = {p.stem for p in images}
-    orphans = [m.name for m in masks if m.stem not in stems]
+    stems = {volume_stem(p) for p in images}
+    orphans = [m.name for m in masks if volume_stem(m) not in stems]
     if orphans:
         log.warning(
             "%s: %d mask(s) without an image, ignored: %s", masks_dir, len(orphans), orphans[:5]
         )
-    return [(p, by_stem[p.stem]) for p in images]
+    return [(p, by_stem[volume_stem(p)]) for p in images]
 
 
 class SyntheticCellsDataset(_SegmentationDataset):

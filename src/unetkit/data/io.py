@@ -162,10 +162,15 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     return path
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(
+    folder: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> list[Path]:
     """Image files in ``folder`` (not recursive), sorted by name; hidden files are skipped.
 
-    Extensions matched case-insensitively: .png .tif .tiff .jpg .jpeg.
+    Args:
+        folder: the folder to list.
+        extensions: name endings matched case-insensitively; default .png .tif .tiff .jpg
+            .jpeg (volumes: ``unetkit.data.volumes.VOLUME_EXTENSIONS``, with ``.nii.gz``).
 
     Example:
         >>> list_images("data/images")[:2]   # doctest: +SKIP
@@ -174,10 +179,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found (expected a folder of image files)")
+    endings = tuple(e.lower() for e in extensions)  # whole endings, so ".nii.gz" matches
     files = [
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(endings)
     ]
     return sorted(files, key=lambda p: p.name)
 
