@@ -4,10 +4,11 @@ A sample is a dict of numpy arrays: ``"image"`` C×H×W (or C×D×H×W) float, a
 ``"mask"`` (class indices), ``"instances"`` (instance labels) and ``"weight"`` (pixel weights),
 each H×W (or D×H×W), and for dense regression ``"target"`` (float K×H×W, channels first) with
 ``"valid"`` (bool H×W, False where the target is missing); other keys (``"name"``) pass
-through. Every geometric transform applies the same operation to all of these (``SPATIAL_KEYS``),
-so image and targets stay aligned; labels are never interpolated. Padding (``RandomCrop``)
-fills targets with 0 and ``"valid"`` with False, so padded pixels drop out of the loss. A transform is called as ``transform(sample, rng)`` with a
-``np.random.Generator``, so an augmentation is reproducible from its seed.
+through. Every geometric transform applies the same operation to all of these
+(``SPATIAL_KEYS``), so image and targets stay aligned; labels are never interpolated. Padding
+(``RandomCrop``) fills targets with 0 and ``"valid"`` with False, so padded pixels drop out of
+the loss. A transform is called as ``transform(sample, rng)`` with a ``np.random.Generator``,
+so an augmentation is reproducible from its seed.
 
 Example:
     >>> aug = Compose([RandomCrop(64), RandomFlip(), RandomRot90(), ElasticDeform()])
