@@ -195,8 +195,8 @@ def predict(model: torch.nn.Module | str | os.PathLike, image: np.ndarray | str 
         options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size).
 
     Example:
-        >>> pred = unetkit.predict("run/checkpoints/best.safetensors", "cells.png")  # doctest: +SKIP
-        >>> pred.instances.max()   # number of cells                          # doctest: +SKIP
+        >>> pred = unetkit.predict("run/best.safetensors", "cells.png")  # doctest: +SKIP
+        >>> pred.instances.max()  # number of cells  # doctest: +SKIP
     """
     if isinstance(model, (str, os.PathLike)):
         model, meta = load_for_inference(model)
