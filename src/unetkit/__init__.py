@@ -10,6 +10,14 @@ from unetkit.segmentation.pipeline import predict
 from unetkit.segmentation.recipe import make_recipe, train
 
 __all__ = [
-    "__version__", "create_model", "list_models", "load", "make_recipe", "model_info",
-    "predict", "read_metadata", "save", "train",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load",
+    "make_recipe",
+    "model_info",
+    "predict",
+    "read_metadata",
+    "save",
+    "train",
 ]

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
-from unetkit.segmentation.pipeline import evaluate_dataset, load_for_inference
+from unetkit.segmentation.pipeline import (
+    evaluate_dataset,
+    evaluate_regression,
+    load_for_inference,
+)
 from unetkit.segmentation.postprocess import write_object_table_csv
 
 
@@ -19,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pixel error and, for instance-label masks, Rand error and DSB2018 AP@0.5.",
     )
     p.add_argument("checkpoint")
-    p.add_argument("--data", required=True, help="folder with images/ and masks/")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder with images/ and masks/ (targets/ for regression models)",
+    )
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--mask-mode", default="auto", choices=["auto", "index", "binary", "instances"])
     p.add_argument("--csv", help="also write per-image metrics to this CSV")
@@ -29,17 +37,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, meta = load_for_inference(args.checkpoint)
-    data = FolderSegmentationDataset(
-        args.data, num_classes=args.num_classes, mask_mode=args.mask_mode, target="semantic"
-    )
-    data.validate()
-    rows, means = evaluate_dataset(
-        model,
-        meta,
-        (data[i] for i in range(len(data))),
-        options_from_args(args),
-        num_classes=args.num_classes,
-    )
+    if meta.get("task") == "regression":
+        from unetkit.regression import FolderRegressionDataset
+
+        data = FolderRegressionDataset(
+            args.data,
+            target_scale=meta.get("target_scale", 1.0),
+            positive=meta.get("output") == "depth",
+        )
+        data.validate()
+        rows, means = evaluate_regression(
+            model, meta, (data[i] for i in range(len(data))), options_from_args(args)
+        )
+    else:
+        data = FolderSegmentationDataset(
+            args.data, num_classes=args.num_classes, mask_mode=args.mask_mode, target="semantic"
+        )
+        data.validate()
+        rows, means = evaluate_dataset(
+            model,
+            meta,
+            (data[i] for i in range(len(data))),
+            options_from_args(args),
+            num_classes=args.num_classes,
+        )
     if args.csv:
         write_object_table_csv(rows, Path(args.csv))
     width = max(len(k) for k in means)

@@ -39,12 +39,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     add_inference_flags(p)
+    p.add_argument(
+        "--attention-maps",
+        action="store_true",
+        help="also write attention heat maps (models with attention gates)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = predict_files(args.checkpoint, args.inputs, args.out, options_from_args(args))
+    rows = predict_files(
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        options_from_args(args),
+        attention_maps=args.attention_maps,
+    )
     for r in rows:
-        print(f"{r['image']}: {r['objects']} objects")
+        what = (
+            f"{r['objects']} objects"
+            if "min" not in r
+            else f"values {r['min']:.3g}..{r['max']:.3g}"
+        )
+        print(f"{r['image']}: {what}")
     print(f"wrote {len(rows)} result(s) to {args.out}/")
     return 0

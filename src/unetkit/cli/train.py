@@ -16,31 +16,35 @@ from unetkit.errors import ConfigError
 from unetkit.segmentation import recipe as R
 from unetkit.training import distributed
 
-# flag -> recipe field, for options that are plain values
-_VALUE_FLAGS = {
-    "data": str,
-    "val_data": str,
-    "num_classes": int,
-    "mask_mode": str,
-    "target": str,
-    "model": str,
-    "preset": str,
-    "epochs": int,
-    "batch_size": int,
-    "lr": float,
-    "optimizer": str,
-    "loss": str,
-    "crop": int,
-    "precision": str,
-    "seed": int,
-    "samples_per_epoch": int,
-    "grad_accum": int,
-    "num_workers": int,
-    "scheduler": str,
-    "normalize": str,
-    "w0": float,
-    "sigma": float,
-}
+# flags that set the recipe field of the same name
+_VALUE_FLAGS = (
+    "data",
+    "val_data",
+    "num_classes",
+    "mask_mode",
+    "target",
+    "model",
+    "preset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "loss",
+    "crop",
+    "precision",
+    "seed",
+    "samples_per_epoch",
+    "grad_accum",
+    "num_workers",
+    "scheduler",
+    "normalize",
+    "w0",
+    "sigma",
+    "task",
+    "output",
+    "target_scale",
+    "synthetic_regression",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +64,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the README demo: --recipe demo, then evaluation on held-out images",
     )
-    p.add_argument("--data", help="folder with images/ and masks/ (default: synthetic cells)")
+    p.add_argument(
+        "--task",
+        choices=["segmentation", "regression"],
+        help="regression: continuous targets (depth, restoration) from targets/",
+    )
+    p.add_argument(
+        "--output",
+        choices=["depth", "linear"],
+        help="regression output: depth (log-depth network, silog loss) | linear",
+    )
+    p.add_argument(
+        "--target-scale",
+        type=float,
+        help="regression: multiply integer target files, e.g. 1/256 for KITTI PNG",
+    )
+    p.add_argument(
+        "--synthetic-regression",
+        choices=["depth", "denoise"],
+        help="built-in regression data: rendered depth scenes or denoising",
+    )
+    p.add_argument(
+        "--data",
+        help="folder with images/ and masks/ (or targets/ for "
+        "regression); default: built-in synthetic data",
+    )
     p.add_argument("--val-data", help="separate validation folder")
     p.add_argument("--num-classes", type=int, help="classes in the masks (default 2)")
     p.add_argument("--mask-mode", choices=["auto", "index", "binary", "instances"])
@@ -84,11 +112,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
     p.add_argument("--scheduler", choices=["constant", "cosine", "warmup_cosine", "poly"])
-    p.add_argument("--loss", choices=["ce", "dice", "dice_ce", "weighted_ce"])
+    p.add_argument(
+        "--loss",
+        choices=["ce", "dice", "dice_ce", "weighted_ce", "l1", "l2", "silog"],
+        help="segmentation: ce | dice | dice_ce | "
+        "weighted_ce; regression: l1 | l2 | silog (scale-invariant log)",
+    )
     p.add_argument("--w0", type=float, help="border weight w0 (weighted_ce; paper 10)")
     p.add_argument("--sigma", type=float, help="border weight sigma in px (paper 5)")
     p.add_argument("--crop", type=int, help="training patch (output) size")
-    p.add_argument("--normalize", choices=["zscore", "percentile"])
+    p.add_argument("--normalize", choices=["zscore", "percentile", "none"])
     p.add_argument("--no-elastic", action="store_true", help="disable elastic deformation")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--grad-accum", type=int)

@@ -21,7 +21,7 @@ from skimage.segmentation import find_boundaries
 
 from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
-from unetkit.errors import DataError
+from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import load, read_metadata
 from unetkit.inference.tiling import predict_tiled
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
@@ -65,8 +65,7 @@ def predict_image(
     options: InferenceOptions = InferenceOptions(),
 ) -> Prediction:
     """Segment one float image C×H×W (scaled as read, e.g. by ``to_float_image``)."""
-    norm = Normalize(meta.get("normalize", "zscore"))
-    x = torch.from_numpy(norm({"image": image})["image"])
+    x = _normalized(image, meta)
     probs = predict_tiled(
         model,
         x,
@@ -83,6 +82,34 @@ def predict_image(
         labels = (probs[0] > 0.5).astype(np.int64) if probs.shape[0] == 1 else probs.argmax(0)
         instances = instances_from_semantic(labels, min_size=options.min_size)
     return Prediction(probs, labels, instances.astype(np.int32))
+
+
+def _normalized(image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+    mode = meta.get("normalize", "zscore")
+    if mode != "none":
+        image = Normalize(mode)({"image": image})["image"]
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+
+
+def predict_regression(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    meta: dict[str, Any],
+    options: InferenceOptions = InferenceOptions(),
+) -> np.ndarray:
+    """Dense regression of one float image C×H×W: depth in metres or restored values, K×H×W."""
+    from unetkit.regression import to_prediction
+
+    output = meta.get("output", "depth")
+    return predict_tiled(
+        model,
+        _normalized(image, meta),
+        tile=options.tile,
+        overlap=options.overlap,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        activation=lambda y: to_prediction(y, output),
+    ).numpy()
 
 
 def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
@@ -117,14 +144,25 @@ def predict_files(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     options: InferenceOptions = InferenceOptions(),
+    *,
+    attention_maps: bool = False,
 ) -> list[dict[str, Any]]:
     """Write ``<stem>_mask.png``, ``_instances.png`` (uint16), ``_overlay.png`` and
-    ``_objects.csv`` per image, and ``counts.csv``; returns one summary row per image."""
+    ``_objects.csv`` per image, and ``counts.csv``; returns one summary row per image.
+    ``attention_maps``: also ``<stem>_attention_level<l>.png`` heat maps (Attention U-Net);
+    regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead."""
     model, meta = load_for_inference(checkpoint)
+    if attention_maps and not hasattr(model, "gated_levels"):
+        raise ConfigError(
+            f"{checkpoint}: --attention-maps needs a model with attention gates "
+            f"(e.g. attention_unet); this is {meta['model']!r}"
+        )
     files = expand_inputs(inputs)
     out = Path(out_dir)
     resolved_inputs = {f.resolve() for f in files}
     rows = []
+    if meta.get("task") == "regression":
+        return _predict_regression_files(model, meta, files, out, options)
     for f in files:
         raw = read_image(f)
         image = to_float_image(raw, path=f)
@@ -143,6 +181,10 @@ def predict_files(
         write_image(targets["mask.png"], mask * 255 if mask.max() <= 1 else mask)
         write_image(targets["instances.png"], pred.instances.astype(np.uint16))
         write_image(targets["overlay.png"], overlay(image, pred.instances))
+        if attention_maps:
+            from unetkit.inference.attention_maps import save_attention_heatmaps
+
+            save_attention_heatmaps(model, _normalized(image, meta), out / stem)
         table = object_table(pred.instances, image)
         write_object_table_csv(table, targets["objects.csv"])
         rows.append(
@@ -154,6 +196,77 @@ def predict_files(
         )
     write_object_table_csv(rows, out / "counts.csv")
     return rows
+
+
+def _predict_regression_files(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    files: list[Path],
+    out: Path,
+    options: InferenceOptions,
+) -> list[dict[str, Any]]:
+    """``<stem>_depth.tif`` (float32 metres) + ``<stem>_depth.png`` (colour) per image, or
+    ``<stem>_restored.tif``/``.png`` for restoration models."""
+    from unetkit.regression.io import colorize, write_target
+
+    kind = "depth" if meta.get("output", "depth") == "depth" else "restored"
+    rows = []
+    for f in files:
+        image = to_float_image(read_image(f), path=f)
+        pred = predict_regression(model, image, meta, options)
+        write_target(out / f"{f.stem}_{kind}.tif", pred)
+        if kind == "depth":
+            picture = colorize(pred[0])
+        else:
+            picture = (
+                np.clip(
+                    np.moveaxis(pred, 0, -1).squeeze(-1)
+                    if pred.shape[0] == 1
+                    else np.moveaxis(pred, 0, -1),
+                    0,
+                    1,
+                )
+                * 255
+            ).astype(np.uint8)
+        write_image(out / f"{f.stem}_{kind}.png", picture)
+        rows.append(
+            {
+                "image": str(f),
+                "min": float(pred.min()),
+                "max": float(pred.max()),
+                "mean": float(pred.mean()),
+                "objects": 0,
+            }
+        )
+    return rows
+
+
+def evaluate_regression(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    samples: Iterable[dict],
+    options: InferenceOptions = InferenceOptions(),
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Depth metrics (AbsRel, RMSE, δ<1.25, ...) or MAE/RMSE/PSNR per image, and their means."""
+    from unetkit.regression import depth_metrics, psnr
+
+    acc = MetricAccumulator()
+    rows = []
+    for s in samples:
+        pred = predict_regression(model, np.asarray(s["image"]), meta, options)
+        target, valid = np.asarray(s["target"]), np.asarray(s["valid"])
+        if meta.get("output", "depth") == "depth":
+            scores = depth_metrics(pred, target, valid)
+        else:
+            err = (pred - target)[:, valid]
+            scores = {
+                "mae": float(np.abs(err).mean()),
+                "rmse": float(np.sqrt((err**2).mean())),
+                "psnr": psnr(pred, target, valid=valid),
+            }
+        acc.add(scores)
+        rows.append({"image": s.get("name", len(rows)), **scores})
+    return rows, acc.compute()
 
 
 def evaluate_dataset(
@@ -185,8 +298,11 @@ def evaluate_dataset(
     return rows, acc.compute()
 
 
-def predict(model: torch.nn.Module | str | os.PathLike, image: np.ndarray | str | os.PathLike,
-            **options: Any) -> Prediction:
+def predict(
+    model: torch.nn.Module | str | os.PathLike,
+    image: np.ndarray | str | os.PathLike,
+    **options: Any,
+) -> Prediction:
     """Segment one image with a model or checkpoint path: the one-call Python API.
 
     Args:

@@ -35,6 +35,10 @@ class SegmentationRecipe:
     """Everything a segmentation run needs; saved as the run's resolved config.
 
     Args:
+        task: segmentation | regression (dense continuous targets: depth, restoration).
+        output: regression only: depth (network predicts log-depth) | linear (as is).
+        target_scale: regression only: multiplies integer target files (1/256: KITTI PNG).
+        synthetic_regression: built-in regression data: depth (rendered scenes) | denoise.
         data: folder with ``images/`` and ``masks/``; None trains on built-in synthetic cells.
         val_data: separate validation folder (default: ``val_fraction`` of ``data``).
         num_classes, mask_mode: how masks are read (see unetkit.data.io.decode_mask).
@@ -49,6 +53,10 @@ class SegmentationRecipe:
         synthetic_train, synthetic_val, synthetic_size, synthetic_style: built-in data.
     """
 
+    task: str = "segmentation"
+    output: str = "depth"
+    target_scale: float = 1.0
+    synthetic_regression: str = "depth"
     data: str | None = None
     val_data: str | None = None
     num_classes: int = 2
@@ -102,6 +110,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         crop=388,
         intensity=False,
     ),
+    "depth-demo": dict(
+        task="regression",
+        output="depth",
+        loss="silog",
+        model_options={"channels": (16, 32, 64, 128)},
+        epochs=10,
+        batch_size=8,
+        samples_per_epoch=160,
+        synthetic_train=96,
+        synthetic_val=12,
+        synthetic_size=128,
+        crop=96,
+        elastic=False,
+    ),
     "demo": dict(
         model_options={"channels": (16, 32, 64, 128)},
         epochs=16,
@@ -120,17 +142,25 @@ def make_recipe(preset: str | None = None, **overrides: Any) -> SegmentationReci
         cfg.check_choice("recipe preset", preset, PRESETS)
         values.update(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return cfg.from_dict(SegmentationRecipe, values, source="recipe")
+    if values.get("task") == "regression" and values.get("loss", "dice_ce") == "dice_ce":
+        values["loss"] = "silog" if values.get("output", "depth") == "depth" else "l1"
+    recipe = cfg.from_dict(SegmentationRecipe, values, source="recipe")
+    cfg.check_choice("task", recipe.task, ("segmentation", "regression"))
+    return recipe
 
 
 def target_channels(recipe: SegmentationRecipe) -> int:
+    if recipe.task == "regression":
+        return 1  # overridden by the data's target channels in build_model's caller
     return {"semantic": recipe.num_classes, "separated": 2, "boundary": 3}[recipe.target]
 
 
-def build_model(recipe: SegmentationRecipe, in_channels: int) -> torch.nn.Module:
+def build_model(
+    recipe: SegmentationRecipe, in_channels: int, out_channels: int | None = None
+) -> torch.nn.Module:
     options = dict(recipe.model_options)
     options.setdefault("in_channels", in_channels)
-    options.setdefault("out_channels", target_channels(recipe))
+    options.setdefault("out_channels", out_channels or target_channels(recipe))
     return registry.create_model(recipe.model, preset=recipe.preset, **options)
 
 
@@ -150,10 +180,12 @@ def build_transforms(recipe: SegmentationRecipe, crop: int | None) -> tuple[T.Co
         train.append(T.RandomCrop(crop))
     if recipe.flips:
         train += [T.RandomFlip(), T.RandomRot90()]
-    if recipe.intensity:
+    restoration = recipe.task == "regression" and recipe.output == "linear"
+    if recipe.intensity and not restoration:
         train.append(T.IntensityJitter())
-    norm = T.Normalize(recipe.normalize)
-    return T.Compose([*train, norm]), T.Compose([norm])
+    # restoration targets share the input's intensity scale: no per-image normalisation
+    norm = [] if restoration or recipe.normalize == "none" else [T.Normalize(recipe.normalize)]
+    return T.Compose([*train, *norm]), T.Compose(norm)
 
 
 class _Repeat(Dataset):
@@ -176,6 +208,8 @@ class _Repeat(Dataset):
 
 def build_datasets(recipe: SegmentationRecipe, crop: int | None) -> tuple[Dataset, Dataset, int]:
     """(train, validation, in_channels) for the recipe's data or the synthetic cells."""
+    if recipe.task == "regression":
+        return _regression_datasets(recipe, crop)
     train_tf, eval_tf = build_transforms(recipe, crop)
     weight = {"w0": recipe.w0, "sigma": recipe.sigma} if recipe.loss == "weighted_ce" else None
     common = dict(target=recipe.target, weight_map=weight)
@@ -208,6 +242,50 @@ def build_datasets(recipe: SegmentationRecipe, crop: int | None) -> tuple[Datase
                 )
             train, val = _subset(train, tr_idx), _subset(val, va_idx)
         in_channels = int(val[0]["image"].shape[0])
+    if recipe.samples_per_epoch:
+        train = _Repeat(train, recipe.samples_per_epoch)
+    return train, val, in_channels
+
+
+def _regression_datasets(
+    recipe: SegmentationRecipe, crop: int | None
+) -> tuple[Dataset, Dataset, int]:
+    from unetkit.regression import (
+        FolderRegressionDataset,
+        SyntheticDenoiseDataset,
+        SyntheticDepthDataset,
+    )
+
+    train_tf, eval_tf = build_transforms(recipe, crop)
+    if recipe.data is None:
+        cfg.check_choice("synthetic_regression", recipe.synthetic_regression, ("depth", "denoise"))
+        cls = (
+            SyntheticDepthDataset
+            if recipe.synthetic_regression == "depth"
+            else SyntheticDenoiseDataset
+        )
+        shape = (recipe.synthetic_size,) * 2
+        train = cls(recipe.synthetic_train, shape=shape, seed=recipe.seed, transform=train_tf)
+        val = cls(recipe.synthetic_val, shape=shape, seed=recipe.seed + 10_000, transform=eval_tf)
+    else:
+        opts = dict(
+            target_scale=recipe.target_scale, positive=recipe.output == "depth", seed=recipe.seed
+        )
+        train = FolderRegressionDataset(recipe.data, transform=train_tf, **opts)
+        train.validate()
+        if recipe.val_data is not None:
+            val = FolderRegressionDataset(recipe.val_data, transform=eval_tf, **opts)
+            val.validate()
+        else:
+            val = FolderRegressionDataset(recipe.data, transform=eval_tf, **opts)
+            tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
+            if len(tr_idx) == 0 or len(va_idx) == 0:
+                raise DataError(
+                    f"{recipe.data}: {len(train)} image(s) cannot be split into "
+                    f"train and validation; add images or pass --val-data"
+                )
+            train, val = _subset(train, tr_idx), _subset(val, va_idx)
+    in_channels = int(val[0]["image"].shape[0])
     if recipe.samples_per_epoch:
         train = _Repeat(train, recipe.samples_per_epoch)
     return train, val, in_channels
@@ -271,12 +349,30 @@ class SegmentationMetrics:
 
 def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
     """Facts `unetkit predict` needs besides the weights."""
+    if recipe.task == "regression":
+        restoration = recipe.output == "linear"
+        return {
+            "task": "regression",
+            "output": recipe.output,
+            "target_scale": recipe.target_scale,
+            "normalize": "none" if restoration else recipe.normalize,
+        }
     return {
         "task": "segmentation",
         "target": recipe.target,
         "normalize": recipe.normalize,
         "num_classes": recipe.num_classes,
     }
+
+
+def regression_task(recipe: SegmentationRecipe) -> Any:
+    """Loss and metrics of a regression recipe (silog/L1/L2; AbsRel, RMSE, δ or PSNR)."""
+    from unetkit.regression import RegressionMetrics, build_regression_loss
+    from unetkit.training.tasks import SupervisedTask
+
+    metrics = RegressionMetrics(recipe.output)
+    loss = build_regression_loss(recipe.loss, output=recipe.output)
+    return SupervisedTask(loss, metrics, monitor=metrics.monitor, mode=metrics.mode)
 
 
 def train(
@@ -286,7 +382,8 @@ def train(
     resume: bool = True,
     progress: bool = True,
 ) -> Any:
-    """Train a segmentation model as ``recipe`` says; returns the trainer's FitResult."""
+    """Train a segmentation (or dense regression) model as ``recipe`` says; returns the
+    trainer's FitResult."""
     from unetkit.training.tasks import SupervisedTask
     from unetkit.training.trainer import fit
 
@@ -294,20 +391,29 @@ def train(
     probe_model = build_model(recipe, in_channels=1)
     crop = input_crop(probe_model, recipe.crop)
     train_ds, val_ds, in_channels = build_datasets(recipe, crop)
-    model = build_model(recipe, in_channels) if in_channels != 1 else probe_model
-    if recipe.target == "semantic" and recipe.num_classes < 2:
-        raise ConfigError("num_classes must be at least 2 (background + one class)")
-    task = SupervisedTask(
-        SegmentationLoss(recipe),
-        SegmentationMetrics(target_channels(recipe)),
-        monitor="val/fg_dice",
-        mode="max",
-    )
+    if recipe.task == "regression":
+        model = build_model(recipe, in_channels, int(val_ds[0]["target"].shape[0]))
+        task = regression_task(recipe)
+    else:
+        model = build_model(recipe, in_channels) if in_channels != 1 else probe_model
+        if recipe.target == "semantic" and recipe.num_classes < 2:
+            raise ConfigError("num_classes must be at least 2 (background + one class)")
+        task = SupervisedTask(
+            SegmentationLoss(recipe),
+            SegmentationMetrics(target_channels(recipe)),
+            monitor="val/fg_dice",
+            mode="max",
+        )
     log.info(
         "training %s (%s parameters) on %s",
         recipe.model,
         f"{sum(p.numel() for p in model.parameters()):,}",
-        recipe.data or "built-in synthetic cells",
+        recipe.data
+        or (
+            "built-in synthetic cells"
+            if recipe.task == "segmentation"
+            else f"built-in synthetic {recipe.synthetic_regression} scenes"
+        ),
     )
     return fit(
         model,

@@ -5,5 +5,12 @@ from unetkit.training.optim import build_optimizer, build_scheduler
 from unetkit.training.tasks import SupervisedTask, Task
 from unetkit.training.trainer import FitResult, fit
 
-__all__ = ["FitResult", "RunDirectory", "SupervisedTask", "Task", "build_optimizer",
-           "build_scheduler", "fit"]
+__all__ = [
+    "FitResult",
+    "RunDirectory",
+    "SupervisedTask",
+    "Task",
+    "build_optimizer",
+    "build_scheduler",
+    "fit",
+]
