@@ -211,3 +211,35 @@ def test_predict_never_overwrites_inputs(trained: Path, tmp_path: Path) -> None:
     proc = _cli("predict", ckpt, str(tmp_path / "a.png"), str(img), "--out", str(tmp_path))
     _one_error_line(proc, "overwrite an input")
     assert img.read_bytes() == before
+
+
+def test_predict_attention_maps(tmp_path: Path, trained: Path) -> None:
+    net = unetkit.create_model("attention_unet", channels=(4, 8, 16))
+    extra = {"task": "segmentation", "target": "semantic", "normalize": "zscore"}
+    ckpt = unetkit.save(net, tmp_path / "att.safetensors", extra=extra)
+    unetkit.data.io.write_image(
+        tmp_path / "in" / "a.png", np.arange(40 * 36, dtype=np.uint8).reshape(40, 36)
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(ckpt),
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "o"),
+                "--attention-maps",
+            ]
+        )
+        == 0
+    )
+    maps = sorted((tmp_path / "o").glob("a_attention_level*.png"))
+    assert len(maps) == len(net.gated_levels) >= 1
+    assert unetkit.data.io.read_image(maps[0]).shape[:2] == (40, 36)
+    plain = str(trained / "checkpoints" / "best.safetensors")
+    _one_error_line(
+        _cli(
+            "predict", plain, str(tmp_path / "in"), "--out", str(tmp_path / "p"), "--attention-maps"
+        ),
+        "attention gates",
+    )
