@@ -22,6 +22,29 @@ from unetkit.segmentation.report import heldout_report
 # comparable, CPU-sized configurations (model_options per family)
 SIZES: dict[str, dict] = {
     "unet": {"channels": (16, 32, 64, 128)},
+    "unetpp": {"channels": (16, 32, 64, 128)},
+    "attention_unet": {"channels": (16, 32, 64, 128)},
+    "vnet": {"dims": 2, "channels": (8, 16, 32, 64, 128)},
+    "deeplabv3plus": dict(
+        backbone="resnet18",
+        widths=(16, 32, 64, 128),
+        aspp_channels=64,
+        decoder_channels=64,
+        low_level_channels=16,
+    ),
+    "transunet": dict(
+        img_size=128,
+        stem_width=32,
+        stem_blocks=(1, 1, 1),
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        mlp_dim=256,
+        decoder_channels=(64, 32, 16, 16),
+    ),
+    "swin_unet": dict(
+        patch_size=4, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=8
+    ),
 }
 
 

@@ -76,7 +76,10 @@ def predict_image(
     ).numpy()
     target = meta.get("target", "semantic")
     if target == "boundary":
-        instances = instances_from_boundary(probs, min_size=options.min_size)
+        threshold = meta.get("seed_threshold", 0.5)  # calibrated on validation data
+        instances = instances_from_boundary(
+            probs, interior_threshold=threshold, min_size=options.min_size, min_seed_size=5
+        )
         labels = (instances > 0).astype(np.int64)
     else:
         labels = (probs[0] > 0.5).astype(np.int64) if probs.shape[0] == 1 else probs.argmax(0)

@@ -415,7 +415,7 @@ def train(
             else f"built-in synthetic {recipe.synthetic_regression} scenes"
         ),
     )
-    return fit(
+    result = fit(
         model,
         task,
         train_ds,
@@ -438,3 +438,10 @@ def train(
         checkpoint_extra=checkpoint_extra(recipe),
         run_config=cfg.to_dict(recipe),
     )
+    if recipe.task == "segmentation" and recipe.target == "boundary":
+        from unetkit.segmentation.calibrate import calibrate_seed_threshold
+        from unetkit.training import distributed
+
+        if distributed.is_main():
+            calibrate_seed_threshold(Path(run_dir) / "checkpoints" / "best.safetensors", val_ds)
+    return result
