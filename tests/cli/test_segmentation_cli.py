@@ -243,3 +243,63 @@ def test_predict_attention_maps(tmp_path: Path, trained: Path) -> None:
         ),
         "attention gates",
     )
+
+
+def test_volumes_train_predict_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """3D: multi-page TIFF volumes with instance labels, through the same commands."""
+    from unetkit.data.volumes import write_volume
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        labels = np.zeros((12, 20, 18), np.uint16)
+        labels[2:7, 3:10, 4:12], labels[6:11, 10:17, 6:14] = 1, 2
+        labels[1:4, 14:19, 1:6] = 3
+        image = (labels > 0) * 150 + rng.integers(0, 60, labels.shape)
+        write_volume(tmp_path / "data" / "images" / f"v{i}.tif", image.astype(np.uint8))
+        write_volume(tmp_path / "data" / "masks" / f"v{i}.tif", labels)
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--spatial-dims",
+                "3",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(run),
+                "--model-option",
+                "channels=(4,8)",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "1",
+                "--crop",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    ckpt = run / "checkpoints" / "best.safetensors"
+    assert unetkit.read_metadata(ckpt)["config"]["dims"] == 3
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                str(ckpt),
+                str(tmp_path / "data" / "images"),
+                "--out",
+                str(out),
+                "--tile",
+                "8",
+            ]
+        )
+        == 0
+    )
+    inst = unetkit.data.io.read_image(out / "v0_instances.tif")
+    assert inst.shape == (12, 20, 18)
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "data")]) == 0
+    assert "dice_mean" in capsys.readouterr().out

@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         data = FolderSegmentationDataset(
-            args.data, num_classes=args.num_classes, mask_mode=args.mask_mode, target="semantic"
+            args.data,
+            num_classes=args.num_classes,
+            mask_mode=args.mask_mode,
+            target="semantic",
+            spatial_dims=getattr(model, "dims", 2),
         )
         data.validate()
         rows, means = evaluate_dataset(

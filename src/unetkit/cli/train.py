@@ -44,6 +44,7 @@ _VALUE_FLAGS = (
     "output",
     "target_scale",
     "synthetic_regression",
+    "spatial_dims",
 )
 
 
@@ -90,6 +91,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "regression); default: built-in synthetic data",
     )
     p.add_argument("--val-data", help="separate validation folder")
+    p.add_argument(
+        "--spatial-dims",
+        type=int,
+        choices=[2, 3],
+        help="3: volumes (multi-page TIFF, NIfTI) and a 3D model",
+    )
     p.add_argument("--num-classes", type=int, help="classes in the masks (default 2)")
     p.add_argument("--mask-mode", choices=["auto", "index", "binary", "instances"])
     p.add_argument(

@@ -21,6 +21,7 @@ from skimage.segmentation import find_boundaries
 
 from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
+from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import load, read_metadata
 from unetkit.inference.tiling import predict_tiled
@@ -125,15 +126,24 @@ def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def read_float_input(path: Path, *, volumes: bool = False) -> np.ndarray:
+    """A float C×H×W image (C×D×H×W volume) scaled by dtype, as training reads it."""
+    if volumes:
+        raw, _ = read_volume(path)
+        return to_float_image(raw, path=path, spatial_dims=3)
+    return to_float_image(read_image(path), path=path)
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False) -> list[Path]:
     """Files as given, folders expanded to their images; a missing path is a DataError."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = list_images(p)
+            found = list_images(p, extensions=VOLUME_EXTENSIONS) if volumes else list_images(p)
             if not found:
-                raise DataError(f"{p}: folder has no images (.png, .tif, .tiff, .jpg)")
+                kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
+                raise DataError(f"{p}: folder has no images ({kinds})")
             files += found
         elif p.is_file():
             files.append(p)
@@ -160,36 +170,40 @@ def predict_files(
             f"{checkpoint}: --attention-maps needs a model with attention gates "
             f"(e.g. attention_unet); this is {meta['model']!r}"
         )
-    files = expand_inputs(inputs)
+    volumes = getattr(model, "dims", 2) == 3
+    files = expand_inputs(inputs, volumes=volumes)
     out = Path(out_dir)
     resolved_inputs = {f.resolve() for f in files}
     rows = []
     if meta.get("task") == "regression":
         return _predict_regression_files(model, meta, files, out, options)
     for f in files:
-        raw = read_image(f)
-        image = to_float_image(raw, path=f)
+        image = read_float_input(f, volumes=volumes)
         pred = predict_image(model, image, meta, options)
-        stem = f.stem
-        targets = {
-            k: out / f"{stem}_{k}"
-            for k in ("mask.png", "instances.png", "overlay.png", "objects.csv")
-        }
+        stem = volume_stem(f) if volumes else f.stem
+        # volumes: masks and labels as (multi-page) TIFF, no 2D overlay picture
+        names = (
+            ("mask.tif", "instances.tif", "objects.csv")
+            if volumes
+            else ("mask.png", "instances.png", "overlay.png", "objects.csv")
+        )
+        targets = {k.split(".")[0]: out / f"{stem}_{k}" for k in names}
         clash = [p for p in targets.values() if p.resolve() in resolved_inputs]
         if clash:
             raise DataError(
                 f"{clash[0]}: output would overwrite an input image; choose another --out folder"
             )
         mask = pred.labels.astype(np.uint8)
-        write_image(targets["mask.png"], mask * 255 if mask.max() <= 1 else mask)
-        write_image(targets["instances.png"], pred.instances.astype(np.uint16))
-        write_image(targets["overlay.png"], overlay(image, pred.instances))
+        write_image(targets["mask"], mask * 255 if mask.max() <= 1 else mask)
+        write_image(targets["instances"], pred.instances.astype(np.uint16))
+        if not volumes:
+            write_image(targets["overlay"], overlay(image, pred.instances))
         if attention_maps:
             from unetkit.inference.attention_maps import save_attention_heatmaps
 
             save_attention_heatmaps(model, _normalized(image, meta), out / stem)
         table = object_table(pred.instances, image)
-        write_object_table_csv(table, targets["objects.csv"])
+        write_object_table_csv(table, targets["objects"])
         rows.append(
             {
                 "image": str(f),

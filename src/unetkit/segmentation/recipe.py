@@ -39,6 +39,7 @@ class SegmentationRecipe:
         output: regression only: depth (network predicts log-depth) | linear (as is).
         target_scale: regression only: multiplies integer target files (1/256: KITTI PNG).
         synthetic_regression: built-in regression data: depth (rendered scenes) | denoise.
+        spatial_dims: 2 (images) or 3 (volumes: multi-page TIFF, NIfTI); sets model dims.
         data: folder with ``images/`` and ``masks/``; None trains on built-in synthetic cells.
         val_data: separate validation folder (default: ``val_fraction`` of ``data``).
         num_classes, mask_mode: how masks are read (see unetkit.data.io.decode_mask).
@@ -59,6 +60,7 @@ class SegmentationRecipe:
     synthetic_regression: str = "depth"
     data: str | None = None
     val_data: str | None = None
+    spatial_dims: int = 2
     num_classes: int = 2
     mask_mode: str = "auto"
     target: str = "boundary"
@@ -160,6 +162,8 @@ def build_model(
 ) -> torch.nn.Module:
     options = dict(recipe.model_options)
     options.setdefault("in_channels", in_channels)
+    if recipe.spatial_dims != 2:
+        options.setdefault("dims", recipe.spatial_dims)
     options.setdefault("out_channels", out_channels or target_channels(recipe))
     return registry.create_model(recipe.model, preset=recipe.preset, **options)
 
@@ -225,7 +229,11 @@ def build_datasets(recipe: SegmentationRecipe, crop: int | None) -> tuple[Datase
         in_channels = 1
     else:
         fopts = dict(
-            num_classes=recipe.num_classes, mask_mode=recipe.mask_mode, seed=recipe.seed, **common
+            spatial_dims=recipe.spatial_dims,
+            num_classes=recipe.num_classes,
+            mask_mode=recipe.mask_mode,
+            seed=recipe.seed,
+            **common,
         )
         train = FolderSegmentationDataset(recipe.data, transform=train_tf, **fopts)
         train.validate()  # every bad file named now, not mid-epoch inside a DataLoader
