@@ -290,8 +290,8 @@ class FolderSegmentationDataset(_SegmentationDataset):
         )
         if labels.shape != image.shape[1:]:
             raise DataError(
-                f"{image_path} ({_fmt_size(image.shape[1:])}) and its mask {mask_path} "
-                f"({_fmt_size(labels.shape)}) differ in size; a mask must match its image "
+                f"{image_path} ({fmt_size(image.shape[1:])}) and its mask {mask_path} "
+                f"({fmt_size(labels.shape)}) differ in size; a mask must match its image "
                 "pixel for pixel"
             )
         name = volume_stem(image_path)
@@ -301,23 +301,27 @@ class FolderSegmentationDataset(_SegmentationDataset):
 
     def validate(self) -> None:
         """Read every image and mask now; raise one DataError listing every problem found."""
-        problems = []
-        for index in range(len(self)):
-            try:
-                self._load(index)
-            except DataError as e:
-                problems.append(str(e))
-        if problems:
-            listed = "\n  ".join(problems[:_MAX_LISTED])
-            more = len(problems) - _MAX_LISTED
-            tail = f"\n  ... and {more} more" if more > 0 else ""
-            raise DataError(
-                f"{self.images_dir.parent}: {len(problems)} of {len(self)} samples are "
-                f"invalid:\n  {listed}{tail}"
-            )
+        validate_all(self, self.images_dir.parent)
 
 
-def _fmt_size(shape: Sequence[int]) -> str:
+def validate_all(dataset: Any, root: Path) -> None:
+    """Call ``dataset._load(i)`` for every sample; one DataError lists every bad file."""
+    problems = []
+    for index in range(len(dataset)):
+        try:
+            dataset._load(index)
+        except DataError as e:
+            problems.append(str(e))
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = len(problems) - _MAX_LISTED
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise DataError(
+            f"{root}: {len(problems)} of {len(dataset)} samples are invalid:\n  {listed}{tail}"
+        )
+
+
+def fmt_size(shape: Sequence[int]) -> str:
     return "×".join(str(s) for s in shape)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from unetkit.data.datasets import fmt_size, validate_all
 from unetkit.data.io import list_images, read_image, to_float_image
 from unetkit.data.transforms import Transform
 from unetkit.errors import ConfigError, DataError
@@ -135,32 +136,15 @@ class FolderRegressionDataset(_RegressionDataset):
         target = read_target(target_path, scale=self.target_scale)
         if target.shape[1:] != image.shape[1:]:
             raise DataError(
-                f"{image_path} ({_fmt_size(image.shape[1:])}) and its target {target_path} "
-                f"({_fmt_size(target.shape[1:])}) differ in size; a target must match its "
+                f"{image_path} ({fmt_size(image.shape[1:])}) and its target {target_path} "
+                f"({fmt_size(target.shape[1:])}) differ in size; a target must match its "
                 "image pixel for pixel"
             )
         return image_path.stem, image, target
 
     def validate(self) -> None:
         """Read every image and target now; raise one DataError listing every problem."""
-        problems = []
-        for index in range(len(self)):
-            try:
-                self._load(index)
-            except DataError as e:
-                problems.append(str(e))
-        if problems:
-            listed = "\n  ".join(problems[:_MAX_LISTED])
-            more = len(problems) - _MAX_LISTED
-            tail = f"\n  ... and {more} more" if more > 0 else ""
-            raise DataError(
-                f"{self.images_dir.parent}: {len(problems)} of {len(self)} samples are "
-                f"invalid:\n  {listed}{tail}"
-            )
-
-
-def _fmt_size(shape: Sequence[int]) -> str:
-    return "×".join(str(s) for s in shape)
+        validate_all(self, self.images_dir.parent)
 
 
 def _list_targets(folder: Path) -> list[Path]:

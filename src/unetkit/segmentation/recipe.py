@@ -235,20 +235,7 @@ def build_datasets(recipe: SegmentationRecipe, crop: int | None) -> tuple[Datase
             seed=recipe.seed,
             **common,
         )
-        train = FolderSegmentationDataset(recipe.data, transform=train_tf, **fopts)
-        train.validate()  # every bad file named now, not mid-epoch inside a DataLoader
-        if recipe.val_data is not None:
-            val = FolderSegmentationDataset(recipe.val_data, transform=eval_tf, **fopts)
-            val.validate()
-        else:
-            val = FolderSegmentationDataset(recipe.data, transform=eval_tf, **fopts)
-            tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
-            if len(tr_idx) == 0 or len(va_idx) == 0:
-                raise DataError(
-                    f"{recipe.data}: {len(train)} image(s) cannot be split into "
-                    f"train and validation; add images or pass --val-data"
-                )
-            train, val = _subset(train, tr_idx), _subset(val, va_idx)
+        train, val = _folder_split(FolderSegmentationDataset, recipe, train_tf, eval_tf, fopts)
         in_channels = int(val[0]["image"].shape[0])
     if recipe.samples_per_epoch:
         train = _Repeat(train, recipe.samples_per_epoch)
@@ -279,24 +266,34 @@ def _regression_datasets(
         opts = dict(
             target_scale=recipe.target_scale, positive=recipe.output == "depth", seed=recipe.seed
         )
-        train = FolderRegressionDataset(recipe.data, transform=train_tf, **opts)
-        train.validate()
-        if recipe.val_data is not None:
-            val = FolderRegressionDataset(recipe.val_data, transform=eval_tf, **opts)
-            val.validate()
-        else:
-            val = FolderRegressionDataset(recipe.data, transform=eval_tf, **opts)
-            tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
-            if len(tr_idx) == 0 or len(va_idx) == 0:
-                raise DataError(
-                    f"{recipe.data}: {len(train)} image(s) cannot be split into "
-                    f"train and validation; add images or pass --val-data"
-                )
-            train, val = _subset(train, tr_idx), _subset(val, va_idx)
+        train, val = _folder_split(FolderRegressionDataset, recipe, train_tf, eval_tf, opts)
     in_channels = int(val[0]["image"].shape[0])
     if recipe.samples_per_epoch:
         train = _Repeat(train, recipe.samples_per_epoch)
     return train, val, in_channels
+
+
+def _folder_split(
+    cls: type, recipe: SegmentationRecipe, train_tf: Any, eval_tf: Any, options: dict[str, Any]
+) -> tuple[Dataset, Dataset]:
+    """Train and validation folder data sets: --val-data, or a seeded split of --data.
+
+    Every file is validated now, so a bad one is named before training, not mid-epoch.
+    """
+    train = cls(recipe.data, transform=train_tf, **options)
+    train.validate()
+    if recipe.val_data is not None:
+        val = cls(recipe.val_data, transform=eval_tf, **options)
+        val.validate()
+        return train, val
+    val = cls(recipe.data, transform=eval_tf, **options)
+    tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
+    if len(tr_idx) == 0 or len(va_idx) == 0:
+        raise DataError(
+            f"{recipe.data}: {len(train)} image(s) cannot be split into train and "
+            f"validation; add images or pass --val-data"
+        )
+    return _subset(train, tr_idx), _subset(val, va_idx)
 
 
 def _subset(ds: Dataset, idx: np.ndarray) -> Subset:
