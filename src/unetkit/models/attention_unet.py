@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, InputSizeError
-from unetkit.models.base import SegmentationModel
+from unetkit.models.base import SegmentationModel, check_conv_config
 from unetkit.models.decoders import UNetDecoder
 from unetkit.models.encoders import ConvEncoder
 from unetkit.nn.conv import ConvNormAct
-from unetkit.nn.dims import INTERP_MODES, check_dims, conv_nd
+from unetkit.nn.dims import INTERP_MODES, conv_nd
 from unetkit.nn.gates import GatedSkip
 from unetkit.nn.init import he_init
 from unetkit.nn.sampling import crop_to, pad_to_multiple
@@ -74,15 +74,10 @@ class AttentionUNetConfig:
     init: str = "he"
 
     def __post_init__(self) -> None:
-        check_dims(self.dims)
-        check_choice("init", self.init, ("he", "default"))
+        check_conv_config(self)
         check_choice("deep_supervision", self.deep_supervision, DEEP_SUPERVISION)
-        if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
-            raise ConfigError(f"channels={self.channels} needs at least two positive widths")
         if self.gate_heads < 1:
             raise ConfigError(f"gate_heads={self.gate_heads} must be ≥ 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
 
 
 PAPER = dict(

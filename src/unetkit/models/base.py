@@ -12,9 +12,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from unetkit.errors import InputSizeError
+from unetkit.config import check_choice
+from unetkit.errors import ConfigError, InputSizeError
+from unetkit.nn.dims import check_dims
 
 _SEARCH = 4096  # how far the planner looks for a valid size on either side
+
+
+def check_conv_config(config: object) -> None:
+    """Checks shared by the conv U-Net configs (dims, init, channels, dropout)."""
+    check_dims(config.dims)
+    check_choice("init", config.init, ("he", "default"))
+    if len(config.channels) < 2 or any(c <= 0 for c in config.channels):
+        raise ConfigError(f"channels={config.channels} needs at least two positive widths")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"dropout={config.dropout} must be in [0, 1)")
 
 
 class SegmentationModel(nn.Module):

@@ -15,12 +15,10 @@ import dataclasses
 
 import torch
 
-from unetkit.config import check_choice
-from unetkit.errors import ConfigError
-from unetkit.models.base import SegmentationModel
+from unetkit.models.base import SegmentationModel, check_conv_config
 from unetkit.models.decoders import UNetDecoder
 from unetkit.models.encoders import ConvEncoder
-from unetkit.nn.dims import check_dims, conv_nd
+from unetkit.nn.dims import conv_nd
 from unetkit.nn.init import he_init
 from unetkit.nn.sampling import crop_to, pad_to_multiple
 from unetkit.registry import register_model
@@ -56,12 +54,7 @@ class UNetConfig:
     init: str = "he"
 
     def __post_init__(self) -> None:
-        check_dims(self.dims)
-        check_choice("init", self.init, ("he", "default"))
-        if len(self.channels) < 2 or any(c <= 0 for c in self.channels):
-            raise ConfigError(f"channels={self.channels} needs at least two positive widths")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        check_conv_config(self)
 
 
 PAPER = dict(channels=(64, 128, 256, 512, 1024), padding="valid", norm="none", dropout=0.5)
