@@ -54,3 +54,8 @@ def test_valid_padding_training_step_runs(tmp_path) -> None:
     assert (
         result.epochs_run == 1 and (tmp_path / "run" / "checkpoints" / "best.safetensors").exists()
     )
+
+
+def test_recipe_name_and_model_preset_do_not_clash() -> None:
+    r = R.make_recipe("modern", preset="small")  # recipe name, then the model's preset
+    assert r.preset == "small" and r.loss == "dice_ce"

@@ -137,12 +137,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_recipe(preset: str | None = None, **overrides: Any) -> SegmentationRecipe:
-    """A recipe from defaults, then a named preset (modern | paper | demo), then overrides."""
+def make_recipe(name: str | None = None, /, **overrides: Any) -> SegmentationRecipe:
+    """A recipe from defaults, then a named recipe (modern | paper | demo | depth-demo), then
+    overrides (recipe fields; ``preset=`` is the model's preset)."""
     values: dict[str, Any] = {}
-    if preset is not None:
-        cfg.check_choice("recipe preset", preset, PRESETS)
-        values.update(PRESETS[preset])
+    if name is not None:
+        cfg.check_choice("recipe", name, PRESETS)
+        values.update(PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("task") == "regression" and values.get("loss", "dice_ce") == "dice_ce":
         values["loss"] = "silog" if values.get("output", "depth") == "depth" else "l1"
