@@ -78,9 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     configs = {
         # the paper: one 572->388 tile per step; the border weight map from membrane-separated cells
-        "paper": R.make_recipe(
-            "paper", target="semantic", crop=388, batch_size=1, lr=0.01, precision="auto"
-        ),
+        "paper": R.make_recipe("paper", target="semantic", crop=388, batch_size=1),
         "modern": R.make_recipe(
             "modern",
             target="semantic",

@@ -157,3 +157,15 @@ def test_bad_transform_arguments():
         RandomCrop((2, 2, 2))(_sample(), np.random.default_rng(0))
     with pytest.raises(ConfigError, match="axis 2 out of range"):
         RandomRot90(axes=(0, 2))(_sample(), np.random.default_rng(0))
+
+
+def test_center_crop_moves_every_spatial_key_together():
+    from unetkit.data.transforms import CenterCrop
+
+    image = np.arange(2 * 7 * 9, dtype=np.float32).reshape(2, 7, 9)
+    sample = {"image": image, "mask": image[0].astype(np.int64), "name": "a"}
+    out = CenterCrop(lambda shape: (5, 6))(sample)
+    assert out["image"].shape == (2, 5, 6) and out["mask"].shape == (5, 6)
+    np.testing.assert_array_equal(out["image"][0], image[0, 1:6, 1:7])
+    np.testing.assert_array_equal(out["mask"], out["image"][0])
+    assert CenterCrop(lambda shape: (50, 50))(sample)["image"].shape == (2, 7, 9)

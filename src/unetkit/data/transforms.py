@@ -37,6 +37,7 @@ __all__ = [
     "Normalize",
     "RandomCrop",
     "RandomFlip",
+    "CenterCrop",
     "RandomRot90",
     "Transform",
 ]
@@ -133,6 +134,26 @@ class RandomCrop:
 
     def __repr__(self) -> str:
         return f"RandomCrop({self.size}, label_pad={self.label_pad})"
+
+
+class CenterCrop:
+    """Deterministic centre crop of every spatial array to ``size_fn(spatial_shape)``.
+
+    ``size_fn`` maps the sample's spatial shape to the wanted one (e.g. the largest input a
+    valid-padding model accepts); axes already small enough are left alone.
+    """
+
+    def __init__(self, size_fn: Callable[[tuple[int, ...]], Sequence[int]]) -> None:
+        self.size_fn = size_fn
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        shape = sample["image"].shape[1:]
+        want = [min(w, s) for w, s in zip(self.size_fn(tuple(shape)), shape, strict=True)]
+        box = tuple(slice((s - w) // 2, (s - w) // 2 + w) for s, w in zip(shape, want, strict=True))
+        return _apply_spatial(sample, lambda a, key: a[(..., *box)])
+
+    def __repr__(self) -> str:
+        return f"CenterCrop({self.size_fn!r})"
 
 
 class RandomFlip:
