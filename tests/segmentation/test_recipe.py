@@ -59,3 +59,20 @@ def test_valid_padding_training_step_runs(tmp_path) -> None:
 def test_recipe_name_and_model_preset_do_not_clash() -> None:
     r = R.make_recipe("modern", preset="small")  # recipe name, then the model's preset
     assert r.preset == "small" and r.loss == "dice_ce"
+
+
+def test_deep_supervision_trains_through_the_recipe(tmp_path) -> None:
+    r = R.make_recipe(
+        "demo",
+        model="unetpp",
+        model_options={"channels": (4, 8, 16), "deep_supervision": True},
+        epochs=1,
+        samples_per_epoch=2,
+        batch_size=2,
+        crop=32,
+        synthetic_train=2,
+        synthetic_val=1,
+        synthetic_size=48,
+    )
+    result = R.train(r, tmp_path / "run", progress=False)
+    assert result.epochs_run == 1 and result.best_metric == result.best_metric  # not NaN

@@ -340,8 +340,12 @@ class SegmentationLoss:
     def __init__(self, recipe: SegmentationRecipe) -> None:
         self.loss = build_loss(recipe.loss)
 
-    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss(logits, crop_targets(logits, batch))
+    def __call__(
+        self, logits: torch.Tensor | list[torch.Tensor], batch: dict[str, Any]
+    ) -> torch.Tensor:
+        # deep supervision (U-Net++ in training): a list of heads, the first at full size
+        first = logits[0] if isinstance(logits, (list, tuple)) else logits
+        return self.loss(logits, crop_targets(first, batch))
 
 
 class SegmentationMetrics:
