@@ -189,18 +189,16 @@ def run(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes
         return 0
     print(
-        f"trained in {minutes:.1f} min; best val/fg_dice {result.best_metric:.4f} "
+        f"trained in {minutes:.1f} min; best {result.monitor} {result.best_metric:.4f} "
         f"(epoch {result.best_epoch})"
     )
-    if recipe.data is None:
+    if recipe.data is None:  # built-in data: score freshly generated, never-seen images
         from unetkit.segmentation.report import heldout_report
 
         summary = heldout_report(recipe, out)
         print("held-out synthetic images: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-    print(
-        f"results in {out}/ (checkpoints/best.safetensors, metrics.csv, curves.png"
-        f"{', samples/' if recipe.data is None else ''})"
-    )
+    extra = ", heldout.csv, samples/" if recipe.data is None else ""
+    print(f"results in {out}/ (checkpoints/best.safetensors, metrics.csv, curves.png{extra})")
     atomic_write_text(
         out / "run_summary.json",
         json.dumps(
