@@ -303,3 +303,16 @@ def test_volumes_train_predict_evaluate(tmp_path: Path, capsys: pytest.CaptureFi
     capsys.readouterr()
     assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "data")]) == 0
     assert "dice_mean" in capsys.readouterr().out
+
+
+def test_builtin_data_reports_heldout_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "small.toml"
+    conf.write_text("synthetic_size = 64\nsynthetic_train = 2\nsynthetic_val = 1\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(conf), "--out", str(run), *TINY]) == 0
+    assert "held-out synthetic images: dice" in capsys.readouterr().out
+    with open(run / "heldout.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    assert len(list((run / "samples").glob("*_overlay.png"))) == 3

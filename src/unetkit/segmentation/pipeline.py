@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,7 @@ def evaluate_regression(
     meta: dict[str, Any],
     samples: Iterable[dict],
     options: InferenceOptions = InferenceOptions(),
+    on_prediction: Callable[[dict, np.ndarray], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Depth metrics (AbsRel, RMSE, δ<1.25, ...) or MAE/RMSE/PSNR per image, and their means."""
     from unetkit.regression import depth_metrics, psnr
@@ -271,6 +272,8 @@ def evaluate_regression(
     rows = []
     for s in samples:
         pred = predict_regression(model, np.asarray(s["image"]), meta, options)
+        if on_prediction is not None:
+            on_prediction(s, pred)
         target, valid = np.asarray(s["target"]), np.asarray(s["valid"])
         if meta.get("output", "depth") == "depth":
             scores = depth_metrics(pred, target, valid)
@@ -293,14 +296,18 @@ def evaluate_dataset(
     options: InferenceOptions = InferenceOptions(),
     *,
     num_classes: int = 2,
+    on_prediction: Callable[[dict, Prediction], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Score predictions on samples with ``image`` (float C×H×W, unnormalised), ``mask``
-    (semantic classes) and optionally ``instances``; returns (per-image rows, means)."""
+    (semantic classes) and optionally ``instances``; returns (per-image rows, means).
+    ``on_prediction(sample, prediction)`` sees each prediction (e.g. to draw overlays)."""
     acc = MetricAccumulator()
     rows = []
     for s in samples:
         image = s["image"].numpy() if isinstance(s["image"], torch.Tensor) else s["image"]
         pred = predict_image(model, image, meta, options)
+        if on_prediction is not None:
+            on_prediction(s, pred)
         true_inst = s.get("instances")
         true_inst = None if true_inst is None else np.asarray(true_inst)
         scores = evaluate_segmentation(

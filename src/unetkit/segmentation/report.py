@@ -11,18 +11,18 @@ import torch
 from unetkit.data.datasets import SyntheticCellsDataset
 from unetkit.data.io import write_image
 from unetkit.segmentation.pipeline import (
+    Prediction,
     evaluate_dataset,
     evaluate_regression,
     load_for_inference,
     overlay,
-    predict_image,
-    predict_regression,
 )
 from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.segmentation.recipe import SegmentationRecipe
 
 HELDOUT_SEED_OFFSET = 20_000  # train uses seed, validation seed + 10_000
 HELDOUT_IMAGES = 8
+SAMPLE_PICTURES = 3  # overlays written to samples/
 
 
 def heldout_report(recipe: SegmentationRecipe, run_dir: str | os.PathLike) -> dict[str, float]:
@@ -42,17 +42,23 @@ def heldout_report(recipe: SegmentationRecipe, run_dir: str | os.PathLike) -> di
         seed=recipe.seed + HELDOUT_SEED_OFFSET,
         target="semantic",
     )
-    rows, means = evaluate_dataset(model, meta, (data[i] for i in range(len(data))))
+
+    drawn: list[str] = []
+
+    def draw(sample: dict, pred: Prediction) -> None:
+        if len(drawn) < SAMPLE_PICTURES:
+            drawn.append(sample["name"])
+            picture = overlay(sample["image"].numpy(), pred.instances)
+            write_image(run / "samples" / f"{sample['name']}_overlay.png", picture)
+
+    rows, means = evaluate_dataset(
+        model, meta, (data[i] for i in range(len(data))), on_prediction=draw
+    )
     for row in rows:
         row["count_error"] = abs(row["n_instances_pred"] - row["n_instances_true"]) / max(
             row["n_instances_true"], 1
         )
     write_object_table_csv(rows, run / "heldout.csv")
-    for i in range(3):
-        s = data[i]
-        image = s["image"].numpy()
-        pred = predict_image(model, image, meta)
-        write_image(run / "samples" / f"{s['name']}_overlay.png", overlay(image, pred.instances))
     return {
         "dice": means["dice_mean"],
         "iou": means["iou_mean"],
@@ -75,16 +81,19 @@ def _heldout_regression(
     data = cls(
         HELDOUT_IMAGES, shape=(recipe.synthetic_size,) * 2, seed=recipe.seed + HELDOUT_SEED_OFFSET
     )
-    samples = [data[i] for i in range(len(data))]
-    rows, means = evaluate_regression(model, meta, samples)
+    drawn: list[str] = []
+
+    def draw(sample: dict, pred: np.ndarray) -> None:
+        if len(drawn) < SAMPLE_PICTURES:
+            depth = recipe.output == "depth"
+            picture = (
+                colorize(pred[0]) if depth else (np.clip(pred[0], 0, 1) * 255).astype(np.uint8)
+            )
+            drawn.append(sample["name"])
+            write_image(run / "samples" / f"{sample['name']}_prediction.png", picture)
+
+    samples = (data[i] for i in range(len(data)))
+    rows, means = evaluate_regression(model, meta, samples, on_prediction=draw)
     write_object_table_csv(rows, run / "heldout.csv")
-    for s in samples[:3]:
-        pred = predict_regression(model, s["image"].numpy(), meta)
-        picture = (
-            colorize(pred[0])
-            if recipe.output == "depth"
-            else (np.clip(pred[0], 0, 1) * 255).astype(np.uint8)
-        )
-        write_image(run / "samples" / f"{s['name']}_prediction.png", picture)
     keys = ("abs_rel", "rmse", "delta1") if recipe.output == "depth" else ("mae", "psnr")
     return {k: means[k] for k in keys}
