@@ -15,7 +15,16 @@ from unetkit._version import __version__
 from unetkit.errors import UnetkitError
 
 # sub-command modules, each with add_parser() and run()
-COMMANDS = ["train", "predict", "evaluate", "models"]
+COMMANDS = [
+    "train",
+    "predict",
+    "evaluate",
+    "models",
+    "diffusion-train",
+    "generate",
+    "inpaint",
+    "convert",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

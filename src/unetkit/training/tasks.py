@@ -175,3 +175,83 @@ class SupervisedTask:
 
     def __repr__(self) -> str:
         return f"SupervisedTask(monitor={self.monitor!r}, mode={self.mode!r})"
+
+
+class DiffusionTask:
+    """Denoising training of a conditional noise predictor (DDPM objective, ε or v target).
+
+    Batches are dicts with ``"image"`` (B, C, H, W) in [-1, 1] and ``"caption"`` (B strings)
+    for text conditioning. Captions become cross-attention context through ``embed``; with
+    probability ``cond_dropout`` a sample's context is replaced by ``null_context`` (the
+    empty caption), which is what classifier-free guidance needs at sampling time.
+
+    Args:
+        schedule: the ``NoiseSchedule`` (prediction type included).
+        embed: ``captions -> (B, L, D)`` embeddings (e.g. a ``CaptionEmbeddingCache.get``);
+            None for an unconditional model.
+        null_context: (1, L, D) embedding of the empty caption.
+        cond_dropout: probability of dropping the condition per sample (0.1 in SD practice).
+        min_snr_gamma: min-SNR-γ loss weighting (Hang et al. 2023), None = plain MSE.
+
+    Validation reports ``val/loss`` at timesteps and noise drawn from a fixed seed, so the
+    numbers of different epochs compare like with like.
+    """
+
+    monitor = "val/loss"
+    mode = "min"
+
+    def __init__(
+        self,
+        schedule: Any,
+        embed: Callable[[list[str]], torch.Tensor] | None = None,
+        null_context: torch.Tensor | None = None,
+        *,
+        cond_dropout: float = 0.1,
+        min_snr_gamma: float | None = None,
+    ) -> None:
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ConfigError(f"cond_dropout={cond_dropout} must be in [0, 1)")
+        if embed is not None and cond_dropout > 0 and null_context is None:
+            raise ConfigError("cond_dropout > 0 needs null_context (the empty caption)")
+        self.schedule = schedule
+        self.embed = embed
+        self.null_context = null_context
+        self.cond_dropout = cond_dropout
+        self.min_snr_gamma = min_snr_gamma
+
+    def _context(self, batch: Batch, device: torch.device, drop_some: bool):
+        if self.embed is None:
+            return None
+        if "caption" not in batch:
+            raise DataError("text-conditioned diffusion needs 'caption' in each sample")
+        ctx = self.embed(list(batch["caption"])).to(device)
+        if drop_some and self.cond_dropout > 0:
+            drop = torch.rand(ctx.shape[0]) < self.cond_dropout
+            null = self.null_context.to(device=device, dtype=ctx.dtype)
+            ctx = torch.where(drop.to(device)[:, None, None], null.expand_as(ctx), ctx)
+        return ctx
+
+    def _loss(self, model: nn.Module, batch: Batch, gen: torch.Generator | None):
+        from unetkit.diffusion.objectives import diffusion_loss
+
+        x0 = _image(batch)
+        return diffusion_loss(
+            model,
+            x0,
+            self._context(batch, x0.device, drop_some=gen is None),
+            self.schedule,
+            generator=gen,
+            class_labels=batch.get("class_labels"),
+            min_snr_gamma=self.min_snr_gamma,
+        )
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self._loss(model, batch, None)
+
+    def validation_metrics(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        n = batch_size_of(batch)
+        gen = torch.Generator().manual_seed(1234 + n)  # same t/noise every epoch
+        return {"loss": _number(self._loss(model, batch, gen)) * n, COUNT: float(n)}
+
+    def __repr__(self) -> str:
+        return f"DiffusionTask(cond_dropout={self.cond_dropout}, schedule={self.schedule!r})"
