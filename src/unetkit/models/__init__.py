@@ -3,6 +3,7 @@
 from unetkit.models import (
     attention_unet,  # noqa: F401
     deeplabv3plus,  # noqa: F401
+    diffusion_unet,  # noqa: F401
     swin_unet,  # noqa: F401
     transunet,  # noqa: F401
     unet,  # noqa: F401
