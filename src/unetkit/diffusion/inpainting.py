@@ -16,6 +16,8 @@ Mask convention (as in Stable Diffusion's inpainting): 1 = repaint, 0 = keep.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from unetkit.errors import ConfigError
@@ -76,16 +78,24 @@ class InpaintingGuide:
         return float(self.alphas_cumprod[int(timesteps[i + 1])])
 
     def keep_known(
-        self, x: torch.Tensor, i: int, timesteps: torch.Tensor, gen: torch.Generator
+        self,
+        x: torch.Tensor,
+        i: int,
+        timesteps: torch.Tensor,
+        gen: torch.Generator,
+        add_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Overwrite the known pixels of the sample after step ``i`` with the image noised
-        to the same timestep (exactly the image after the last step)."""
+        to the next timestep by the sampler's own ``add_noise`` (variance-preserving or
+        sigma-space), and with the image itself after the last step."""
         if self.mode != "replace":
             return x
-        ab = self._alpha_bar(timesteps, i)
-        noise = torch.randn(x.shape, generator=gen).to(x)
-        noisy = ab**0.5 * self.image.to(x) + (1.0 - ab) ** 0.5 * noise
-        return self.known.to(x) * noisy + self.mask.to(x) * x
+        image = self.image.to(x)
+        if i + 1 < len(timesteps):
+            noise = torch.randn(x.shape, generator=gen).to(x)
+            t_next = timesteps[i + 1].expand(x.shape[0])
+            image = add_noise(image, noise, t_next)
+        return self.known.to(x) * image + self.mask.to(x) * x
 
     def renoise(
         self, x_prev: torch.Tensor, i: int, timesteps: torch.Tensor, gen: torch.Generator

@@ -105,9 +105,9 @@ def generate(
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 0)
     x = noise if noise is not None else torch.randn(shape, generator=gen)
-    x = x.to(device) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps)  # first: Euler's init_noise_sigma depends on it
     timesteps = scheduler.timesteps
+    x = x.to(device) * scheduler.init_noise_sigma
     extra = inpaint.model_channels() if inpaint is not None else None
     repeats = inpaint.resample if inpaint is not None else 1
     if repeats > 1 and type(scheduler).__name__ not in ("DDPMScheduler", "DDIMScheduler"):
@@ -129,7 +129,7 @@ def generate(
             )
             x_prev = scheduler.step(out.float(), t, x, generator=gen)
             if inpaint is not None:
-                x_prev = inpaint.keep_known(x_prev, i, timesteps, gen)
+                x_prev = inpaint.keep_known(x_prev, i, timesteps, gen, scheduler.add_noise)
                 if r < repeats - 1:  # RePaint: jump back to t and denoise again
                     x = inpaint.renoise(x_prev, i, timesteps, gen)
         x = x_prev
