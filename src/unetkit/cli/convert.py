@@ -44,9 +44,11 @@ def detect_format(path: Path) -> str:
         )
     from safetensors import safe_open
 
+    from unetkit.formats import checkpoint
+
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") == "unetkit":
+        if meta.get("format") == checkpoint.FORMAT:
             return "unetkit"
         if any(k.startswith(("model.diffusion_model.", "input_blocks.")) for k in f):
             return "ldm"

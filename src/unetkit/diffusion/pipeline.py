@@ -101,7 +101,7 @@ class DiffusionPipeline:
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
 
         file = _checkpoint_file(path)
-        meta = read_metadata(file).get("extra", {}).get("diffusion")
+        meta = read_metadata(file).get("diffusion")
         if meta is None:
             raise CheckpointError(
                 f"{file}: not a diffusion checkpoint (no 'diffusion' metadata); train one with "

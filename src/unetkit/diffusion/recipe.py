@@ -100,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_steps": 0,
         "sample_every": 1,
         "sample_steps": 2,
-        "model_options": {"channels": (16, 32), "attention_levels": (False, True)},
+        "model_options": {"channels": (16, 32), "attention_levels": (False, True), "norm_groups": 8},
     },
 }
 

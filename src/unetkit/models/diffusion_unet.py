@@ -96,7 +96,10 @@ class DiffusionUNetConfig:
             )
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != n:
             raise ConfigError(f"num_heads={self.num_heads} needs one entry per level ({n})")
-        for c, h in zip(self.channels, self.heads_per_level(), strict=True):
+        heads = self.heads_per_level()
+        for i, (c, h) in enumerate(zip(self.channels, heads, strict=True)):
+            if not (self.attention_levels[i] or i == n - 1):  # the middle block uses the last
+                continue
             if h <= 0 or c % h:
                 raise ConfigError(
                     f"level width {c} is not divisible into {h} attention heads "
