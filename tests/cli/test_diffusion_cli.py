@@ -1,0 +1,147 @@
+"""diffusion-train -> generate -> inpaint -> convert, end to end on the built-in digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unetkit.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "run"
+    assert (
+        main(["diffusion-train", "--recipe", "digits-quick", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    return out
+
+
+def test_training_writes_checkpoints_and_sample_grid(run_dir):
+    assert (run_dir / "checkpoints" / "best.safetensors").is_file()
+    assert (run_dir / "caption_embeddings.safetensors").is_file()
+    grid = np.asarray(Image.open(run_dir / "samples" / "epoch_001.png"))
+    assert grid.ndim == 2 and grid.shape[0] > 10 * 32  # a row per digit prompt
+
+
+def test_generate_writes_grid_and_samples(run_dir, tmp_path, capsys):
+    grid = tmp_path / "threes.png"
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "a handwritten digit three",
+                "--n",
+                "3",
+                "--steps",
+                "3",
+                "--grid",
+                str(grid),
+                "--out",
+                str(tmp_path / "each"),
+            ]
+        )
+        == 0
+    )
+    assert grid.is_file()
+    files = sorted((tmp_path / "each").glob("*.png"))
+    assert len(files) == 3 and np.asarray(Image.open(files[0])).shape == (32, 32)
+
+
+def test_inpaint_keeps_unmasked_pixels_exactly(run_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(image).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "filled.png"
+    assert (
+        main(
+            [
+                "inpaint",
+                str(run_dir),
+                str(tmp_path / "img.png"),
+                str(tmp_path / "mask.png"),
+                "a handwritten digit one",
+                "--steps",
+                "3",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    filled = np.asarray(Image.open(out))
+    keep = mask == 0
+    np.testing.assert_array_equal(filled[keep], image[keep])
+    assert np.abs(filled[~keep].astype(int) - image[~keep]).mean() > 10
+
+
+def test_inpaint_rejects_wrong_size_and_empty_mask(run_dir, tmp_path, capsys):
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
+    assert (
+        main(
+            ["inpaint", str(run_dir), str(tmp_path / "small.png"), str(tmp_path / "empty.png"), "x"]
+        )
+        == 2
+    )
+    assert "small.png" in capsys.readouterr().err
+    assert (
+        main(
+            ["inpaint", str(run_dir), str(tmp_path / "empty.png"), str(tmp_path / "empty.png"), "x"]
+        )
+        == 2
+    )
+    assert "nothing to inpaint" in capsys.readouterr().err
+
+
+def test_convert_round_trip_through_diffusers_and_ldm(run_dir, tmp_path):
+    import torch
+
+    from unetkit.formats.checkpoint import load
+
+    ckpt = run_dir / "checkpoints" / "best.safetensors"
+    assert main(["convert", str(ckpt), str(tmp_path / "diffusers"), "--to", "diffusers"]) == 0
+    assert (tmp_path / "diffusers" / "config.json").is_file()
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "diffusers"),
+                str(tmp_path / "back.safetensors"),
+                "--to",
+                "unetkit",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "back.safetensors"),
+                str(tmp_path / "ldm.safetensors"),
+                "--to",
+                "ldm",
+            ]
+        )
+        == 0
+    )
+    a, b = load(ckpt).state_dict(), load(tmp_path / "back.safetensors").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_refuses_pickles_and_foreign_files(tmp_path, capsys):
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really")
+    assert (
+        main(["convert", str(tmp_path / "model.ckpt"), str(tmp_path / "o"), "--to", "diffusers"])
+        == 2
+    )
+    assert "pickle" in capsys.readouterr().err
