@@ -338,3 +338,80 @@ def test_large_image_memory_stays_bounded() -> None:
     assert shape == [4, 2048, 2048]
     assert error < 1e-5  # a pointwise model: tiling changes nothing
     assert rise < 64 + 40, f"peak memory rose by {rise:.0f} MiB"
+
+
+# --- bounded-memory reduction and the bf16 fast path ------------------------------------
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize("dims,size,tile", [(2, (45, 31), (12, 10)), (3, (13, 9, 11), (5, 6, 4))])
+def test_banded_reduce_equals_plain_result(blend, dims, size, tile) -> None:
+    # Windows that differ per position make every blend weight visible; the band is one
+    # tile high, so the image spans several bands and each row is finished exactly once.
+    model = TilePosition(dims, 1, 3).eval()
+    image = torch.rand(1, *size)
+    kw = dict(tile=tile, overlap=0.4, blend=blend, batch_size=3)
+    plain = sliding_window(model, image, **kw)
+    same = sliding_window(model, image, reduce=lambda p: p.clone(), **kw)
+    torch.testing.assert_close(same, plain, atol=1e-6, rtol=1e-6)
+    labels = sliding_window(model, image, reduce="argmax", **kw)
+    assert labels.dtype == torch.uint8 and labels.shape == size
+    assert torch.equal(labels, plain.argmax(0).to(torch.uint8))
+    half = sliding_window(model, image, reduce=lambda p: p[1:2].half(), **kw)
+    assert half.shape == (1, *size) and half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), plain[1:2], atol=1e-3, rtol=1e-3)
+
+
+def test_reduce_with_overlap_tile_and_out_buffer() -> None:
+    model = tiny_valid(out=3)
+    image = torch.rand(1, 37, 29)
+    plain = overlap_tile(model, image, tile_out=12, activation="probabilities")
+    buffer = torch.full((37, 29), 255, dtype=torch.uint8)
+    got = overlap_tile(
+        model, image, tile_out=12, activation="probabilities", reduce="argmax", out=buffer
+    )
+    assert got is buffer and torch.equal(got, plain.argmax(0).to(torch.uint8))
+    with pytest.raises(InputSizeError, match="uint8 CPU tensor of shape \\(37, 29\\)"):
+        overlap_tile(model, image, tile_out=12, reduce="argmax", out=torch.zeros(37, 29))
+    with pytest.raises(ConfigError, match="did you mean 'argmax'"):
+        predict_tiled(model, image, tile=12, reduce="argmx")
+
+
+def test_bf16_fast_path_is_close_and_restores_the_model() -> None:
+    model = unetkit.create_model("unet", channels=(4, 8), norm="batch").train()
+    image = torch.rand(1, 40, 36)
+    ref = predict_tiled(model, image, tile=16)
+    fast = predict_tiled(model, image, tile=16, precision="bf16")
+    assert fast.dtype == torch.float32
+    assert 0 < (fast - ref).abs().max() < 3e-2  # bf16 really ran, and stayed close
+    assert model.training
+    assert all(p.is_contiguous() for p in model.parameters())  # layout given back
+    with pytest.raises(ConfigError, match="precision"):
+        predict_tiled(model, image, precision="fp16")
+
+
+def test_banded_argmax_memory_stays_below_the_float_output() -> None:
+    # 2048² image, 4 classes: the plain engine holds a 64 MiB float32 sum; the banded
+    # argmax holds a 4 MiB uint8 map plus a 256-row band (8 MiB) and one tile batch.
+    script = textwrap.dedent("""
+        import resource, torch
+        from unetkit.inference.tiling import sliding_window
+        class Pointwise(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.scale = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+            def forward(self, x):
+                return x * self.scale.view(1, 4, 1, 1)
+        net = Pointwise()
+        image = torch.rand(1, 2048, 2048)
+        sliding_window(net, image[:, :600, :600], tile=256, reduce="argmax")  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = sliding_window(net, image, tile=256, overlap=0.25, batch_size=4, reduce="argmax")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        ref = net(image[None])[0].argmax(0).to(torch.uint8)
+        print((after - before) / 1024, int((out != ref).sum()))
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    rise, wrong = (float(v) for v in result.stdout.split())
+    assert wrong == 0
+    assert rise < 40, f"peak memory rose by {rise:.0f} MiB"

@@ -138,11 +138,11 @@ def test_presets_and_registry() -> None:
     sd15 = registry.model_info("diffusion-unet", preset="sd15")
     assert sd15["parameters"] == 859_520_964  # Stable Diffusion 1.x U-Net
     digits = registry.model_info("diffusion-unet", preset="digits")
-    assert 5e6 <= digits["parameters"] <= 10e6
+    assert 3e6 <= digits["parameters"] <= 10e6  # small enough for ~20 min of CPU training
     tiny = unetkit.create_model("diffusion-unet", preset="tiny")
     assert tiny(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 3, 32)).shape == (1, 4, 8, 8)
     d = unetkit.create_model("diffusion-unet", preset="digits")
-    assert d.config.heads_per_level() == (2, 4, 4)
+    assert d.config.heads_per_level() == (1, 2, 4)  # head_dim 32
     y = d(torch.randn(1, 1, 28, 28), 1, torch.randn(1, 4, 384))
     assert y.shape == (1, 1, 28, 28)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from unetkit.inference.backends import BACKENDS
 from unetkit.segmentation.pipeline import InferenceOptions, predict_files
+from unetkit.training.trainer import PRECISIONS
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -13,6 +15,13 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--min-size", type=int, default=10, help="drop objects smaller (px)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 autocast on CPUs/GPUs that compute bf16 natively, else fp32 "
+        "(default); bf16 forces it; fp32 is exact",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
@@ -22,6 +31,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         tta=args.tta,
         batch_size=args.batch_size,
         min_size=args.min_size,
+        precision=getattr(args, "precision", "fp32"),
     )
 
 
@@ -34,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "and <stem>_objects.csv (area, centroid, intensity); counts.csv sums up.",
     )
     p.add_argument(
-        "checkpoint", help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors)"
+        "checkpoint",
+        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors) or an "
+        ".onnx file from `unetkit export`",
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
@@ -43,6 +55,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--attention-maps",
         action="store_true",
         help="also write attention heat maps (models with attention gates)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="torch (default for checkpoints) or onnx (onnxruntime; default for .onnx "
+        "files; a checkpoint is exported once to CHECKPOINT.onnx next to it)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (falls back to eager with a warning if it fails)",
     )
     p.set_defaults(run=run)
 
@@ -54,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         options_from_args(args),
         attention_maps=args.attention_maps,
+        backend=args.backend,
+        compile=args.compile,
     )
     for r in rows:
         what = (

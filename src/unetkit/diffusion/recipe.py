@@ -70,8 +70,8 @@ class DiffusionRecipe:
     min_snr_gamma: float | None = 5.0
     exclude_digits: tuple[int, ...] = ()
     limit_per_digit: int | None = None
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int = 9
+    batch_size: int = 32
     lr: float = 1e-3
     optimizer: str = "adamw"
     scheduler: str = "warmup_cosine"
@@ -83,7 +83,7 @@ class DiffusionRecipe:
     num_workers: int = 0
     seed: int = 0
     max_steps: int | None = None
-    sample_every: int = 5
+    sample_every: int = 3
     sample_steps: int = 25
     sample_guidance: float = 3.0
     sampler: str = "ddim"
@@ -100,7 +100,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_steps": 0,
         "sample_every": 1,
         "sample_steps": 2,
-        "model_options": {"channels": (16, 32), "attention_levels": (False, True), "norm_groups": 8},
+        "model_options": {
+            "channels": (16, 32),
+            "attention_levels": (False, True),
+            "norm_groups": 8,
+        },
     },
 }
 
@@ -224,6 +228,8 @@ def train_diffusion(
     train_ds, val_ds, channels = build_datasets(recipe)
     encoder = load_text_encoder(recipe.text_encoder, max_length=recipe.max_length)
     cache = CaptionEmbeddingCache(encoder, run_dir / "caption_embeddings.safetensors")
+    if distributed.is_main() and recipe.data is not None:  # embed and write the file once
+        cache.precompute(text for _, text in train_ds.dataset.rows)
     model = build_model(recipe, channels, encoder.dim)
     task = DiffusionTask(
         schedule,

@@ -185,7 +185,7 @@ class MidBlock(nn.Module):
         "digits": dict(
             in_channels=1,
             out_channels=1,
-            channels=(64, 128, 128),  # 7.2M parameters: trains on a CPU
+            channels=(32, 64, 128),  # 4.6M parameters: ~20 min of CPU training
             num_res_blocks=1,
             attention_levels=(False, True, True),
             num_heads=None,

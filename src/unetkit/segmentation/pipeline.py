@@ -23,7 +23,9 @@ from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
-from unetkit.formats.checkpoint import load, read_metadata
+from unetkit.formats.checkpoint import load, read_metadata, unwrap
+from unetkit.formats.onnx import OnnxModel
+from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
 from unetkit.segmentation.postprocess import (
@@ -46,11 +48,15 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
+    """``precision``: "fp32" (exact), "bf16" or "auto" (bf16 autocast + channels-last where
+    the CPU computes bf16 natively); see ``unetkit.inference.tiling.predict_tiled``."""
+
     tile: int | None = None
     overlap: float = 0.25
     tta: bool = False
     batch_size: int = 4
     min_size: int = 10
+    precision: str = "fp32"
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -74,6 +80,7 @@ def predict_image(
         overlap=options.overlap,
         tta=options.tta,
         batch_size=options.batch_size,
+        precision=options.precision,
     ).numpy()
     target = meta.get("target", "semantic")
     if target == "boundary":
@@ -113,6 +120,7 @@ def predict_regression(
         tta=options.tta,
         batch_size=options.batch_size,
         activation=lambda y: to_prediction(y, output),
+        precision=options.precision,
     ).numpy()
 
 
@@ -159,12 +167,19 @@ def predict_files(
     options: InferenceOptions = InferenceOptions(),
     *,
     attention_maps: bool = False,
+    backend: str | None = None,
+    compile: bool | str = False,
 ) -> list[dict[str, Any]]:
     """Write ``<stem>_mask.png``, ``_instances.png`` (uint16), ``_overlay.png`` and
     ``_objects.csv`` per image, and ``counts.csv``; returns one summary row per image.
     ``attention_maps``: also ``<stem>_attention_level<l>.png`` heat maps (Attention U-Net);
-    regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead."""
-    model, meta = load_for_inference(checkpoint)
+    regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
+    ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
+    (``checkpoint`` may then be an ``.onnx`` file)."""
+    model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
+    options = options_for(model, options)
+    if attention_maps and isinstance(model, OnnxModel):
+        raise ConfigError(f"{checkpoint}: --attention-maps needs --backend torch")
     if attention_maps and not hasattr(model, "gated_levels"):
         raise ConfigError(
             f"{checkpoint}: --attention-maps needs a model with attention gates "
@@ -201,7 +216,7 @@ def predict_files(
         if attention_maps:
             from unetkit.inference.attention_maps import save_attention_heatmaps
 
-            save_attention_heatmaps(model, _normalized(image, meta), out / stem)
+            save_attention_heatmaps(unwrap(model), _normalized(image, meta), out / stem)
         table = object_table(pred.instances, image)
         write_object_table_csv(table, targets["objects"])
         rows.append(
@@ -330,18 +345,21 @@ def predict(
     """Segment one image with a model or checkpoint path: the one-call Python API.
 
     Args:
-        model: a checkpoint path, or a model (then trained on z-scored images, semantic).
+        model: a checkpoint or exported ``.onnx`` path, or a model (then trained on
+            z-scored images, semantic).
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
-        options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size).
+        options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size,
+            precision).
 
     Example:
         >>> pred = unetkit.predict("run/best.safetensors", "cells.png")  # doctest: +SKIP
         >>> pred.instances.max()  # number of cells  # doctest: +SKIP
     """
-    if isinstance(model, (str, os.PathLike)):
-        model, meta = load_for_inference(model)
+    if isinstance(model, (str, os.PathLike)):  # a checkpoint, or an exported .onnx file
+        model, meta = load_inference_model(model)
     else:
         meta = {"normalize": "zscore", "target": "semantic"}
     path = image if isinstance(image, (str, os.PathLike)) else None
     raw = read_image(path) if path is not None else np.asarray(image)
-    return predict_image(model, to_float_image(raw, path=path), meta, InferenceOptions(**options))
+    opts = options_for(model, InferenceOptions(**options))
+    return predict_image(model, to_float_image(raw, path=path), meta, opts)
