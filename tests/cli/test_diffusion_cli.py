@@ -145,3 +145,63 @@ def test_convert_refuses_pickles_and_foreign_files(tmp_path, capsys):
         == 2
     )
     assert "pickle" in capsys.readouterr().err
+
+
+def test_lora_train_generate_verify_convert_merge(run_dir, tmp_path, capsys):
+    import torch
+
+    from unetkit.diffusion.pipeline import DiffusionPipeline
+
+    out = tmp_path / "nine"
+    assert (
+        main(
+            [
+                "lora-train",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--digits",
+                "9",
+                "--limit-per-digit",
+                "8",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--rank",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    adapter = out / "checkpoints" / "best.safetensors"
+    base_size = (run_dir / "checkpoints" / "best.safetensors").stat().st_size
+    assert adapter.stat().st_size < 0.3 * base_size
+    capsys.readouterr()
+    assert main(["lora-verify", str(run_dir), str(adapter)]) == 0
+    report = capsys.readouterr().out
+    assert "layers touched:" in report and "unmatched modules: 0" in report
+    kohya = tmp_path / "kohya.safetensors"
+    assert main(["lora-convert", str(adapter), str(kohya), "--to", "kohya"]) == 0
+    merged = tmp_path / "merged.safetensors"
+    assert main(["lora-merge", str(run_dir), str(kohya), "--out", str(merged)]) == 0
+    # the adapter run (base + adapter) and the merged checkpoint sample the same images
+    a = DiffusionPipeline.from_checkpoint(out).generate(["a handwritten digit nine"], steps=2)
+    b = DiffusionPipeline.from_checkpoint(merged).generate(["a handwritten digit nine"], steps=2)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_lora_files_that_match_nothing_are_an_error(run_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    bogus = tmp_path / "bogus.safetensors"
+    save_file(
+        {"foo.bar.lora_A.weight": torch.zeros(2, 4), "foo.bar.lora_B.weight": torch.zeros(4, 2)},
+        str(bogus),
+    )
+    assert main(["lora-verify", str(run_dir), str(bogus)]) == 2
+    assert "foo.bar" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import sys
 from unetkit._version import __version__
 from unetkit.errors import UnetkitError
 
-# sub-command modules, each with add_parser() and run()
+# sub-command modules, each with add_parser() (one or more sub-commands) and run()
 COMMANDS = [
     "train",
     "predict",
@@ -25,6 +25,7 @@ COMMANDS = [
     "inpaint",
     "convert",
     "export",
+    "lora",  # lora-train, lora-merge, lora-convert, lora-verify
 ]
 
 

@@ -97,17 +97,19 @@ class DiffusionPipeline:
     ) -> DiffusionPipeline:
         """Load a run directory (its best checkpoint) or a checkpoint file."""
         from unetkit.diffusion.schedules import NoiseSchedule
-        from unetkit.formats.checkpoint import load, read_metadata
+        from unetkit.formats.checkpoint import read_metadata
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
+        from unetkit.training.lora import load_model_or_adapter
 
-        file = _checkpoint_file(path)
-        meta = read_metadata(file).get("diffusion")
+        model, described = load_model_or_adapter(_checkpoint_file(path))
+        file = described
+        meta = read_metadata(described).get("diffusion")
         if meta is None:
             raise CheckpointError(
                 f"{file}: not a diffusion checkpoint (no 'diffusion' metadata); train one with "
                 f"`unetkit diffusion-train` or convert diffusers weights with `unetkit convert`"
             )
-        model = load(file).eval()
+        model.eval()
         encoder = load_text_encoder(
             text_encoder or meta["text_encoder"], max_length=meta.get("max_length")
         )

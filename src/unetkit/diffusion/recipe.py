@@ -214,8 +214,16 @@ def train_diffusion(
     *,
     resume: bool = True,
     progress: bool = True,
+    model: torch.nn.Module | None = None,
+    save_model: Any = None,
+    lora: dict[str, Any] | None = None,
 ) -> Any:
-    """Train a text-conditioned diffusion U-Net as ``recipe`` says; returns the FitResult."""
+    """Train a text-conditioned diffusion U-Net as ``recipe`` says; returns the FitResult.
+
+    ``model`` starts from given weights (fine-tuning; with LoRA adapters injected only they
+    train), ``save_model`` replaces the checkpoint writer (adapter files for LoRA runs),
+    ``lora`` is recorded in config.json.
+    """
     from unetkit.diffusion.pipeline import DiffusionPipeline
     from unetkit.text import CaptionEmbeddingCache, load_text_encoder
     from unetkit.training import distributed
@@ -230,7 +238,8 @@ def train_diffusion(
     cache = CaptionEmbeddingCache(encoder, run_dir / "caption_embeddings.safetensors")
     if distributed.is_main() and recipe.data is not None:  # embed and write the file once
         cache.precompute(text for _, text in train_ds.dataset.rows)
-    model = build_model(recipe, channels, encoder.dim)
+    if model is None:
+        model = build_model(recipe, channels, encoder.dim)
     task = DiffusionTask(
         schedule,
         cache.get,
@@ -285,7 +294,8 @@ def train_diffusion(
         resume=resume,
         progress=progress,
         checkpoint_extra=meta,
-        run_config={"task": "diffusion", **cfg.to_dict(recipe)},
+        run_config={"task": "diffusion", **cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
+        save_model=save_model,
         max_steps=recipe.max_steps,
         on_epoch_end=on_epoch_end,
     )

@@ -410,22 +410,35 @@ def train(
     *,
     resume: bool = True,
     progress: bool = True,
+    model: torch.nn.Module | None = None,
+    save_model: Any = None,
+    lora: dict[str, Any] | None = None,
 ) -> Any:
     """Train a segmentation (or dense regression) model as ``recipe`` says; returns the
-    trainer's FitResult."""
+    trainer's FitResult.
+
+    ``model`` starts from given weights instead of a fresh model (fine-tuning; with LoRA
+    adapters injected, only they train); ``save_model`` replaces the checkpoint writer
+    (LoRA runs write adapter files); ``lora`` is recorded in the run's config.json.
+    """
     from unetkit.training.tasks import SupervisedTask
     from unetkit.training.trainer import fit
 
     torch.manual_seed(recipe.seed)
-    probe_model = build_model(recipe, in_channels=1)
+    given = model
+    probe_model = given if given is not None else build_model(recipe, in_channels=1)
     crop = input_crop(probe_model, recipe.crop)
     valid_crop = _largest_valid_input(probe_model) if probe_model.is_valid_padding else None
     train_ds, val_ds, in_channels = build_datasets(recipe, crop, valid_crop)
-    if recipe.task == "regression":
+    if given is not None:
+        model = given
+        task = regression_task(recipe) if recipe.task == "regression" else None
+    elif recipe.task == "regression":
         model = build_model(recipe, in_channels, int(val_ds[0]["target"].shape[0]))
         task = regression_task(recipe)
     else:
         model = build_model(recipe, in_channels) if in_channels != 1 else probe_model
+    if recipe.task == "segmentation":
         if recipe.target == "semantic" and recipe.num_classes < 2:
             raise ConfigError("num_classes must be at least 2 (background + one class)")
         task = SupervisedTask(
@@ -467,9 +480,10 @@ def train(
         resume=resume,
         progress=progress,
         checkpoint_extra=checkpoint_extra(recipe),
-        run_config=cfg.to_dict(recipe),
+        run_config={**cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
+        save_model=save_model,
     )
-    if recipe.task == "segmentation" and recipe.target == "boundary":
+    if recipe.task == "segmentation" and recipe.target == "boundary" and lora is None:
         from unetkit.segmentation.calibrate import calibrate_seed_threshold
         from unetkit.training import distributed
 

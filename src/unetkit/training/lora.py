@@ -1,0 +1,183 @@
+"""LoRA fine-tuning of a trained unetkit model (diffusion or segmentation) with ``fit``.
+
+The base checkpoint is loaded, adapters are injected into the layers the targets name,
+every other weight is frozen, and the trainer optimises only the adapters. The run's
+``checkpoints/best.safetensors`` and ``last.safetensors`` are small adapter files (the
+unetkit LoRA layout = PEFT/diffusers keys) whose metadata points at the base checkpoint, so
+``unetkit generate RUN`` / ``unetkit predict`` can find both.
+
+Example:
+    >>> opts = LoRAOptions(targets=("attn",), r=4)                     # doctest: +SKIP
+    >>> train_lora("runs/digits", "runs/nine", opts,                   # doctest: +SKIP
+    ...            exclude_digits=tuple(range(9)), limit_per_digit=100)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from unetkit.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAOptions:
+    """Where and how big the adapters are.
+
+    Attributes:
+        targets: module-name globs, ``re:`` regexes or presets ("attn", "attn+ff",
+            "attn+ff+conv").
+        r: rank; alpha: scale numerator (scale = alpha / r; None = r); dropout on the input.
+    """
+
+    targets: tuple[str, ...] = ("attn",)
+    r: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"LoRA rank r={self.r!r} must be an integer >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+
+
+def base_checkpoint(path: str | os.PathLike) -> Path:
+    """The model file of a run directory (best, else last) or the file itself."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (p / "checkpoints" / name).is_file():
+                return (p / "checkpoints" / name).resolve()
+        raise CheckpointError(f"{p}: no checkpoints/best.safetensors or last.safetensors inside")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such run directory or checkpoint file")
+    return p.resolve()
+
+
+def is_adapter_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a LoRA adapter file written by unetkit (not a model checkpoint)."""
+    from safetensors import safe_open
+
+    from unetkit.formats.lora_layouts import UNETKIT_FORMAT
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("format") == UNETKIT_FORMAT
+
+
+def load_model_or_adapter(path: str | os.PathLike) -> tuple[nn.Module, Path]:
+    """A model from a checkpoint, or base + adapter from a LoRA run's adapter file.
+
+    Returns (model, the checkpoint whose metadata describes the model).
+    """
+    from unetkit.formats.checkpoint import load
+    from unetkit.formats.lora_files import load_adapter, read_adapter
+
+    file = Path(path)
+    if not is_adapter_file(file):
+        return load(file), file
+    base = read_adapter(file).info.get("base_model")
+    if not base or not Path(base).is_file():
+        raise CheckpointError(
+            f"{file}: LoRA adapter whose base checkpoint {base!r} is not there; merge it "
+            f"onto its base with `unetkit lora-merge BASE {file}` or move the base back"
+        )
+    model = load(base)
+    load_adapter(model, file)
+    return model, Path(base)
+
+
+def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
+    """Inject adapters, freeze the rest; returns a summary (layers, trainable fraction)."""
+    from unetkit.nn.lora_inject import inject_lora, trainable_summary
+
+    wrapped = inject_lora(
+        model, list(options.targets), r=options.r, alpha=options.alpha, dropout=options.dropout
+    )
+    trainable, total, fraction = trainable_summary(model)
+    log.info(
+        "LoRA r=%d on %d layers: %s of %s parameters trainable (%.3f%%)",
+        options.r,
+        len(wrapped),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * fraction,
+    )
+    return {"layers": len(wrapped), "trainable": trainable, "total": total, "fraction": fraction}
+
+
+def adapter_saver(options: LoRAOptions, base: Path):
+    """A ``fit`` model saver that writes the adapter (not the model) with a base pointer."""
+    from unetkit.formats.lora_files import save_adapter
+
+    def save(model: nn.Module, path: Path, extra: dict[str, Any]) -> Path:
+        return save_adapter(model, path, targets=list(options.targets), base_model=str(base))
+
+    return save
+
+
+def train_lora(
+    base: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    options: LoRAOptions,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    **recipe_overrides: Any,
+) -> Any:
+    """Fine-tune adapters on ``base`` (a run directory or checkpoint).
+
+    ``recipe_overrides`` are fields of the base's recipe kind: ``DiffusionRecipe`` for a
+    diffusion base (data, captions, digits via ``exclude_digits``/``limit_per_digit``,
+    epochs, lr, ...), ``SegmentationRecipe`` for a segmentation base (data, epochs, ...).
+    Returns the trainer's FitResult.
+    """
+    from unetkit.formats.checkpoint import load, read_metadata
+
+    file = base_checkpoint(base)
+    meta = read_metadata(file)
+    model = load(file)
+    summary = attach(model, options)
+    saver = adapter_saver(options, file)
+    lora_info = {"base": str(file), **dataclasses.asdict(options), **summary}
+    if "diffusion" in meta:
+        from unetkit.diffusion import recipe as D
+
+        d = meta["diffusion"]
+        overrides = {
+            "size": d["image_size"],
+            "channels": d["channels"],
+            "text_encoder": d["text_encoder"],
+            "max_length": d["max_length"],
+            **recipe_overrides,
+        }
+        recipe = D.make_diffusion_recipe("digits", **overrides)
+        return D.train_diffusion(
+            recipe,
+            run_dir,
+            resume=resume,
+            progress=progress,
+            model=model,
+            save_model=saver,
+            lora=lora_info,
+        )
+    from unetkit.segmentation import recipe as S
+
+    known = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
+    recipe = S.make_recipe("modern", model=meta["model"], **{**known, **recipe_overrides})
+    return S.train(
+        recipe,
+        run_dir,
+        resume=resume,
+        progress=progress,
+        model=model,
+        save_model=saver,
+        lora=lora_info,
+    )
