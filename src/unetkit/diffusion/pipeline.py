@@ -70,6 +70,7 @@ class DiffusionPipeline:
         size: image size; channels: image channels.
         sampler: default sampler name ("ddim", "ddpm", "dpmpp-2m", "euler").
         precision: "auto" (bf16 on CPUs that support it), "bf16" or "fp32".
+        clip_sample: clip the x0 estimate to [-1, 1] in DDPM/DDIM steps (pixel data).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class DiffusionPipeline:
         channels: int = 1,
         sampler: str = "ddim",
         precision: str = "fp32",
+        clip_sample: bool = True,
     ) -> None:
         self.model = model
         self.schedule = schedule
@@ -90,6 +92,7 @@ class DiffusionPipeline:
         self.channels = channels
         self.sampler = sampler
         self.precision = precision
+        self.clip_sample = clip_sample
 
     @classmethod
     def from_checkpoint(
@@ -120,6 +123,7 @@ class DiffusionPipeline:
             size=int(meta["image_size"]),
             channels=int(meta["channels"]),
             sampler=options.pop("sampler", None) or meta.get("sampler", "ddim"),
+            clip_sample=bool(meta.get("clip_sample", True)),
             **options,
         )
 
@@ -134,7 +138,12 @@ class DiffusionPipeline:
     def _scheduler(self, sampler: str | None) -> Any:
         from unetkit.diffusion.schedulers import build_scheduler
 
-        return build_scheduler(sampler or self.sampler, self.schedule)
+        name = sampler or self.sampler
+        # pixel-space data lives in [-1, 1]: clipping the x0 estimate keeps an imperfect
+        # model's trajectory in range (DDPM's own sampler does this; SD latents do not)
+        if self.clip_sample and name in ("ddpm", "ddim"):
+            return build_scheduler(name, self.schedule, clip_sample=True)
+        return build_scheduler(name, self.schedule)
 
     def _run(self, prompts: list[str], **kwargs: Any) -> torch.Tensor:
         from unetkit.diffusion.sampling import generate

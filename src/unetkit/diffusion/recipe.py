@@ -190,6 +190,7 @@ def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) ->
             "image_size": recipe.size,
             "channels": channels,
             "sampler": recipe.sampler,
+            "clip_sample": True,  # pixel data in [-1, 1]
             "prompts": list(DIGIT_PROMPTS) if recipe.data is None else [],
         }
     }
