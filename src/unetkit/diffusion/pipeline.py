@@ -47,18 +47,6 @@ def save_grid(
     return write_image(path, grid)
 
 
-def _checkpoint_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (p / "checkpoints" / name).is_file():
-                return p / "checkpoints" / name
-        raise CheckpointError(f"{p}: no checkpoints/best.safetensors or last.safetensors inside")
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such run directory or checkpoint file")
-    return p
-
-
 class DiffusionPipeline:
     """Prompt → image sampling and inpainting with one model.
 
@@ -102,9 +90,9 @@ class DiffusionPipeline:
         from unetkit.diffusion.schedules import NoiseSchedule
         from unetkit.formats.checkpoint import read_metadata
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-        from unetkit.training.lora import load_model_or_adapter
+        from unetkit.training.lora import base_checkpoint, load_model_or_adapter
 
-        model, described = load_model_or_adapter(_checkpoint_file(path))
+        model, described = load_model_or_adapter(base_checkpoint(path))
         file = described
         meta = read_metadata(described).get("diffusion")
         if meta is None:
