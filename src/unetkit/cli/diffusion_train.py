@@ -64,9 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "cosine"])
     p.add_argument("--cond-dropout", type=float, help="caption dropout for guidance (0.1)")
     p.add_argument("--limit-per-digit", type=int, help="built-in digits: images per class")
-    p.add_argument(
-        "--exclude-digits", help="built-in digits: comma-separated classes to leave out"
-    )
+    p.add_argument("--exclude-digits", help="built-in digits: comma-separated classes to leave out")
     p.add_argument("--sample-every", type=int, help="write a sample grid every N epochs")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp-2m", "euler"])
     p.add_argument("--grad-accum", type=int)
@@ -78,9 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> R.DiffusionRecipe:
-    overrides = {
-        k: getattr(args, k) for k in _VALUE_FLAGS if getattr(args, k, None) is not None
-    }
+    overrides = {k: getattr(args, k) for k in _VALUE_FLAGS if getattr(args, k, None) is not None}
     if args.exclude_digits:
         try:
             overrides["exclude_digits"] = tuple(int(d) for d in args.exclude_digits.split(","))
