@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from unetkit import config as cfg
-from unetkit.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +110,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def make_diffusion_recipe(name: str | None = "digits", /, **overrides: Any) -> DiffusionRecipe:
     """A preset recipe with ``overrides`` (recipe field names) applied."""
-    if name is not None and name not in PRESETS:
-        raise ConfigError(f"unknown diffusion recipe {name!r}{did_you_mean(name, PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(DiffusionRecipe)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(
-            f"unknown recipe field(s) {unknown}{did_you_mean(unknown[0], fields)}; "
-            f"fields: {', '.join(sorted(fields))}"
-        )
-    base = dict(PRESETS[name]) if name else {}
-    base.update(overrides)
-    for key in ("exclude_digits",):
-        if key in base:
-            base[key] = tuple(int(v) for v in base[key])
-    return DiffusionRecipe(**base)
+    values: dict[str, Any] = {}
+    if name is not None:
+        cfg.check_choice("recipe", name, PRESETS)
+        values.update(PRESETS[name])
+    values.update(overrides)
+    return cfg.from_dict(DiffusionRecipe, values, source="diffusion recipe")
 
 
 def build_schedule(recipe: DiffusionRecipe) -> Any:
