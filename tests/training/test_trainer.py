@@ -257,6 +257,24 @@ def test_trainable_subset_only_changes_selected_parameters(tmp_path: Path) -> No
     assert config["model"]["trainable_parameters"] == 2 * 4 + 2
 
 
+def test_frozen_batchnorm_keeps_its_statistics_and_full_training_updates_them(
+    tmp_path: Path,
+) -> None:
+    def bn_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return unetkit.create_model("unet", channels=(4, 8), norm="batch")
+
+    model = bn_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run(tmp_path / "head", 1, model=model, trainable=lambda name, p: name.startswith("head."))
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], model.state_dict()[k]) for k in stats)
+
+    full = bn_model()
+    run(tmp_path / "full", 1, model=full)
+    assert all(not torch.equal(before[k], full.state_dict()[k]) for k in stats)
+
+
 def test_without_validation_best_tracks_train_loss_and_max_steps(tmp_path: Path) -> None:
     model = make_model()
     result = fit(

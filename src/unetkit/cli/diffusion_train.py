@@ -33,6 +33,8 @@ _VALUE_FLAGS = (
     "grad_accum",
     "num_workers",
     "limit_per_digit",
+    "ema_decay",
+    "min_snr_gamma",
 )
 
 
@@ -63,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     p.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "cosine"])
     p.add_argument("--cond-dropout", type=float, help="caption dropout for guidance (0.1)")
+    p.add_argument("--ema-decay", type=float, help="weight EMA for samples/checkpoints (0.999)")
+    p.add_argument("--no-ema", action="store_true", help="save the raw weights (no EMA)")
+    p.add_argument("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (default off)")
     p.add_argument("--limit-per-digit", type=int, help="built-in digits: images per class")
     p.add_argument("--exclude-digits", help="built-in digits: comma-separated classes to leave out")
     p.add_argument("--sample-every", type=int, help="write a sample grid every N epochs")
@@ -77,6 +82,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def recipe_from_args(args: argparse.Namespace) -> R.DiffusionRecipe:
     overrides = {k: getattr(args, k) for k in _VALUE_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "no_ema", False):
+        if args.ema_decay is not None:
+            raise ConfigError("--no-ema and --ema-decay contradict each other; give one")
+        overrides["ema_decay"] = None
     if args.exclude_digits:
         try:
             overrides["exclude_digits"] = tuple(int(d) for d in args.exclude_digits.split(","))

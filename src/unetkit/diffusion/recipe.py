@@ -45,7 +45,11 @@ class DiffusionRecipe:
         max_length: tokens of caption context (padded/truncated).
         beta_schedule / prediction_type / num_train_timesteps: the noise process.
         cond_dropout: classifier-free-guidance condition dropout.
-        min_snr_gamma: min-SNR-γ loss weighting (None = plain MSE).
+        min_snr_gamma: min-SNR-γ loss weighting (None = plain ε-MSE, the default: for an
+            ε-model the weight min(SNR, γ)/SNR all but ignores the low-noise steps, and
+            samples keep a speckled background).
+        ema_decay: exponential moving average of the weights used for validation, samples
+            and checkpoints (None = the raw weights).
         exclude_digits / limit_per_digit: subset of the built-in digits (the LoRA demo
             trains the base without one digit).
         sample_every / sample_steps / sample_guidance / sampler: per-epoch sample grids.
@@ -66,10 +70,11 @@ class DiffusionRecipe:
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
     cond_dropout: float = 0.1
-    min_snr_gamma: float | None = 5.0
+    min_snr_gamma: float | None = None
+    ema_decay: float | None = 0.999
     exclude_digits: tuple[int, ...] = ()
     limit_per_digit: int | None = None
-    epochs: int = 9
+    epochs: int = 18
     batch_size: int = 32
     lr: float = 1e-3
     optimizer: str = "adamw"
@@ -289,4 +294,5 @@ def train_diffusion(
         save_model=save_model,
         max_steps=recipe.max_steps,
         on_epoch_end=on_epoch_end,
+        ema_decay=recipe.ema_decay,
     )

@@ -221,3 +221,26 @@ def trainable_parameters(model: nn.Module, trainable: Any = None) -> list[tuple[
             f"(or parameters frozen with requires_grad=False)"
         )
     return chosen
+
+
+def freeze_frozen_norms(model: nn.Module) -> int:
+    """Put the norm layers of a partly frozen model's frozen part into eval mode.
+
+    A BatchNorm (or tracking InstanceNorm) updates its running statistics in train mode
+    even when its parameters are frozen. When only part of a model trains (LoRA adapters,
+    a fine-tuned head), those statistics belong to the frozen base: updating them would
+    change the base silently, and an adapter file (which does not hold them) would no
+    longer reproduce the trained model. Call after ``model.train()``; returns the number
+    of layers kept in eval mode (0 when every parameter trains).
+    """
+    if all(p.requires_grad for p in model.parameters()):
+        return 0
+    frozen = 0
+    for m in model.modules():
+        norm = isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats
+        )
+        if norm and not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()
+            frozen += 1
+    return frozen

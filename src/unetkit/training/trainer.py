@@ -45,6 +45,8 @@ from unetkit._version import __version__
 from unetkit.errors import CheckpointError, ConfigError, DataError, UnetkitError
 from unetkit.formats.checkpoint import load_state_dict_strict
 from unetkit.training import distributed
+from unetkit.training.ema import EMA
+from unetkit.training.ema import check_decay as check_ema_decay
 from unetkit.training.logging import ModelSaver, RunDirectory
 from unetkit.training.optim import (
     DEFAULT_WEIGHT_DECAY,
@@ -53,6 +55,7 @@ from unetkit.training.optim import (
     build_optimizer,
     build_scheduler,
     current_lr,
+    freeze_frozen_norms,
     parameter_groups,
     trainable_parameters,
 )
@@ -83,8 +86,10 @@ class FitConfig:
     num_workers: int = 0
     seed: int = 0
     max_steps: int | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
+        check_ema_decay(self.ema_decay)
         cfg.check_choice("optimizer", self.optimizer, OPTIMIZERS)
         cfg.check_choice("scheduler", self.scheduler, SCHEDULERS)
         cfg.check_choice("precision", self.precision, PRECISIONS)
@@ -188,6 +193,7 @@ class _Run:
     extra: Mapping[str, Any] | None
     saver: ModelSaver | None
     progress: bool
+    ema: EMA | None = None  # validation, checkpoints and callbacks see its averages
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best: float | None = None
@@ -197,6 +203,7 @@ class _Run:
     def train_epoch(self, loader: DataLoader) -> float:
         """One pass over ``loader``; returns the sample-weighted mean loss over all ranks."""
         self.ddp.train()
+        freeze_frozen_norms(self.model)  # a frozen base keeps its BatchNorm statistics
         self.optimizer.zero_grad(set_to_none=True)  # nothing stale joins the first step
         n_micro, accum, fc = len(loader), self.fc.grad_accum, self.fc
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
@@ -228,6 +235,8 @@ class _Run:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update()
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
                 if fc.max_steps is not None and self.step >= fc.max_steps:
                     break
@@ -240,7 +249,7 @@ class _Run:
         # the plain model: DDP's forward starts collectives that uneven shards would hang
         self.model.eval()
         sums: dict[str, float] = {}
-        with torch.inference_mode(), autocast(self.device, self.dtype):
+        with self.averaged(), torch.inference_mode(), autocast(self.device, self.dtype):
             for batch in loader:
                 stats = self.task.validation_metrics(self.model, to_device(batch, self.device))
                 for k, v in stats.items():
@@ -254,10 +263,17 @@ class _Run:
         """last (and best) model files, with the epoch's facts in their metadata."""
         metrics = {k: v for k, v in row.items() if k not in ("epoch", "step")}
         facts = {"epoch": row["epoch"], "step": row["step"], "monitor": self.monitor}
+        if self.ema is not None:
+            facts["ema_decay"] = self.ema.decay
         extra = {**(self.extra or {}), "training": {**facts, "metrics": metrics}}
-        self.run.save_model(self.model, "last", extra=extra, saver=self.saver)
-        if best:
-            self.run.save_model(self.model, "best", extra=extra, saver=self.saver)
+        with self.averaged():
+            self.run.save_model(self.model, "last", extra=extra, saver=self.saver)
+            if best:
+                self.run.save_model(self.model, "best", extra=extra, saver=self.saver)
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """The EMA weights in the model for the block (a null context without EMA)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def commit(self, row: dict[str, Any]) -> None:
         """Close an epoch: best tracking, the state file, then the files derived from it.
@@ -291,6 +307,7 @@ class _Run:
                 "rng": distributed.capture_rng_state(),
                 "seed": self.fc.seed,
                 "world_size": distributed.world_size(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             }
         )
         self.save_models(row, best=improved)
@@ -315,6 +332,14 @@ class _Run:
             self.optimizer.param_groups, self.scheduler.base_lrs, lambdas, strict=True
         ):
             group["lr"] = base * fn(self.scheduler.last_epoch)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise CheckpointError(
+                    f"{self.run.state_path}: the run was trained without EMA; resume it "
+                    f"with ema_decay=None, or use another run_dir"
+                )
+            self.ema.load_state_dict(state["ema"], source=str(self.run.state_path))
+            self.ema.decay = self.fc.ema_decay  # type: ignore[assignment]
         distributed.restore_rng_state(state["rng"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = [dict(row) for row in state["history"]]
@@ -384,6 +409,7 @@ def fit(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     device: torch.device | str | None = None,
     save_model: ModelSaver | None = None,
+    ema_decay: float | None = None,
 ) -> FitResult:
     """Train ``model`` on ``task``; checkpoint, log and resume through ``run_dir``.
 
@@ -421,6 +447,10 @@ def fit(
         collate_fn: DataLoader collate function.
         device: default ``cuda:LOCAL_RANK`` if CUDA is available, else CPU.
         save_model: ``(model, path, extra) -> Any`` for last/best (default ``unetkit.save``).
+        ema_decay: keep an exponential moving average of the trained weights with this
+            decay (e.g. 0.999; see ``unetkit.training.ema``). Validation, the last/best
+            files and ``on_epoch_end`` then use the averages, and on return the model holds
+            them; the raw weights are in the state file for resuming.
 
     Returns:
         ``FitResult``. Without ``val_dataset`` the best checkpoint tracks "train/loss" (min).
@@ -442,6 +472,7 @@ def fit(
         num_workers=num_workers,
         seed=seed,
         max_steps=max_steps,
+        ema_decay=ema_decay,
     )
     if checkpoint_extra is not None and "training" in checkpoint_extra:
         raise ConfigError("checkpoint_extra key 'training' is reserved for the trainer's facts")
@@ -494,6 +525,7 @@ def fit(
             checkpoint_extra,
             save_model,
             progress,
+            EMA(named, fc.ema_decay) if fc.ema_decay is not None else None,
         )
         run.prepare()
         distributed.barrier()
@@ -544,12 +576,17 @@ def _loop(
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
         distributed.log_main("epoch %d/%d  %s", r.epoch, fc.epochs, shown, logger=logger)
         distributed.barrier()
-        stop = bool(on_epoch_end(r.epoch, dict(row), r.model)) if on_epoch_end else False
+        stop = False
+        if on_epoch_end is not None:
+            with r.averaged():
+                stop = bool(on_epoch_end(r.epoch, dict(row), r.model))
         if distributed.broadcast_flag(stop):
             distributed.log_main("stopped by on_epoch_end after epoch %d", r.epoch, logger=logger)
             break
     if len(r.history) != plotted:
         r.run.plot_curves(r.history)
+    if r.ema is not None:
+        r.ema.copy_to_params()
     distributed.barrier()
     history = [dict(row) for row in r.history]
     return FitResult(r.best, r.best_epoch, r.epoch, r.run.path, history, r.monitor, start, r.step)
