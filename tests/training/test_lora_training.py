@@ -69,3 +69,33 @@ def test_lora_run_trains_only_adapters_and_writes_small_files(base):
 def test_lora_options_are_validated():
     with pytest.raises(ConfigError, match="rank"):
         LoRAOptions(r=0)
+
+
+def test_predict_and_evaluate_take_a_lora_adapter_file(base, tmp_path, capsys):
+    from unetkit.cli.main import main
+    from unetkit.segmentation.pipeline import load_for_inference
+
+    train_lora(
+        base / "base",
+        tmp_path / "lora",
+        LoRAOptions(targets=("attn+ff+conv",), r=2),
+        data=str(base / "shifted"),
+        epochs=1,
+        batch_size=2,
+        crop=32,
+        samples_per_epoch=4,
+        lr=1e-2,
+        progress=False,
+    )
+    adapter = tmp_path / "lora" / "checkpoints" / "best.safetensors"
+    model, meta = load_for_inference(adapter)
+    assert (
+        meta["target"]
+        == unetkit.read_metadata(base / "base/checkpoints/best.safetensors")["target"]
+    )
+    assert any(".lora_A." in k for k in model.state_dict())
+    assert main(["evaluate", str(adapter), "--data", str(base / "shifted")]) == 0
+    assert "dice" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    assert main(["predict", str(adapter), str(base / "shifted" / "images"), "--out", str(out)]) == 0
+    assert len(list(out.glob("*_mask.png"))) == 4

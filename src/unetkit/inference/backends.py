@@ -88,8 +88,8 @@ def onnx_cache_path(checkpoint: str | os.PathLike) -> Path:
 
 def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     """The ONNX export of ``checkpoint`` (dynamic spatial size), exported if not cached."""
-    from unetkit.formats.checkpoint import load, read_metadata
     from unetkit.formats.onnx import read_onnx_metadata, sha256_file
+    from unetkit.training.lora import load_with_metadata
 
     digest = sha256_file(checkpoint)
     cache = onnx_cache_path(checkpoint)
@@ -102,10 +102,9 @@ def cached_onnx(checkpoint: str | os.PathLike) -> Path:
             pass  # unreadable cache: export again
     from unetkit.formats.onnx import export_onnx
 
-    meta = read_metadata(checkpoint)
+    model, meta = load_with_metadata(checkpoint)
     extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
     extra["source_sha256"] = digest
-    model = load(checkpoint)
     logger.info("exporting %s to ONNX (cached as %s)", checkpoint, cache)
     try:
         return export_onnx(model, cache, metadata=extra)
@@ -141,10 +140,9 @@ def load_inference_model(
                 f"{source}: an ONNX file runs with --backend onnx; for --backend torch pass "
                 "the .safetensors checkpoint it was exported from"
             )
-        from unetkit.formats.checkpoint import load, read_metadata
+        from unetkit.training.lora import load_with_metadata
 
-        meta = read_metadata(source)
-        model = load(source)
+        model, meta = load_with_metadata(source)  # a checkpoint, or a LoRA run's adapter
         if compile:
             how = DEFAULT_COMPILE_BACKEND if compile is True else compile
             model = CompiledModel(model, backend=how)

@@ -23,7 +23,7 @@ from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
-from unetkit.formats.checkpoint import load, read_metadata, unwrap
+from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
@@ -60,9 +60,11 @@ class InferenceOptions:
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model and the facts predict needs (target, normalisation) from a checkpoint."""
-    meta = read_metadata(checkpoint)
-    return load(checkpoint), meta
+    """The model and the facts predict needs (target, normalisation) from a checkpoint, or
+    from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
+    from unetkit.training.lora import load_with_metadata
+
+    return load_with_metadata(checkpoint)
 
 
 def predict_image(

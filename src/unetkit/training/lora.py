@@ -94,6 +94,15 @@ def load_model_or_adapter(path: str | os.PathLike) -> tuple[nn.Module, Path]:
     return model, Path(base)
 
 
+def load_with_metadata(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """``load_model_or_adapter`` plus the metadata of the checkpoint describing the model
+    (normalisation, target, task): what predict, evaluate and export need."""
+    from unetkit.formats.checkpoint import read_metadata
+
+    model, described = load_model_or_adapter(path)
+    return model, read_metadata(described)
+
+
 def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
     """Inject adapters, freeze the rest; returns a summary (layers, trainable fraction)."""
     from unetkit.nn.lora_inject import inject_lora, trainable_summary
