@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{100 * adapter.stat().st_size / base_file.stat().st_size:.1f}% of the base file; "
         f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)"
     )
-    print(
-        "| model | phase: Dice | phase: AP@0.5 | fluorescence: Dice | training time |"
-    )
+    print("| model | phase: Dice | phase: AP@0.5 | fluorescence: Dice | training time |")
     print("|---|---|---|---|---|")
     for name, file, seconds in rows:
         phase, fluo = scores(file, test_dir), scores(file, fluo_dir)

@@ -205,3 +205,24 @@ def test_lora_files_that_match_nothing_are_an_error(run_dir, tmp_path, capsys):
     )
     assert main(["lora-verify", str(run_dir), str(bogus)]) == 2
     assert "foo.bar" in capsys.readouterr().err
+
+
+def test_lora_on_a_diffusion_base_keeps_the_base_objective(tmp_path):
+    import json
+
+    from unetkit.diffusion import recipe as R
+    from unetkit.training.lora import LoRAOptions, train_lora
+
+    base = R.make_diffusion_recipe("digits-quick", prediction_type="epsilon", beta_end=0.012)
+    R.train_diffusion(base, tmp_path / "eps", progress=False)
+    train_lora(
+        tmp_path / "eps",
+        tmp_path / "lora",
+        LoRAOptions(r=2),
+        progress=False,
+        max_steps=1,
+        limit_per_digit=2,
+        sample_every=9,
+    )
+    run = json.loads((tmp_path / "lora" / "config.json").read_text())["run"]
+    assert run["prediction_type"] == "epsilon" and run["beta_end"] == 0.012

@@ -163,3 +163,16 @@ def test_repaint_refuses_multistep_sampler():
             steps=2,
             inpaint=guide,
         )
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "clips"), [("epsilon", True), ("v_prediction", False), ("sample", False)]
+)
+def test_pipeline_clips_the_x0_estimate_only_for_epsilon_models(prediction_type, clips):
+    from unetkit.diffusion.pipeline import DiffusionPipeline
+
+    schedule = NoiseSchedule(prediction_type=prediction_type)
+    pipe = DiffusionPipeline(ContextModel(), schedule)
+    assert pipe.clip_sample is clips
+    assert pipe._scheduler("ddim").clip_sample is clips
+    assert DiffusionPipeline(ContextModel(), schedule, clip_sample=True).clip_sample is True

@@ -59,6 +59,9 @@ class DiffusionPipeline:
         sampler: default sampler name ("ddim", "ddpm", "dpmpp-2m", "euler").
         precision: "auto" (bf16 on CPUs that support it), "bf16" or "fp32".
         clip_sample: clip the x0 estimate to [-1, 1] in DDPM/DDIM steps (pixel data).
+            None (default): only for ε-prediction, whose x0 estimate is ill-conditioned at
+            high noise; clipping a v- or x0-model's (well-conditioned) estimate makes the
+            DDIM update inconsistent with its ε and ruins the samples (seen on the digits).
     """
 
     def __init__(
@@ -71,7 +74,7 @@ class DiffusionPipeline:
         channels: int = 1,
         sampler: str = "ddim",
         precision: str = "fp32",
-        clip_sample: bool = True,
+        clip_sample: bool | None = None,
     ) -> None:
         self.model = model
         self.schedule = schedule
@@ -80,6 +83,8 @@ class DiffusionPipeline:
         self.channels = channels
         self.sampler = sampler
         self.precision = precision
+        if clip_sample is None:
+            clip_sample = schedule.prediction_type == "epsilon"
         self.clip_sample = clip_sample
 
     @classmethod
@@ -111,7 +116,7 @@ class DiffusionPipeline:
             size=int(meta["image_size"]),
             channels=int(meta["channels"]),
             sampler=options.pop("sampler", None) or meta.get("sampler", "ddim"),
-            clip_sample=bool(meta.get("clip_sample", True)),
+            clip_sample=options.pop("clip_sample", meta.get("clip_sample")),
             **options,
         )
 

@@ -189,7 +189,8 @@ def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) ->
             "image_size": recipe.size,
             "channels": channels,
             "sampler": recipe.sampler,
-            "clip_sample": True,  # pixel data in [-1, 1]
+            # pixel data in [-1, 1]; only an ε-model's x0 estimate needs the clip
+            "clip_sample": recipe.prediction_type == "epsilon",
             "prompts": list(DIGIT_PROMPTS) if recipe.data is None else [],
         }
     }

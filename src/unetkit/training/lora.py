@@ -25,6 +25,14 @@ import torch.nn as nn
 from unetkit.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
+# noise-process fields a diffusion base's metadata fixes for its adapters
+_SCHEDULE_FIELDS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +168,13 @@ def train_lora(
         from unetkit.diffusion import recipe as D
 
         d = meta["diffusion"]
+        noise = {k: d["schedule"][k] for k in _SCHEDULE_FIELDS if k in d["schedule"]}
         overrides = {
             "size": d["image_size"],
             "channels": d["channels"],
             "text_encoder": d["text_encoder"],
             "max_length": d["max_length"],
+            **noise,  # the adapter learns the base's own objective
             **recipe_overrides,
         }
         recipe = D.make_diffusion_recipe("digits", **overrides)
