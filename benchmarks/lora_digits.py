@@ -40,12 +40,14 @@ def step_seconds(model: torch.nn.Module, schedule, context: torch.Tensor, steps:
     return float(np.median(times[1:]))
 
 
-def accuracy(pipe: DiffusionPipeline, clf, digits, n: int, guidance: float) -> dict[int, float]:
+def accuracy(
+    pipe: DiffusionPipeline, clf, digits, n: int, guidance: float, steps: int
+) -> dict[int, float]:
     from unetkit.data.digits import classify_digits
 
     out = {}
     for d in digits:
-        images = pipe.generate([DIGIT_PROMPTS[d]] * n, steps=50, guidance=guidance, seed=d)
+        images = pipe.generate([DIGIT_PROMPTS[d]] * n, steps=steps, guidance=guidance, seed=d)
         out[d] = float((classify_digits(clf, images) == d).mean())
     return out
 
@@ -57,15 +59,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--digit", type=int, default=9)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
     ap.add_argument("--n", type=int, default=50, help="samples per digit for accuracy")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--targets", default="attn", help="LoRA targets (preset or globs, comma list)")
     args = ap.parse_args(argv)
 
     from diffusion_quality import heldout_classifier  # benchmarks/ is on sys.path
 
     base_file = base_checkpoint(args.base)
-    options = LoRAOptions(targets=("attn",), r=args.rank)
+    options = LoRAOptions(targets=tuple(args.targets.split(",")), r=args.rank)
     others = [d for d in range(10) if d != args.digit]
     start = time.perf_counter()
     train_lora(
@@ -91,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     trainable = sum(p.numel() for p in tuned.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in tuned.model.parameters())
     base.model.eval(), tuned.model.eval()
-    before = accuracy(base, clf, [args.digit, *others], args.n, args.guidance)
-    after = accuracy(tuned, clf, [args.digit, *others], args.n, args.guidance)
+    digits = [args.digit, *others]
+    before = accuracy(base, clf, digits, args.n, args.guidance, args.steps)
+    after = accuracy(tuned, clf, digits, args.n, args.guidance, args.steps)
 
     size = adapter.stat().st_size / base_file.stat().st_size
     print(f"classifier accuracy on held-out real digits: {real_acc:.3f}")
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         f"'{DIGIT_PROMPTS[args.digit]}' recognised: {before[args.digit]:.2f} before, "
         f"{after[args.digit]:.2f} after"
     )
+    print("digit  | " + " ".join(f"{d:>5d}" for d in range(10)))
+    for name, acc in (("before", before), ("after", after)):
+        print(f"{name:6s} | " + " ".join(f"{acc[d]:5.2f}" for d in range(10)))
     print(
         f"other digits: {np.mean([before[d] for d in others]):.3f} before, "
         f"{np.mean([after[d] for d in others]):.3f} after"
