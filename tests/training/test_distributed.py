@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import random
 import subprocess
@@ -14,22 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import trainer_toy  # registered by conftest.py
 
 import unetkit
 from unetkit.formats.checkpoint import load_state, save_state
 from unetkit.training import distributed
 from unetkit.training.logging import RunDirectory
 
-TOY = Path(__file__).with_name("trainer_toy.py")
-
-
-def _import_toy():  # tests run with --import-mode=importlib: the folder is not on sys.path
-    if "trainer_toy" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("trainer_toy", TOY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["trainer_toy"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["trainer_toy"]
+TOY = Path(trainer_toy.__file__)
 
 
 @pytest.fixture
@@ -155,9 +146,9 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     # the replicas ended bit-identical, and rank 0 alone wrote the run directory
     rank_hashes = [(hashes / f"rank{r}.txt").read_text() for r in range(2)]
     assert rank_hashes[0] == rank_hashes[1]
-    toy = _import_toy()
+
     last = unetkit.load(run_dir / "checkpoints" / "last.safetensors")
-    assert toy.weights_hash(last) == rank_hashes[0]
+    assert trainer_toy.weights_hash(last) == rank_hashes[0]
     assert RunDirectory(run_dir).read_config()["fit"]["world_size"] == 2
     ddp_rows = RunDirectory(run_dir).read_metrics()
     assert [r["epoch"] for r in ddp_rows] == [1, 2, 3]
@@ -168,7 +159,7 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single, result = toy.run(tmp_path / "single", 3, batch_size=4, optimizer="sgd")
+        single, result = trainer_toy.run(tmp_path / "single", 3, batch_size=4, optimizer="sgd")
     finally:
         torch.set_num_threads(threads)
     for k, v in single.state_dict().items():

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import trainer_toy as toy  # registered by conftest.py
 
 import unetkit
 from unetkit.errors import CheckpointError, ConfigError
 from unetkit.formats.checkpoint import load_state
 from unetkit.training.ema import EMA
-
-TOY = Path(__file__).with_name("trainer_toy.py")
-
-
-def _toy():
-    if "trainer_toy" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("trainer_toy", TOY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["trainer_toy"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["trainer_toy"]
 
 
 def test_update_follows_the_recurrence_in_float64() -> None:
@@ -69,7 +57,6 @@ def test_state_round_trip_and_mismatch_error() -> None:
 
 
 def test_fit_with_ema_saves_averages_and_resumes_exactly(tmp_path: Path) -> None:
-    toy = _toy()
     torch.set_num_threads(1)
     model, result = toy.run(tmp_path / "full", 3, ema_decay=0.9)
     saved = unetkit.load(tmp_path / "full/checkpoints/last.safetensors")
@@ -91,7 +78,6 @@ def test_fit_with_ema_saves_averages_and_resumes_exactly(tmp_path: Path) -> None
 
 
 def test_validation_sees_the_averages(tmp_path: Path) -> None:
-    toy = _toy()
     seen = []
     toy.run(
         tmp_path,
@@ -107,7 +93,6 @@ def test_validation_sees_the_averages(tmp_path: Path) -> None:
 
 
 def test_ema_errors(tmp_path: Path) -> None:
-    toy = _toy()
     with pytest.raises(ConfigError, match="ema_decay"):
         toy.run(tmp_path / "bad", 1, ema_decay=1.0)
     toy.run(tmp_path / "plain", 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import trainer_toy  # registered by conftest.py
 
 import unetkit
 from unetkit.errors import ConfigError
@@ -21,19 +21,10 @@ from unetkit.formats.checkpoint import load_state
 from unetkit.training.logging import RunDirectory
 from unetkit.training.trainer import fit, resolve_precision
 
-TOY = Path(__file__).with_name("trainer_toy.py")
+TOY = Path(trainer_toy.__file__)
 
 
-def _import_toy():  # tests run with --import-mode=importlib: the folder is not on sys.path
-    if "trainer_toy" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("trainer_toy", TOY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["trainer_toy"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["trainer_toy"]
-
-
-toy = _import_toy()
+toy = trainer_toy
 ToySegmentation, make_model, make_task, run = (
     toy.ToySegmentation,
     toy.make_model,
