@@ -12,6 +12,8 @@ generated "nine"s and on the other digits (before and after, to show nothing els
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import time
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from unetkit.training.lora import LoRAOptions, base_checkpoint, train_lora
 
 
 def step_seconds(model: torch.nn.Module, schedule, context: torch.Tensor, steps: int = 3) -> float:
-    """Median time of one optimizer step (forward, backward, AdamW) on a batch of 32."""
+    """Median time of one optimizer step (forward, backward, AdamW) on a batch of 32, on a
+    copy of ``model`` (the steps must not move the weights that are evaluated later)."""
     from unetkit.diffusion.objectives import diffusion_loss
 
+    model = copy.deepcopy(model).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, 1e-4)
     x = torch.randn(32, 1, 32, 32)
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps per sample")
     ap.add_argument("--n", type=int, default=50, help="samples per digit for accuracy")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--targets", default="attn", help="LoRA targets (preset or globs, comma list)")
     args = ap.parse_args(argv)
 
@@ -71,29 +76,33 @@ def main(argv: list[str] | None = None) -> None:
     base_file = base_checkpoint(args.base)
     options = LoRAOptions(targets=tuple(args.targets.split(",")), r=args.rank)
     others = [d for d in range(10) if d != args.digit]
-    start = time.perf_counter()
     train_lora(
         args.base,
         args.out,
         options,
         progress=False,
         epochs=args.epochs,
+        lr=args.lr,
         warmup_steps=0,
         exclude_digits=tuple(others),
         limit_per_digit=args.images,
         sample_every=args.epochs,
     )
-    lora_minutes = (time.perf_counter() - start) / 60
+    # the run's own epoch times count (a finished run is only re-evaluated)
+    with open(Path(args.out) / "metrics.csv") as f:
+        lora_minutes = sum(float(row["seconds"]) for row in csv.DictReader(f)) / 60
     adapter = Path(args.out) / "checkpoints" / "best.safetensors"
 
     base = DiffusionPipeline.from_checkpoint(base_file)
     tuned = DiffusionPipeline.from_checkpoint(adapter)
     clf, real_acc = heldout_classifier(base.size)
     context = base.encode([DIGIT_PROMPTS[args.digit]])[0]
-    full_step = step_seconds(base.model.train(), base.schedule, context)
-    lora_step = step_seconds(tuned.model.train(), tuned.schedule, context)
+    full_step = step_seconds(base.model, base.schedule, context)
+    for name, p in tuned.model.named_parameters():  # as in training: only adapters learn
+        p.requires_grad_(".lora_" in name)
+    lora_step = step_seconds(tuned.model, tuned.schedule, context)
     trainable = sum(p.numel() for p in tuned.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in tuned.model.parameters())
+    total = sum(p.numel() for p in base.model.parameters())
     base.model.eval(), tuned.model.eval()
     digits = [args.digit, *others]
     before = accuracy(base, clf, digits, args.n, args.guidance, args.steps)
@@ -102,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     size = adapter.stat().st_size / base_file.stat().st_size
     print(f"classifier accuracy on held-out real digits: {real_acc:.3f}")
     print(f"adapter file: {adapter.stat().st_size / 1e3:.0f} kB = {100 * size:.2f}% of the base")
-    print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    print(
+        f"trainable: {trainable:,} adapter parameters = {100 * trainable / total:.2f}% of the "
+        f"base's {total:,}"
+    )
     print(
         f"LoRA training: {lora_minutes:.1f} min; step {lora_step:.3f} s vs full fine-tuning "
         f"{full_step:.3f} s (batch 32)"
