@@ -9,7 +9,7 @@ import torch
 import unetkit
 from unetkit.data.synthetic import write_synthetic_folder
 from unetkit.errors import ConfigError
-from unetkit.formats.lora_files import load_adapter, read_adapter
+from unetkit.formats.lora_files import load_adapter, read_adapter, write_adapter
 from unetkit.nn.lora_inject import merge_and_unload
 from unetkit.segmentation import recipe as R
 from unetkit.training.lora import LoRAOptions, load_model_or_adapter, train_lora
@@ -94,6 +94,13 @@ def test_predict_and_evaluate_take_a_lora_adapter_file(base, tmp_path, capsys):
         == unetkit.read_metadata(base / "base/checkpoints/best.safetensors")["target"]
     )
     assert any(".lora_A." in k for k in model.state_dict())
+    # the LoRA run calibrates its own seed threshold; predict reads it over the base's
+    threshold = read_adapter(adapter).info["inference"]["seed_threshold"]
+    assert meta["seed_threshold"] == threshold
+    adapter_file = read_adapter(adapter)
+    adapter_file.info["inference"]["seed_threshold"] = 0.123
+    write_adapter(adapter_file, tmp_path / "moved.safetensors")
+    assert load_for_inference(tmp_path / "moved.safetensors")[1]["seed_threshold"] == 0.123
     assert main(["evaluate", str(adapter), "--data", str(base / "shifted")]) == 0
     assert "dice" in capsys.readouterr().out
     out = tmp_path / "pred"

@@ -79,7 +79,9 @@ class Adapter:
     Args:
         tensors: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` tensors (PEFT keys).
         alphas: alpha per module (scale = alpha / rank).
-        info: JSON facts: ``targets``, ``base_model``, ``adapter_name`` (optional).
+        info: JSON facts: ``targets``, ``base_model``, ``adapter_name`` (optional), and
+            ``inference``: prediction settings the adapted model needs instead of its
+            base's (e.g. a LoRA run's calibrated ``seed_threshold``; unetkit layout only).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -363,6 +365,7 @@ def to_unetkit(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str
         "alphas": json.dumps({m: a for m, a in adapter.alphas.items() if a != alpha}),
         "targets": json.dumps(adapter.info.get("targets")),
         "base_model": str(adapter.info.get("base_model") or ""),
+        "inference": json.dumps(adapter.info.get("inference") or {}),
     }
     return dict(adapter.tensors), meta
 
@@ -385,7 +388,11 @@ def from_unetkit(
     for m in modules:
         r = float(tensors[f"{m}.lora_A.weight"].shape[0])
         alphas[m] = float(special.get(m, r if default is None else default))
-    info = {"targets": targets, "base_model": metadata.get("base_model") or None}
+    info = {
+        "targets": targets,
+        "base_model": metadata.get("base_model") or None,
+        "inference": _meta_json(metadata, "inference", {}, source),
+    }
     return Adapter(tensors, alphas, info)
 
 

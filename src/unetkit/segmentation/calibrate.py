@@ -16,10 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from unetkit.formats.checkpoint import load, read_metadata, save
+from unetkit.formats.checkpoint import read_metadata, save
+from unetkit.formats.lora_files import read_adapter, write_adapter
 from unetkit.inference.tiling import predict_tiled
 from unetkit.segmentation.metrics import instance_ap
 from unetkit.segmentation.postprocess import instances_from_boundary
+from unetkit.training.lora import is_adapter_file, load_with_metadata
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +60,31 @@ def best_seed_threshold(
 def calibrate_seed_threshold(checkpoint: str | os.PathLike, val_data: Dataset) -> float | None:
     """Store the best seed threshold in ``checkpoint``'s metadata; None without instances.
 
-    ``val_data`` yields normalised samples with ``instances`` (as during validation).
+    ``checkpoint`` may be a LoRA run's adapter file: the threshold of base + adapter then
+    goes into the adapter's ``inference`` settings. ``val_data`` yields normalised samples
+    with ``instances`` (as during validation).
     """
     samples = [val_data[i] for i in range(len(val_data))]
     samples = [s for s in samples if "instances" in s]
     if not samples:
         return None
-    model = load(checkpoint)
+    model, _ = load_with_metadata(checkpoint)
     probs = [predict_tiled(model, s["image"]).numpy() for s in samples]
     truths = [np.asarray(s["instances"]) for s in samples]
     threshold, ap = best_seed_threshold(probs, truths)
+    log.info("instance seeds: p(interior) > %.2f (validation AP@0.5 %.3f)", threshold, ap)
+    if is_adapter_file(checkpoint):
+        adapter = read_adapter(checkpoint)
+        adapter.info["inference"] = {
+            **adapter.info.get("inference", {}),
+            "seed_threshold": threshold,
+        }
+        write_adapter(adapter, checkpoint)
+        return threshold
     meta = read_metadata(checkpoint)
     extra = {
         k: v for k, v in meta.items() if k not in ("format", "model", "config", "unetkit_version")
     }
     extra["seed_threshold"] = threshold
     save(model, checkpoint, extra=extra)
-    log.info("instance seeds: p(interior) > %.2f (validation AP@0.5 %.3f)", threshold, ap)
     return threshold

@@ -483,7 +483,7 @@ def train(
         run_config={**cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
         save_model=save_model,
     )
-    if recipe.task == "segmentation" and recipe.target == "boundary" and lora is None:
+    if recipe.task == "segmentation" and recipe.target == "boundary":
         from unetkit.segmentation.calibrate import calibrate_seed_threshold
         from unetkit.training import distributed
 

@@ -104,11 +104,16 @@ def load_model_or_adapter(path: str | os.PathLike) -> tuple[nn.Module, Path]:
 
 def load_with_metadata(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """``load_model_or_adapter`` plus the metadata of the checkpoint describing the model
-    (normalisation, target, task): what predict, evaluate and export need."""
+    (normalisation, target, task) with an adapter's own ``inference`` settings (e.g. its
+    calibrated seed threshold) on top: what predict, evaluate and export need."""
     from unetkit.formats.checkpoint import read_metadata
+    from unetkit.formats.lora_files import read_adapter
 
     model, described = load_model_or_adapter(path)
-    return model, read_metadata(described)
+    meta = read_metadata(described)
+    if Path(described).resolve() != Path(path).resolve():  # base + adapter
+        meta.update(read_adapter(path).info.get("inference") or {})
+    return model, meta
 
 
 def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
