@@ -33,14 +33,13 @@ def base(tmp_path_factory):
     return root
 
 
-def test_lora_run_trains_only_adapters_and_writes_small_files(base):
-    ckpt = base / "base" / "checkpoints" / "best.safetensors"
-    before = unetkit.load(ckpt).state_dict()
-    opts = LoRAOptions(targets=("attn+ff+conv",), r=2)
+@pytest.fixture(scope="module")
+def lora_adapter(base):
+    """The adapter file of a one-epoch LoRA run on the shifted images."""
     train_lora(
         base / "base",
         base / "lora",
-        opts,
+        LoRAOptions(targets=("attn+ff+conv",), r=2),
         data=str(base / "shifted"),
         epochs=1,
         batch_size=2,
@@ -49,7 +48,13 @@ def test_lora_run_trains_only_adapters_and_writes_small_files(base):
         lr=1e-2,
         progress=False,
     )
-    adapter = base / "lora" / "checkpoints" / "best.safetensors"
+    return base / "lora" / "checkpoints" / "best.safetensors"
+
+
+def test_lora_run_trains_only_adapters_and_writes_small_files(base, lora_adapter):
+    ckpt = base / "base" / "checkpoints" / "best.safetensors"
+    before = unetkit.load(ckpt).state_dict()
+    adapter = lora_adapter
     info = read_adapter(adapter).info
     assert info["base_model"] == str(ckpt.resolve())
     adapted, described = load_model_or_adapter(adapter)
@@ -71,23 +76,11 @@ def test_lora_options_are_validated():
         LoRAOptions(r=0)
 
 
-def test_predict_and_evaluate_take_a_lora_adapter_file(base, tmp_path, capsys):
+def test_predict_and_evaluate_take_a_lora_adapter_file(base, lora_adapter, tmp_path, capsys):
     from unetkit.cli.main import main
     from unetkit.segmentation.pipeline import load_for_inference
 
-    train_lora(
-        base / "base",
-        tmp_path / "lora",
-        LoRAOptions(targets=("attn+ff+conv",), r=2),
-        data=str(base / "shifted"),
-        epochs=1,
-        batch_size=2,
-        crop=32,
-        samples_per_epoch=4,
-        lr=1e-2,
-        progress=False,
-    )
-    adapter = tmp_path / "lora" / "checkpoints" / "best.safetensors"
+    adapter = lora_adapter
     model, meta = load_for_inference(adapter)
     assert (
         meta["target"]
