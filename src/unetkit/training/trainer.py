@@ -339,7 +339,6 @@ class _Run:
                     f"with ema_decay=None, or use another run_dir"
                 )
             self.ema.load_state_dict(state["ema"], source=str(self.run.state_path))
-            self.ema.decay = self.fc.ema_decay  # type: ignore[assignment]
         distributed.restore_rng_state(state["rng"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = [dict(row) for row in state["history"]]
