@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def recipe_from_args(args: argparse.Namespace) -> R.DiffusionRecipe:
     overrides = {k: getattr(args, k) for k in _VALUE_FLAGS if getattr(args, k, None) is not None}
-    if getattr(args, "no_ema", False):
+    if args.no_ema:
         if args.ema_decay is not None:
             raise ConfigError("--no-ema and --ema-decay contradict each other; give one")
         overrides["ema_decay"] = None

@@ -47,6 +47,12 @@ def save_grid(
     return write_image(path, grid)
 
 
+def clips_x0_estimate(prediction_type: str) -> bool:
+    """Whether pixel-space DDPM/DDIM sampling should clip the model's x0 estimate to [-1, 1]:
+    only for ε-prediction (see ``DiffusionPipeline``'s ``clip_sample``)."""
+    return prediction_type == "epsilon"
+
+
 class DiffusionPipeline:
     """Prompt → image sampling and inpainting with one model.
 
@@ -83,9 +89,9 @@ class DiffusionPipeline:
         self.channels = channels
         self.sampler = sampler
         self.precision = precision
-        if clip_sample is None:
-            clip_sample = schedule.prediction_type == "epsilon"
-        self.clip_sample = clip_sample
+        self.clip_sample = (
+            clips_x0_estimate(schedule.prediction_type) if clip_sample is None else clip_sample
+        )
 
     @classmethod
     def from_checkpoint(

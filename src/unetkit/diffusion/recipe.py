@@ -181,6 +181,8 @@ def build_model(recipe: DiffusionRecipe, channels: int, context_dim: int) -> tor
 
 def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) -> dict[str, Any]:
     """What generation needs besides the weights; goes into every checkpoint's metadata."""
+    from unetkit.diffusion.pipeline import clips_x0_estimate
+
     return {
         "diffusion": {
             "schedule": schedule.to_dict(),
@@ -189,8 +191,7 @@ def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) ->
             "image_size": recipe.size,
             "channels": channels,
             "sampler": recipe.sampler,
-            # pixel data in [-1, 1]; only an ε-model's x0 estimate needs the clip
-            "clip_sample": recipe.prediction_type == "epsilon",
+            "clip_sample": clips_x0_estimate(recipe.prediction_type),  # pixels in [-1, 1]
             "prompts": list(DIGIT_PROMPTS) if recipe.data is None else [],
         }
     }

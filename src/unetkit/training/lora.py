@@ -85,21 +85,28 @@ def load_model_or_adapter(path: str | os.PathLike) -> tuple[nn.Module, Path]:
 
     Returns (model, the checkpoint whose metadata describes the model).
     """
+    model, described, _ = _load(path)
+    return model, described
+
+
+def _load(path: str | os.PathLike) -> tuple[nn.Module, Path, dict[str, Any]]:
+    """(model, describing checkpoint, the adapter's inference settings; {} for a model)."""
     from unetkit.formats.checkpoint import load
     from unetkit.formats.lora_files import load_adapter, read_adapter
 
     file = Path(path)
     if not is_adapter_file(file):
-        return load(file), file
-    base = read_adapter(file).info.get("base_model")
+        return load(file), file, {}
+    adapter = read_adapter(file)
+    base = adapter.info.get("base_model")
     if not base or not Path(base).is_file():
         raise CheckpointError(
             f"{file}: LoRA adapter whose base checkpoint {base!r} is not there; merge it "
             f"onto its base with `unetkit lora-merge BASE {file}` or move the base back"
         )
     model = load(base)
-    load_adapter(model, file)
-    return model, Path(base)
+    load_adapter(model, adapter)
+    return model, Path(base), dict(adapter.info.get("inference") or {})
 
 
 def load_with_metadata(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -107,13 +114,9 @@ def load_with_metadata(path: str | os.PathLike) -> tuple[nn.Module, dict[str, An
     (normalisation, target, task) with an adapter's own ``inference`` settings (e.g. its
     calibrated seed threshold) on top: what predict, evaluate and export need."""
     from unetkit.formats.checkpoint import read_metadata
-    from unetkit.formats.lora_files import read_adapter
 
-    model, described = load_model_or_adapter(path)
-    meta = read_metadata(described)
-    if Path(described).resolve() != Path(path).resolve():  # base + adapter
-        meta.update(read_adapter(path).info.get("inference") or {})
-    return model, meta
+    model, described, inference = _load(path)
+    return model, {**read_metadata(described), **inference}
 
 
 def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
