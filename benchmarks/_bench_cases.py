@@ -68,8 +68,12 @@ def precision_ctx(bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def measure(step: Callable[[], object], spec: dict) -> dict:
-    """Warm up, time ``repeats`` calls (peak RSS over all), then count FLOPs of one call."""
+def measure(
+    step: Callable[[], object], spec: dict, flops_of: Callable[[], object] | None = None
+) -> dict:
+    """Warm up, time ``repeats`` calls (peak RSS over all), then count FLOPs of one call
+    (of ``flops_of``, the same work in eager float32, where ``step`` runs kernels the
+    FLOP counter cannot see: unetkit's frozen copy with prepacked oneDNN weights)."""
     with perf.peak_memory() as mem:
         for _ in range(spec["warmup"]):
             step()
@@ -87,7 +91,7 @@ def measure(step: Callable[[], object], spec: dict) -> dict:
         hwm_mib=mem["hwm_bytes"] / 2**20,
     )
     if spec.get("count_flops", True):
-        out["flops"] = perf.count_flops(step)
+        out["flops"] = perf.count_flops(flops_of or step)
     if spec.get("profile"):
         out["profile"] = top_ops(step)
     return out
@@ -114,7 +118,20 @@ def segmentation_case(spec: dict) -> dict:
         fmt = fast_format(x)
         model = model.to(memory_format=fmt)
         x = x.contiguous(memory_format=fmt)
-    if spec["task"] == "forward":
+    flops_of = None
+    if spec["task"] == "forward" and bf16 and spec["lib"] == "unetkit":
+        from unetkit.inference.fastpath import freeze
+
+        eager, frozen = model.eval(), freeze(model)  # what predict runs on this CPU
+
+        def step() -> object:
+            with torch.inference_mode():
+                return frozen(x)
+
+        def flops_of() -> object:
+            with torch.inference_mode():
+                return eager(x)
+    elif spec["task"] == "forward":
         model.eval()
 
         def step() -> object:
@@ -133,7 +150,7 @@ def segmentation_case(spec: dict) -> dict:
             opt.step()
             return loss
 
-    result = measure(step, spec)
+    result = measure(step, spec, flops_of)
     result.update(params=sum(p.numel() for p in model.parameters()), items=shape[0])
     return result
 
@@ -235,16 +252,27 @@ def diffusion_case(spec: dict) -> dict:
     context = torch.randn(batch, 8 if spec["quick"] else 77, config["cross_attention_dim"])
     t = torch.full((batch,), 500, dtype=torch.long)
     bf16 = spec["precision"] == "bf16"
-    if bf16:
+    eager, autocast = model, bf16
+    if bf16 and spec["lib"] == "unetkit":  # what generate runs on this CPU
+        from unetkit.inference.fastpath import freeze
+
+        model, autocast = freeze(model), False
+    elif bf16:
         model = model.to(memory_format=torch.channels_last)
         sample = sample.contiguous(memory_format=torch.channels_last)
+        if spec.get("variant") == "weights":  # diffusers' own way: torch_dtype=bfloat16
+            model, autocast = model.to(torch.bfloat16), False
+            sample, context = sample.to(torch.bfloat16), context.to(torch.bfloat16)
 
-    def step() -> object:
-        with torch.inference_mode(), precision_ctx(bf16):
-            y = model(sample, t, encoder_hidden_states=context)
+    def call(net: torch.nn.Module, ac: bool) -> object:
+        with torch.inference_mode(), precision_ctx(ac):
+            y = net(sample, t, encoder_hidden_states=context)
             return y.sample if hasattr(y, "sample") else y
 
-    result = measure(step, spec)
+    def flops_of() -> object:
+        return call(eager, False)
+
+    result = measure(lambda: call(model, autocast), spec, flops_of)
     result.update(params=sum(p.numel() for p in model.parameters()), items=batch)
     return result
 

@@ -14,8 +14,11 @@ denoising step vs diffusers UNet2DConditionModel on the same weights).
 Every case runs in a fresh process with the same environment and allocator setting
 (``--allocator tuned``: unetkit's glibc tuning, applied to the peers too), so peak memory
 and allocator state belong to that case. Precisions: fp32 eager for both; unetkit's default
-fast path (bf16 autocast + channels-last where the CPU has native bf16) against the peer's
-default (fp32) and against the peer on the same fast path. A training step is forward +
+fast path where the CPU has native bf16 (inference: the frozen bf16 copy with prepacked
+weights that predict/generate run, ``unetkit.inference.fastpath``; training: bf16 autocast
++ channels-last) against the peer's default (fp32) and against the peer in bf16 (MONAI:
+autocast + channels-last; diffusers: autocast, and bf16 weights as ``torch_dtype`` gives,
+compared with the faster of the two). A training step is forward +
 cross-entropy + backward + AdamW step. FLOPs are counted once per case by FlopCounterMode.
 """
 
@@ -59,9 +62,10 @@ def build_cases(groups: list[str], fast: str) -> list[dict]:
         elif group in ("unet", "attention_unet", "vnet"):
             for task in ("forward", "train"):
                 for lib, precision in (("unetkit", "fp32"), ("unetkit", fast)):
+                    frozen = task == "forward" and precision == "bf16"  # predict's fast path
                     cases.append(dict(group=group, lib=lib, model=group, task=task,
-                                      precision=precision, profile=group == "unet" and
-                                      precision == fast))  # fmt: skip
+                                      precision=precision, variant="frozen" if frozen else None,
+                                      profile=group == "unet" and precision == fast))  # fmt: skip
                 for precision in ("fp32", "bf16"):
                     cases.append(dict(group=group, lib="monai", model=GROUPS[group]["peer"],
                                       task=task, precision=precision))  # fmt: skip
@@ -76,11 +80,16 @@ def build_cases(groups: list[str], fast: str) -> list[dict]:
                 cases.append(dict(group=group, lib=lib, model="unet-small", task="predict",
                                   precision=precision, variant=variant))  # fmt: skip
         elif group == "diffusion":
-            for lib in ("diffusers", "unetkit"):
-                for precision in ("fp32", "bf16"):
-                    cases.append(dict(group=group, lib=lib, model="UNet2DCondition",
-                                      task="step", precision=precision,
-                                      profile=lib == "unetkit" and precision == fast))  # fmt: skip
+            for lib, precision, variant in (
+                ("diffusers", "fp32", None),
+                ("diffusers", "bf16", "autocast"),
+                ("diffusers", "bf16", "weights"),
+                ("unetkit", "fp32", None),
+                ("unetkit", "bf16", "frozen"),
+            ):
+                cases.append(dict(group=group, lib=lib, model="UNet2DCondition", task="step",
+                                  precision=precision, variant=variant,
+                                  profile=lib == "unetkit" and precision == fast))  # fmt: skip
         elif group == "smp":
             cases.append(dict(group="smp", lib="smp", model="Unet", task="forward"))
     return cases

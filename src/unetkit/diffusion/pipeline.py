@@ -21,6 +21,7 @@ import torch
 
 from unetkit.data.io import write_image
 from unetkit.errors import CheckpointError
+from unetkit.inference import fastpath
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -148,15 +149,19 @@ class DiffusionPipeline:
         from unetkit.diffusion.sampling import generate
         from unetkit.training.trainer import autocast, resolve_precision
 
-        device = next(self.model.parameters()).device
+        device = fastpath.model_device(self.model)
         context, null = self.encode(prompts)
         if context is not None:
             context, null = context.to(device), null.to(device)
         sampler = kwargs.pop("sampler", None)
         shape = kwargs.pop("shape", None) or (len(prompts), self.channels, self.size, self.size)
-        with autocast(device, resolve_precision(self.precision, device)):
+        dtype = resolve_precision(self.precision, device)
+        model = self.model
+        if fastpath.can_freeze(model, dtype):  # CPU bf16: a frozen copy, no autocast
+            model, dtype = fastpath.frozen_for(model, dtype), None
+        with autocast(device, dtype):
             return generate(
-                self.model,
+                model,
                 self._scheduler(sampler),
                 context,
                 uncond_context=null,

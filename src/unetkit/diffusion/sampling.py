@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from unetkit.diffusion.inpainting import InpaintingGuide
 from unetkit.errors import ConfigError
+from unetkit.inference.fastpath import model_device
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -102,7 +103,7 @@ def generate(
         )
     if context is not None and context.shape[0] != shape[0]:
         raise ConfigError(f"context batch {context.shape[0]} != sample batch {shape[0]}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 0)
     x = noise if noise is not None else torch.randn(shape, generator=gen)
     scheduler.set_timesteps(steps)  # first: Euler's init_noise_sigma depends on it

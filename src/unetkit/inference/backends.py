@@ -53,6 +53,8 @@ class CompiledModel(nn.Module):
         >>> fast = CompiledModel(unetkit.create_model("unet", channels=(4, 8)))  # doctest: +SKIP
     """
 
+    freezable = False  # compiled graphs do their own weight handling (fastpath.can_freeze)
+
     def __init__(self, module: nn.Module, *, backend: str | Callable = DEFAULT_COMPILE_BACKEND):
         super().__init__()
         self.module = module

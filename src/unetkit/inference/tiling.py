@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, DataError, InputSizeError
+from unetkit.inference import fastpath
 from unetkit.inference.streaming import BandAccumulator, Reduce, resolve_reduce, write_reduced
 from unetkit.inference.tta import resolve_tta, tta_predict
 
@@ -201,18 +202,26 @@ def _profiles(tile: Sequence[int], blend: str, sigma_scale: float) -> list[torch
 
 # --- shared plumbing ---------------------------------------------------------------------
 @contextlib.contextmanager
-def _inference(model: nn.Module, precision: str = "fp32") -> Iterator[torch.memory_format | None]:
-    """eval() + inference_mode (+ bf16 autocast and channels-last weights for the fast path)
-    for the call; yields the memory format tiles should use. The model's train/eval flag
-    and weight layout are restored afterwards."""
+def _inference(
+    model: nn.Module, precision: str = "fp32"
+) -> Iterator[tuple[nn.Module, torch.memory_format | None]]:
+    """eval() + inference_mode (+ the bf16 fast path) for the call; yields the module to run
+    and the memory format tiles should use. On CPUs the fast path is a frozen bf16 copy
+    with prepacked weights (``fastpath.frozen_for``, cached per model); elsewhere bf16
+    autocast on channels-last weights. The model's train/eval flag and weight layout are
+    restored afterwards."""
     check_choice("precision", precision, PRECISIONS)
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = fastpath.model_device(model)
     dtype = None
     if precision != "fp32":
         from unetkit.training.trainer import resolve_precision  # heavy module: import late
 
         dtype = resolve_precision(precision, device)
+    if fastpath.can_freeze(model, dtype):
+        frozen = fastpath.frozen_for(model, dtype)
+        with torch.inference_mode():
+            yield frozen, frozen.memory_format
+        return
     fmt = _fast_format(model) if dtype is not None else None
     convert = fmt is not None and not _has_format(model, fmt)
     was_training = model.training
@@ -227,7 +236,7 @@ def _inference(model: nn.Module, precision: str = "fp32") -> Iterator[torch.memo
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            yield fmt
+            yield model, fmt
     finally:
         model.train(was_training)
         if convert:
@@ -301,8 +310,10 @@ def _predictor(
     """Batch (CPU) -> float32 prediction on the model's device: activation, then TTA mean.
     Activations run in float32 also under bf16 autocast (the logits are upcast first)."""
     param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = fastpath.model_device(model)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if isinstance(model, fastpath.FrozenModel):
+        dtype = torch.float32  # it casts its input itself
     if activation is None or activation == "logits":
         act: Callable[[torch.Tensor], torch.Tensor] = lambda y: y  # noqa: E731
     elif callable(activation):
@@ -344,8 +355,8 @@ def _stream(
     reduce = None if opts["reduce"] is None or band else resolve_reduce(opts["reduce"])
     positions = iter(grid)
     result = opts["out"] if reduce is not None else None
-    with _inference(model, opts["precision"]) as fmt:
-        predict = _predictor(model, opts["activation"], opts["tta"], len(grid.tile), fmt)
+    with _inference(model, opts["precision"]) as (runner, fmt):
+        predict = _predictor(runner, opts["activation"], opts["tta"], len(grid.tile), fmt)
         while chunk := list(itertools.islice(positions, opts["batch_size"])):
             starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
             tiles = [extract_tile(image, s, window[1], opts["pad_mode"]) for s in starts]
