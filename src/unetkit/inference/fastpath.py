@@ -11,9 +11,11 @@ that per-call work costs as much as the convolution itself (prepacked bf16 convs
   following ReLU / SiLU / GELU / LeakyReLU / sigmoid runs as a oneDNN post-op of that conv;
 * weights are cast to the compute dtype; normalisation layers keep float32 affine
   parameters (they accumulate in float32 either way);
-* on CPUs, conv (2-D/3-D) and linear weights are reordered once into oneDNN's layout
+* on CPUs, conv (1-D to 3-D) and linear weights are reordered once into oneDNN's layout
   (``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``: the kernels that
-  ``torch.compile``'s CPU freezing emits) and activations run channels-last.
+  ``torch.compile``'s CPU freezing emits) and activations run channels-last;
+* the diffusion U-Net's residual and transformer blocks become fused versions
+  (``fused_blocks``: residual adds, GEGLU and q/k/v projections folded into fewer kernels).
 
 The result is a new, inference-only module (``FrozenModel``); the original is untouched.
 It casts its first input to the compute dtype and floating outputs back to float32, so a
@@ -103,6 +105,18 @@ class PackedConv(nn.Module):
         y = torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
             self.attr, self.scalars, self.algorithm,
+        )  # fmt: skip
+        return y.squeeze(2) if squeeze else y
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``conv(x) + other`` in one kernel (the residual add as a oneDNN post-op; the
+        conv's own activation is not applied)."""
+        squeeze = self.dims == 1
+        if squeeze:
+            x, other = x.unsqueeze(2), other.unsqueeze(2)
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, self.weight, self.bias, self.padding, self.stride, self.dilation,
+            self.groups, "add", None, None, [], None,
         )  # fmt: skip
         return y.squeeze(2) if squeeze else y
 
@@ -338,6 +352,10 @@ def freeze(
     folded = _fold_sequentials(inner)
     if dtype != torch.float32:
         _cast(inner, dtype)
+    if pack:
+        from unetkit.inference.fused_blocks import fuse_blocks
+
+        fuse_blocks(inner, PackedConv)
     swapped = _replace(inner, pack)
     fmt = _memory_format(inner) if dtype != torch.float32 else None
     if fmt is not None:
