@@ -2,6 +2,7 @@
 
     unetkit diffusion-train --out runs/digits            # ~20 min on 2 CPU cores
     python benchmarks/diffusion_quality.py runs/digits --n 50 --guidance 1 3
+    python benchmarks/diffusion_quality.py runs/digits --n 50 --guidance 1 3 --precision bf16
 
 For every digit d the run generates --n samples from "a handwritten digit <d>"; a
 scikit-learn classifier trained on real MNIST digits the generator never saw (the held-out
@@ -45,9 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--digits", default="0123456789", help="digits to prompt, e.g. 9")
     ap.add_argument("--grid", help="write a grid of the last guidance's samples here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32")
     args = ap.parse_args(argv)
 
-    pipe = DiffusionPipeline.from_checkpoint(args.run, sampler=args.sampler)
+    pipe = DiffusionPipeline.from_checkpoint(
+        args.run, sampler=args.sampler, precision=args.precision
+    )
     clf, real_acc = heldout_classifier(pipe.size)
     print(f"classifier accuracy on held-out real digits: {real_acc:.3f}")
     digits = [int(c) for c in args.digits]
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{g:8.1f} | {cells} | {np.mean(accs):5.3f} | {seconds / steps:6.3f}")
         if args.grid:
             save_grid(torch.cat(samples), args.grid, nrow=10)
-    print(f"({args.n} samples per digit, {args.steps} steps, batch {args.n})")
+    print(f"({args.n} samples per digit, {args.steps} steps, batch {args.n}, {args.precision})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from unetkit.inference.fastpath import (
     FrozenModel,
     PackedConv,
     PackedLinear,
+    PairMaxPool,
     can_freeze,
     fold_batchnorm,
     freeze,
@@ -81,7 +82,7 @@ def test_fused_post_op_equals_the_activation_module(act: nn.Module) -> None:
     conv = nn.Conv2d(8, 16, 3, padding=1).bfloat16().eval()
     x = torch.randn(2, 8, 9, 9).bfloat16()
     with torch.no_grad():
-        got = PackedConv(conv, fastpath._post_op(act))(x).float()
+        got = PackedConv(conv, fastpath.post_op(act))(x).float()
         want = act(conv(x).float())
     # one bf16 rounding of the fused result vs two of conv then activation
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
@@ -222,3 +223,22 @@ def test_predict_tiled_bf16_runs_the_frozen_copy() -> None:
     assert isinstance(fastpath._CACHE.get(net)[1], FrozenModel)
     assert (fast - exact).abs().max() < 0.05
     assert F.mse_loss(fast, exact) < 1e-4
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("size", [8, 7])
+def test_pair_max_pool_equals_max_pool(dims: int, size: int) -> None:
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(2, 5, *(size,) * dims).bfloat16().contiguous(memory_format=fmt)
+    want = getattr(F, f"max_pool{dims}d")(x, 2)
+    got = PairMaxPool(dims)(x)
+    assert torch.equal(got, want)
+    assert torch.equal(PairMaxPool(dims)(x.contiguous()), want)  # other layouts: max_pool
+
+
+@packed_only
+def test_frozen_unet_uses_the_fast_layers() -> None:
+    net = unetkit.create_model("unet", channels=(4, 8, 16), norm="batch")
+    kinds = {type(m) for m in freeze(net).modules()}
+    assert {PackedConv, PairMaxPool} <= kinds
+    assert not kinds & {nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU}

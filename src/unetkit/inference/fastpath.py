@@ -36,122 +36,21 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from unetkit.errors import ConfigError
+from unetkit.inference.kernels import (
+    FusedConvAct,
+    PackedConv,
+    PackedLinear,
+    PairMaxPool,
+    is_pair_pool,
+    packing_available,
+    post_op,
+)
 
 logger = logging.getLogger(__name__)
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-# --- oneDNN kernels with prepacked weights ------------------------------------------------
-def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """True if this torch build can prepack weights for oneDNN on the CPU in ``dtype``."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    needed = ("_reorder_convolution_weight", "_convolution_pointwise", "_reorder_linear_weight")
-    if not torch.backends.mkldnn.is_available() or not all(hasattr(ops, n) for n in needed):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(ops._is_mkldnn_bf16_supported())
-    return False  # float32: oneDNN's prepacked convs were slower on large maps (measured)
-
-
-# post-op name and scalars of oneDNN for each activation module it can fuse
-def _post_op(act: nn.Module) -> tuple[str, list, str] | None:
-    if isinstance(act, nn.Identity):
-        return "none", [], ""
-    if isinstance(act, nn.ReLU):
-        return "relu", [], ""
-    if isinstance(act, nn.SiLU):
-        return "swish", [], ""
-    if isinstance(act, nn.Sigmoid):
-        return "sigmoid", [], ""
-    if isinstance(act, nn.GELU):
-        return "gelu", [], act.approximate
-    if isinstance(act, nn.LeakyReLU):
-        return "leaky_relu", [act.negative_slope], ""
-    return None
-
-
-class PackedConv(nn.Module):
-    """A convolution (any dims) with its weight prepacked for oneDNN and an optional fused
-    activation (``attr``: none, relu, swish, gelu, leaky_relu, sigmoid).
-
-    Built by ``freeze`` from an ``nn.ConvNd`` already cast to the compute dtype; not
-    trainable. ``weight`` is the packed (opaque) tensor.
-    """
-
-    def __init__(self, conv: nn.Module, post_op: tuple[str, list, str] = ("none", [], "")):
-        super().__init__()
-        self.dims = conv.weight.dim() - 2
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.stride, self.padding = list(conv.stride), list(conv.padding)
-        self.dilation, self.groups = list(conv.dilation), conv.groups
-        self.attr, self.scalars, self.algorithm = post_op
-        w = conv.weight.detach()
-        if self.dims == 1:  # oneDNN's conv wants 2-D or 3-D: a 1-D conv is a 1xK 2-D one
-            w = w.unsqueeze(2)
-            self.stride, self.padding = [1, *self.stride], [0, *self.padding]
-            self.dilation = [1, *self.dilation]
-        self.weight = torch.ops.mkldnn._reorder_convolution_weight(
-            w, self.padding, self.stride, self.dilation, self.groups
-        )
-        self.bias = None if conv.bias is None else conv.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        squeeze = self.dims == 1
-        if squeeze:
-            x = x.unsqueeze(2)
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            self.attr, self.scalars, self.algorithm,
-        )  # fmt: skip
-        return y.squeeze(2) if squeeze else y
-
-    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``conv(x) + other`` in one kernel (the residual add as a oneDNN post-op; the
-        conv's own activation is not applied)."""
-        squeeze = self.dims == 1
-        if squeeze:
-            x, other = x.unsqueeze(2), other.unsqueeze(2)
-        y = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, self.weight, self.bias, self.padding, self.stride, self.dilation,
-            self.groups, "add", None, None, [], None,
-        )  # fmt: skip
-        return y.squeeze(2) if squeeze else y
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
-            f"padding={self.padding}, post_op={self.attr!r}"
-        )
-
-
-class PackedLinear(nn.Module):
-    """``nn.Linear`` with its weight prepacked for oneDNN (any leading dimensions)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
-
-
-class FusedConvAct(nn.Module):
-    """Conv (BatchNorm folded in) then its activation, when the conv cannot be packed."""
-
-    def __init__(self, conv: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.act = conv, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x))
 
 
 # --- graph rewrites on the copy ----------------------------------------------------------
@@ -201,7 +100,7 @@ def _fold_sequentials(model: nn.Module) -> int:
                 j += 1  # skip the Identity a folded norm (or norm="none") leaves
             if isinstance(conv, _CONVS) and j < len(keys):
                 act = seq._modules[keys[j]]
-                if _post_op(act) is not None and not isinstance(act, nn.Identity):
+                if post_op(act) is not None and not isinstance(act, nn.Identity):
                     conv._unetkit_post_op = act  # picked up when the conv is replaced
                     seq._modules[keys[j]] = nn.Identity()
             i = j if j > i else i + 1
@@ -241,9 +140,11 @@ def _replace(model: nn.Module, pack: bool) -> int:
                 if isinstance(child, nn.Linear):
                     new = PackedLinear(child)
                 else:
-                    new = PackedConv(child, _post_op(act or nn.Identity()))
+                    new = PackedConv(child, post_op(act or nn.Identity()))
             elif act is not None:
                 new = FusedConvAct(child, act)
+            elif pack and is_pair_pool(child):
+                new = PairMaxPool(2 if isinstance(child, nn.MaxPool2d) else 3)
             if new is not None:
                 parent._modules[name] = new
                 swapped += 1
