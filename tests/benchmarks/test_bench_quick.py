@@ -112,3 +112,40 @@ def test_ratios_and_goals_are_computed_from_the_results() -> None:
         "| unet | forward | fast path vs MONAI default (fp32) | 4.00x | 4.00x | 3.09x | 0.25 |"
         in text
     )
+
+
+def test_quick_diffusion_cases_time_the_frozen_copy_and_both_diffusers_bf16_modes(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("diffusers")
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH / "bench.py"), "--quick", "--only", "diffusion"]
+    proc = subprocess.run(cmd + ["--json", str(out_json)], capture_output=True, text=True,
+                          timeout=150)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {(r["lib"], r["precision"], r.get("variant")): r
+            for r in json.loads(out_json.read_text())["results"]}  # fmt: skip
+    want = {("diffusers", "fp32", None), ("diffusers", "bf16", "autocast"),
+            ("diffusers", "bf16", "weights"), ("unetkit", "fp32", None)}  # fmt: skip
+    assert want <= set(runs)
+    assert all(runs[k]["status"] == "ok" for k in want)
+    flops = {r["flops"] for r in runs.values() if r["status"] == "ok"}
+    assert len(flops) == 1 and flops.pop() > 0  # one FLOP count: the same work everywhere
+
+
+def test_diffusion_bf16_is_compared_with_the_faster_diffusers_mode() -> None:
+    report = _load_report()
+    k = dict(group="diffusion", task="step")
+    results = [
+        _result("diffusers", "fp32", 0.3, 1e9, 10, **k),
+        _result("diffusers", "bf16", 0.2, 1e9, 10, variant="autocast", **k),
+        _result("diffusers", "bf16", 0.15, 1e9, 10, variant="weights", **k),
+        _result("unetkit", "fp32", 0.3, 1e9, 10, **k),
+        _result("unetkit", "bf16", 0.1, 1e9, 10, variant="frozen", **k),
+    ]
+    rows = {c["label"]: c for c in report.comparisons(results)}
+    assert rows["bf16 vs diffusers bf16 (faster variant)"]["speedup"] == pytest.approx(1.5)
+    assert rows["fast path vs diffusers default (fp32)"]["speedup"] == pytest.approx(3.0)
+    goals = {g["goal"]: g for g in report.goals(results)}
+    same = goals["Diffusion step vs diffusers, same precision (worst of fp32/bf16) (x)"]
+    assert same["value"] == pytest.approx(1.0) and same["status"] == "FAIL"

@@ -15,7 +15,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (3)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp-2m", "euler"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto (default): bf16 where the CPU/GPU computes it natively (on CPUs a frozen "
+        "bf16 copy with prepacked weights, ~2x faster, same digit accuracy), else fp32",
+    )
     p.add_argument("--text-encoder", help="override the run's text encoder")
 
 

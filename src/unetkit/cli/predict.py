@@ -19,7 +19,8 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="auto: bf16 autocast on CPUs/GPUs that compute bf16 natively, else fp32 "
+        help="auto: bf16 on CPUs/GPUs that compute it natively (on CPUs a frozen copy "
+        "with prepacked weights), else fp32 "
         "(default); bf16 forces it; fp32 is exact",
     )
 

@@ -9,8 +9,9 @@ Every backend yields an ``nn.Module``-like object that the tiling engine drives 
   the checkpoint (reused while the checkpoint's SHA-256, stored in the graph, matches; in a
   temporary folder if the checkpoint's folder is read-only).
 
-Precision (``InferenceOptions.precision``) is applied by the tiling engine (bf16 autocast and
-channels-last weights); the onnx backend runs float32 graphs, so it takes "fp32" or "auto".
+Precision (``InferenceOptions.precision``) is applied by the tiling engine (bf16: a frozen
+copy on CPUs, ``fastpath``; autocast on GPUs); the onnx backend runs float32 graphs, so it
+takes "fp32" or "auto".
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ tile batch (plus the image, which may be a numpy memmap). With ``reduce`` (e.g. 
 not even the ``K×*S`` float32 output exists: windows are blended in a band one tile high
 (``streaming.BandAccumulator``) and each finished slab is reduced (uint8 labels, one class,
 float16, ...) as soon as no later window can touch it. ``precision="bf16"`` runs the model
-under bf16 autocast with channels-last weights and tiles (the fast CPU path).
+in bf16: on CPUs a frozen copy with prepacked oneDNN weights (``fastpath.frozen_for``),
+elsewhere autocast with channels-last weights and tiles.
 """
 
 from __future__ import annotations
@@ -427,8 +428,8 @@ def overlap_tile(
         tta: False, True/"flip" or "flip_rot90": per-tile augmentation, averaged after
             ``activation``.
         pad_mode: context beyond the border: reflect (mirror, the paper) | replicate | constant.
-        precision: "fp32" (default, exact), "bf16" (autocast + channels-last weights, the
-            fast CPU path) or "auto" (bf16 where the hardware computes it natively).
+        precision: "fp32" (default, exact), "bf16" (the fast path: a frozen bf16 copy on
+            CPUs, autocast elsewhere) or "auto" (bf16 where the hardware computes it).
         reduce: None, "argmax" (uint8 labels ``*S``) or a callable mapping each tile's
             ``K×*R`` float32 prediction to ``(...)×*R`` (e.g. one class, float16): only the
             reduced result is stored.
@@ -520,8 +521,8 @@ def sliding_window(
         pad_mode: padding where a window leaves the image: reflect | replicate | constant.
         activation: "probabilities" (default), None/"logits", or a callable.
         tta: False, True/"flip" or "flip_rot90": per-window test-time augmentation.
-        precision: "fp32" (default, exact), "bf16" (autocast + channels-last, the fast CPU
-            path) or "auto" (bf16 where the hardware computes it natively).
+        precision: "fp32" (default, exact), "bf16" (the fast path: a frozen bf16 copy on
+            CPUs, autocast elsewhere) or "auto" (bf16 where the hardware computes it).
         reduce: None, "argmax" (uint8 labels ``*S``) or a callable mapping blended
             ``K×*R`` float32 slabs to ``(...)×*R``. Bounded memory: windows are blended in a
             band one tile high along the first axis and each finished slab is reduced and
@@ -597,8 +598,8 @@ def predict_tiled(
         device: run the model there (the model is moved with ``model.to(device)`` and stays);
             None uses the device the model is on.
         activation: "probabilities" (default), None/"logits", or a callable.
-        precision: "fp32" (default), "bf16" or "auto": bf16 autocast + channels-last
-            weights, about 2-3x faster on CPUs with native bf16 (AVX512-BF16/AMX).
+        precision: "fp32" (default), "bf16" or "auto": bf16 (on CPUs a frozen copy with
+            prepacked weights), 3-5x faster on CPUs with native bf16 (AVX512-BF16/AMX).
         reduce: None, "argmax" (uint8 label map ``*S``) or a callable on ``K×*R``
             probabilities: store only that, in bounded memory (see ``sliding_window``).
 

@@ -48,8 +48,9 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """``precision``: "fp32" (exact), "bf16" or "auto" (bf16 autocast + channels-last where
-    the CPU computes bf16 natively); see ``unetkit.inference.tiling.predict_tiled``."""
+    """``precision``: "fp32" (exact), "bf16" or "auto" (bf16 where the hardware computes it
+    natively: a frozen copy with prepacked weights on CPUs); see
+    ``unetkit.inference.tiling.predict_tiled``."""
 
     tile: int | None = None
     overlap: float = 0.25
