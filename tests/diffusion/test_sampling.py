@@ -176,3 +176,42 @@ def test_pipeline_clips_the_x0_estimate_only_for_epsilon_models(prediction_type,
     assert pipe.clip_sample is clips
     assert pipe._scheduler("ddim").clip_sample is clips
     assert DiffusionPipeline(ContextModel(), schedule, clip_sample=True).clip_sample is True
+
+
+@pytest.mark.skipif(
+    not __import__("unetkit.inference.fastpath").inference.fastpath.can_freeze(
+        nn.Conv2d(1, 1, 1), torch.bfloat16
+    ),
+    reason="no oneDNN bf16 kernels here",
+)
+def test_pipeline_bf16_runs_the_frozen_copy_and_stays_close_to_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As close to float32 as bf16 autocast is (an untrained net's trajectory amplifies
+    any rounding, so the bound is relative to autocast's)."""
+    import unetkit
+    from unetkit.diffusion.pipeline import DiffusionPipeline
+    from unetkit.inference import fastpath
+
+    torch.manual_seed(0)
+    net = unetkit.create_model(
+        "diffusion-unet", in_channels=1, out_channels=1, channels=(16, 32), num_res_blocks=1,
+        attention_levels=(False, True), num_heads=2, cross_attention_dim=None, norm_groups=8,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    schedule = NoiseSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+    def sample(precision: str) -> torch.Tensor:
+        pipe = DiffusionPipeline(net, schedule, size=16, channels=1, precision=precision)
+        return pipe.generate(["", ""], steps=4, guidance=1.0, seed=3)
+
+    exact, fast = sample("fp32"), sample("bf16")
+    assert isinstance(fastpath._CACHE.get(net)[1], fastpath.FrozenModel)
+    monkeypatch.setattr(fastpath, "can_freeze", lambda model, dtype: False)
+    autocast = sample("bf16")
+    assert fast.dtype == torch.float32
+    err, err_autocast = (fast - exact).abs().max(), (autocast - exact).abs().max()
+    assert err <= 1.5 * err_autocast + 0.02
