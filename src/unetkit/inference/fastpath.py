@@ -214,7 +214,8 @@ def _to_float(out: Any) -> Any:
     return out
 
 
-def _memory_format(model: nn.Module) -> Any:
+def fast_memory_format(model: nn.Module) -> torch.memory_format | None:
+    """channels_last(_3d) for a model with 2-D (3-D) convolutions, else None."""
     for m in model.modules():
         if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
             return torch.channels_last_3d
@@ -258,7 +259,7 @@ def freeze(
 
         fuse_blocks(inner, PackedConv)
     swapped = _replace(inner, pack)
-    fmt = _memory_format(inner) if dtype != torch.float32 else None
+    fmt = fast_memory_format(inner) if dtype != torch.float32 else None
     if fmt is not None:
         inner = inner.to(memory_format=fmt)
     logger.debug("froze %s: %d BatchNorms folded, %d layers swapped (packed=%s)",
@@ -316,6 +317,7 @@ __all__ = [
     "PackedLinear",
     "fold_batchnorm",
     "can_freeze",
+    "fast_memory_format",
     "freeze",
     "frozen_for",
     "model_device",

@@ -223,7 +223,7 @@ def _inference(
         with torch.inference_mode():
             yield frozen, frozen.memory_format
         return
-    fmt = _fast_format(model) if dtype is not None else None
+    fmt = fastpath.fast_memory_format(model) if dtype is not None else None
     convert = fmt is not None and not _has_format(model, fmt)
     was_training = model.training
     model.eval()
@@ -242,15 +242,6 @@ def _inference(
         model.train(was_training)
         if convert:
             model.to(memory_format=torch.contiguous_format)
-
-
-def _fast_format(model: nn.Module) -> torch.memory_format | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            return torch.channels_last
-        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
-            return torch.channels_last_3d
-    return None
 
 
 def _has_format(model: nn.Module, fmt: torch.memory_format) -> bool:
