@@ -91,7 +91,7 @@ def test_fused_post_op_equals_the_activation_module(act: nn.Module) -> None:
 @packed_only
 def test_packed_linear_takes_any_leading_dims() -> None:
     lin = nn.Linear(24, 40).bfloat16().eval()
-    packed = PackedLinear(lin)
+    packed = PackedLinear.of(lin)
     for shape in [(5, 24), (2, 77, 24), (2, 3, 4, 24)]:
         x = torch.randn(shape).bfloat16()
         with torch.no_grad():

@@ -103,7 +103,7 @@ def _fold_sequentials(model: nn.Module) -> int:
                 if post_op(act) is not None and not isinstance(act, nn.Identity):
                     conv._unetkit_post_op = act  # picked up when the conv is replaced
                     seq._modules[keys[j]] = nn.Identity()
-            i = j if j > i else i + 1
+            i = j
     return folded
 
 
@@ -138,7 +138,7 @@ def _replace(model: nn.Module, pack: bool) -> int:
             new = None
             if pack and _packable(child):
                 if isinstance(child, nn.Linear):
-                    new = PackedLinear(child)
+                    new = PackedLinear.of(child)
                 else:
                     new = PackedConv(child, post_op(act or nn.Identity()))
             elif act is not None:
@@ -245,8 +245,7 @@ def freeze(
     """
     if dtype not in (torch.bfloat16, torch.float32):
         raise ConfigError(f"freeze: dtype must be torch.bfloat16 or torch.float32, got {dtype}")
-    param = next(iter(model.parameters()), None)
-    on_cpu = param is None or param.device.type == "cpu"
+    on_cpu = model_device(model).type == "cpu"
     pack = packing_available(dtype) and on_cpu if pack is None else pack
     if pack and not packing_available(dtype):
         raise ConfigError(f"weight prepacking for {dtype} is not available in this torch build")

@@ -24,41 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unetkit.inference.kernels import PackedLinear
 from unetkit.nn.resblock import TimestepResBlock
 from unetkit.nn.transformer import Attention, BasicTransformerBlock, SpatialTransformer
-
-_mk = torch.ops.mkldnn
-
-
-class _Linear:
-    """A prepacked linear weight with optional post-ops (not a module: no state)."""
-
-    __slots__ = ("bias", "weight")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight = _mk._reorder_linear_weight(weight.detach().contiguous())
-        self.bias = None if bias is None else bias.detach().contiguous()
-
-    @classmethod
-    def of(cls, *layers: nn.Module) -> _Linear:
-        """One linear doing the work of several on the same input (outputs concatenated);
-        1x1 convolutions count as linears on channels-last tokens."""
-        weights = [m.weight.detach().flatten(1) for m in layers]
-        biases = [m.bias for m in layers]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([
-                b.detach() if b is not None else w.new_zeros(w.shape[0])
-                for b, w in zip(biases, weights, strict=True)
-            ])  # fmt: skip
-        return cls(torch.cat(weights), bias)
-
-    def __call__(self, x: torch.Tensor, attr: str = "none", algorithm: str = "") -> torch.Tensor:
-        return _mk._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
-
-    def then(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
-        """``linear(x) <op> other`` with op "add" or "mul", in one kernel."""
-        return _mk._linear_pointwise.binary(x, other, self.weight, self.bias, op)
 
 
 def _active(dropout: nn.Module) -> bool:
@@ -74,10 +42,10 @@ class FusedAttention(nn.Module):
         self.heads, self.head_dim, self.upcast = attn.heads, attn.head_dim, attn.upcast
         self.self_attention = self_attention
         if self_attention:
-            self.qkv = _Linear.of(attn.to_q, attn.to_k, attn.to_v)
+            self.qkv = PackedLinear.of(attn.to_q, attn.to_k, attn.to_v)
         else:
-            self.q, self.kv = _Linear.of(attn.to_q), _Linear.of(attn.to_k, attn.to_v)
-        self.out = _Linear.of(attn.to_out[0])
+            self.q, self.kv = PackedLinear.of(attn.to_q), PackedLinear.of(attn.to_k, attn.to_v)
+        self.out = PackedLinear.of(attn.to_out[0])
 
     def _split(self, y: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         b, n, _ = y.shape  # (B, N, parts*heads*d) -> parts x (B, heads, N, d), contiguous
@@ -114,9 +82,9 @@ class FusedTransformerBlock(nn.Module):
         geglu, out = block.ff.net[0], block.ff.net[2]
         half = geglu.proj.out_features // 2  # proj computes [a, gate]
         w, bias = geglu.proj.weight, geglu.proj.bias
-        self.ff_a = _Linear(w[:half], None if bias is None else bias[:half])
-        self.ff_gate = _Linear(w[half:], None if bias is None else bias[half:])
-        self.ff_out = _Linear.of(out)
+        self.ff_a = PackedLinear(w[:half], None if bias is None else bias[:half])
+        self.ff_gate = PackedLinear(w[half:], None if bias is None else bias[half:])
+        self.ff_out = PackedLinear.of(out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attn1(self.norm1(x), None, x)
@@ -135,7 +103,7 @@ class FusedSpatialTransformer(nn.Module):
     def __init__(self, st: SpatialTransformer) -> None:
         super().__init__()
         self.norm = st.norm
-        self.proj_in, self.proj_out = _Linear.of(st.proj_in), _Linear.of(st.proj_out)
+        self.proj_in, self.proj_out = PackedLinear.of(st.proj_in), PackedLinear.of(st.proj_out)
         self.transformer_blocks = nn.ModuleList(
             FusedTransformerBlock(b) for b in st.transformer_blocks
         )

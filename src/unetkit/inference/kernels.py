@@ -100,16 +100,40 @@ class PackedConv(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with its weight prepacked for oneDNN (any leading dimensions)."""
+    """A linear layer with its weight prepacked for oneDNN (any leading dimensions), with
+    optional post-ops: ``forward(x, attr)`` applies an activation, ``then(x, other, op)``
+    adds or multiplies ``other`` in the same kernel.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    Args:
+        weight: (out, in) weight, already in the compute dtype.
+        bias: (out,) or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+        self.bias = None if bias is None else bias.detach().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    @classmethod
+    def of(cls, *layers: nn.Module) -> PackedLinear:
+        """One linear doing the work of ``layers`` on the same input (outputs concatenated);
+        1x1 convolutions count as linears on channels-last tokens."""
+        weights = [m.weight.detach().flatten(1) for m in layers]
+        bias = None
+        if any(m.bias is not None for m in layers):
+            bias = torch.cat([
+                m.bias.detach() if m.bias is not None else w.new_zeros(w.shape[0])
+                for m, w in zip(layers, weights, strict=True)
+            ])  # fmt: skip
+        return cls(torch.cat(weights), bias)
+
+    def forward(self, x: torch.Tensor, attr: str = "none", algorithm: str = "") -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+
+    def then(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
+        """``linear(x) <op> other`` with op "add" or "mul", in one kernel."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, op)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
