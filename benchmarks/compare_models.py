@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from unetkit import registry
-from unetkit.segmentation import recipe as R
-from unetkit.segmentation.report import heldout_report
+from unetkit.workflows import segment_train as R
+from unetkit.workflows.report import heldout_report
 
 # comparable, CPU-sized configurations (model_options per family)
 SIZES: dict[str, dict] = {

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from unetkit.data.digits import DigitsDataset, classify_digits, train_digit_classifier
-from unetkit.diffusion.pipeline import DiffusionPipeline, save_grid
-from unetkit.diffusion.recipe import DIGIT_PROMPTS
+from unetkit.workflows.diffuse import DiffusionPipeline, save_grid
+from unetkit.workflows.diffuse_train import DIGIT_PROMPTS
 
 
 def heldout_classifier(size: int):

@@ -150,7 +150,7 @@ def test_convert_refuses_pickles_and_foreign_files(tmp_path, capsys):
 def test_lora_train_generate_verify_convert_merge(run_dir, tmp_path, capsys):
     import torch
 
-    from unetkit.diffusion.pipeline import DiffusionPipeline
+    from unetkit.workflows.diffuse import DiffusionPipeline
 
     out = tmp_path / "nine"
     assert (
@@ -210,8 +210,8 @@ def test_lora_files_that_match_nothing_are_an_error(run_dir, tmp_path, capsys):
 def test_lora_on_a_diffusion_base_keeps_the_base_objective(tmp_path):
     import json
 
-    from unetkit.diffusion import recipe as R
-    from unetkit.training.lora import LoRAOptions, train_lora
+    from unetkit.workflows import diffuse_train as R
+    from unetkit.workflows.adapt import LoRAOptions, train_lora
 
     base = R.make_diffusion_recipe("digits-quick", prediction_type="epsilon", beta_end=0.012)
     R.train_diffusion(base, tmp_path / "eps", progress=False)

@@ -169,7 +169,7 @@ def test_repaint_refuses_multistep_sampler():
     ("prediction_type", "clips"), [("epsilon", True), ("v_prediction", False), ("sample", False)]
 )
 def test_pipeline_clips_the_x0_estimate_only_for_epsilon_models(prediction_type, clips):
-    from unetkit.diffusion.pipeline import DiffusionPipeline
+    from unetkit.workflows.diffuse import DiffusionPipeline
 
     schedule = NoiseSchedule(prediction_type=prediction_type)
     pipe = DiffusionPipeline(ContextModel(), schedule)
@@ -190,7 +190,7 @@ def test_pipeline_bf16_runs_the_frozen_copy_and_stays_close_to_fp32(
     """As close to float32 as bf16 autocast is (an untrained net's trajectory amplifies
     any rounding, so the bound is relative to autocast's)."""
     import unetkit
-    from unetkit.diffusion.pipeline import DiffusionPipeline
+    from unetkit.workflows.diffuse import DiffusionPipeline
     from unetkit.inference import fastpath
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from unetkit.inference.backends import (
     onnx_cache_path,
     options_for,
 )
-from unetkit.segmentation.pipeline import InferenceOptions, predict_image
+from unetkit.workflows.segment import InferenceOptions, predict_image
 
 META = {"normalize": "zscore", "target": "semantic"}
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import unetkit
-from unetkit.segmentation.calibrate import best_seed_threshold, calibrate_seed_threshold
+from unetkit.workflows.calibrate import best_seed_threshold, calibrate_seed_threshold
 
 
 def _touching_pair() -> tuple[np.ndarray, np.ndarray]:

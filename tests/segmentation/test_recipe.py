@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unetkit.errors import ConfigError
-from unetkit.segmentation import recipe as R
+from unetkit.workflows import segment_train as R
 
 
 def test_paper_recipe_is_the_paper() -> None:

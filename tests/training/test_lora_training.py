@@ -11,8 +11,8 @@ from unetkit.data.synthetic import write_synthetic_folder
 from unetkit.errors import ConfigError
 from unetkit.formats.lora_files import load_adapter, read_adapter, write_adapter
 from unetkit.nn.lora_inject import merge_and_unload
-from unetkit.segmentation import recipe as R
-from unetkit.training.lora import LoRAOptions, load_model_or_adapter, train_lora
+from unetkit.workflows import segment_train as R
+from unetkit.workflows.adapt import LoRAOptions, load_model_or_adapter, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_lora_options_are_validated():
 
 def test_predict_and_evaluate_take_a_lora_adapter_file(base, lora_adapter, tmp_path, capsys):
     from unetkit.cli.main import main
-    from unetkit.segmentation.pipeline import load_for_inference
+    from unetkit.workflows.segment import load_for_inference
 
     adapter = lora_adapter
     model, meta = load_for_inference(adapter)

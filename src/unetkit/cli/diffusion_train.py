@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from unetkit.diffusion import recipe as R
+from unetkit.workflows import diffuse_train as R
 from unetkit.errors import ConfigError
 from unetkit.training import distributed
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
-from unetkit.segmentation.pipeline import (
+from unetkit.workflows.segment import (
     evaluate_dataset,
     evaluate_regression,
     load_for_inference,

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from unetkit.diffusion.pipeline import DiffusionPipeline, save_grid, to_uint8
+from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

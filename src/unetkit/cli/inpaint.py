@@ -48,7 +48,7 @@ def _load(path: str, channels: int, size: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     from unetkit.data.io import write_image
-    from unetkit.diffusion.pipeline import DiffusionPipeline, to_uint8
+    from unetkit.workflows.diffuse import DiffusionPipeline, to_uint8
 
     pipe = DiffusionPipeline.from_checkpoint(
         args.run_dir,

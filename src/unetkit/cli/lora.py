@@ -46,7 +46,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import read_metadata
-    from unetkit.training.lora import LoRAOptions, base_checkpoint, train_lora
+    from unetkit.workflows.adapt import LoRAOptions, base_checkpoint, train_lora
 
     options = LoRAOptions(
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
@@ -108,7 +108,7 @@ def run_merge(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import load, read_metadata, save
     from unetkit.formats.lora_files import load_adapter
     from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
-    from unetkit.training.lora import base_checkpoint
+    from unetkit.workflows.adapt import base_checkpoint
 
     file = base_checkpoint(args.base)
     model = load(file)
@@ -166,7 +166,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
     from unetkit.formats.checkpoint import load
     from unetkit.formats.lora_files import verify_adapter
-    from unetkit.training.lora import base_checkpoint
+    from unetkit.workflows.adapt import base_checkpoint
 
     model = load(base_checkpoint(args.base)).eval()
     config = model.config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unetkit.inference.backends import BACKENDS
-from unetkit.segmentation.pipeline import InferenceOptions, predict_files
+from unetkit.workflows.segment import InferenceOptions, predict_files
 from unetkit.training.trainer import PRECISIONS
 
 

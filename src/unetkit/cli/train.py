@@ -13,7 +13,7 @@ from typing import Any
 from unetkit import config as cfg
 from unetkit._atomic import atomic_write_text
 from unetkit.errors import ConfigError
-from unetkit.segmentation import recipe as R
+from unetkit.workflows import segment_train as R
 from unetkit.training import distributed
 
 # flags that set the recipe field of the same name
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         f"(epoch {result.best_epoch})"
     )
     if recipe.data is None:  # built-in data: score freshly generated, never-seen images
-        from unetkit.segmentation.report import heldout_report
+        from unetkit.workflows.report import heldout_report
 
         summary = heldout_report(recipe, out)
         print("held-out synthetic images: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))

@@ -92,7 +92,7 @@ def onnx_cache_path(checkpoint: str | os.PathLike) -> Path:
 def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     """The ONNX export of ``checkpoint`` (dynamic spatial size), exported if not cached."""
     from unetkit.formats.onnx import read_onnx_metadata, sha256_file
-    from unetkit.training.lora import load_with_metadata
+    from unetkit.workflows.adapt import load_with_metadata
 
     digest = sha256_file(checkpoint)
     cache = onnx_cache_path(checkpoint)
@@ -143,7 +143,7 @@ def load_inference_model(
                 f"{source}: an ONNX file runs with --backend onnx; for --backend torch pass "
                 "the .safetensors checkpoint it was exported from"
             )
-        from unetkit.training.lora import load_with_metadata
+        from unetkit.workflows.adapt import load_with_metadata
 
         model, meta = load_with_metadata(source)  # a checkpoint, or a LoRA run's adapter
         if compile:

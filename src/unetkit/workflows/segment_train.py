@@ -484,7 +484,7 @@ def train(
         save_model=save_model,
     )
     if recipe.task == "segmentation" and recipe.target == "boundary":
-        from unetkit.segmentation.calibrate import calibrate_seed_threshold
+        from unetkit.workflows.calibrate import calibrate_seed_threshold
         from unetkit.training import distributed
 
         if distributed.is_main():

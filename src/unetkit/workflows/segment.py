@@ -63,7 +63,7 @@ class InferenceOptions:
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and the facts predict needs (target, normalisation) from a checkpoint, or
     from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
-    from unetkit.training.lora import load_with_metadata
+    from unetkit.workflows.adapt import load_with_metadata
 
     return load_with_metadata(checkpoint)
 

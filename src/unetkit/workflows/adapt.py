@@ -173,7 +173,7 @@ def train_lora(
     saver = adapter_saver(options, file)
     lora_info = {"base": str(file), **dataclasses.asdict(options), **summary}
     if "diffusion" in meta:
-        from unetkit.diffusion import recipe as D
+        from unetkit.workflows import diffuse_train as D
 
         d = meta["diffusion"]
         noise = {k: d["schedule"][k] for k in _SCHEDULE_FIELDS if k in d["schedule"]}
@@ -195,7 +195,7 @@ def train_lora(
             save_model=saver,
             lora=lora_info,
         )
-    from unetkit.segmentation import recipe as S
+    from unetkit.workflows import segment_train as S
 
     known = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
     recipe = S.make_recipe("modern", model=meta["model"], **{**known, **recipe_overrides})

@@ -181,7 +181,7 @@ def build_model(recipe: DiffusionRecipe, channels: int, context_dim: int) -> tor
 
 def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) -> dict[str, Any]:
     """What generation needs besides the weights; goes into every checkpoint's metadata."""
-    from unetkit.diffusion.pipeline import clips_x0_estimate
+    from unetkit.workflows.diffuse import clips_x0_estimate
 
     return {
         "diffusion": {
@@ -226,7 +226,7 @@ def train_diffusion(
     train), ``save_model`` replaces the checkpoint writer (adapter files for LoRA runs),
     ``lora`` is recorded in config.json.
     """
-    from unetkit.diffusion.pipeline import DiffusionPipeline
+    from unetkit.workflows.diffuse import DiffusionPipeline
     from unetkit.text import CaptionEmbeddingCache, load_text_encoder
     from unetkit.training import distributed
     from unetkit.training.tasks import DiffusionTask

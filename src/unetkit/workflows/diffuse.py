@@ -102,7 +102,7 @@ class DiffusionPipeline:
         from unetkit.diffusion.schedules import NoiseSchedule
         from unetkit.formats.checkpoint import read_metadata
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-        from unetkit.training.lora import base_checkpoint, load_model_or_adapter
+        from unetkit.workflows.adapt import base_checkpoint, load_model_or_adapter
 
         model, described = load_model_or_adapter(base_checkpoint(path))
         file = described

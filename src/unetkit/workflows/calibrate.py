@@ -21,7 +21,7 @@ from unetkit.formats.lora_files import read_adapter, write_adapter
 from unetkit.inference.tiling import predict_tiled
 from unetkit.segmentation.metrics import instance_ap
 from unetkit.segmentation.postprocess import instances_from_boundary
-from unetkit.training.lora import is_adapter_file, load_with_metadata
+from unetkit.workflows.adapt import is_adapter_file, load_with_metadata
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 
 from unetkit.data.datasets import SyntheticCellsDataset
 from unetkit.data.io import write_image
-from unetkit.segmentation.pipeline import (
+from unetkit.workflows.segment import (
     Prediction,
     evaluate_dataset,
     evaluate_regression,
@@ -18,7 +18,7 @@ from unetkit.segmentation.pipeline import (
     overlay,
 )
 from unetkit.segmentation.postprocess import write_object_table_csv
-from unetkit.segmentation.recipe import SegmentationRecipe
+from unetkit.workflows.segment_train import SegmentationRecipe
 
 HELDOUT_SEED_OFFSET = 20_000  # train uses seed, validation seed + 10_000
 HELDOUT_IMAGES = 8
