@@ -7,8 +7,6 @@ import argparse
 from unetkit.errors import ConfigError
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
 
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -50,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.onnx and not args.torch_export:
         raise ConfigError("nothing to write: pass --onnx FILE and/or --torch-export FILE")
     from unetkit.formats.checkpoint import load, read_metadata
+    from unetkit.formats.loading import user_metadata
 
     meta = read_metadata(args.checkpoint)  # CheckpointError (one line) for other files
     model = load(args.checkpoint)
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = user_metadata(meta)
     size = None
     if args.size:
         size = tuple(args.size) * model.dims if len(args.size) == 1 else tuple(args.size)
