@@ -8,6 +8,7 @@ from pathlib import Path
 from unetkit.cli import flags as F
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.errors import ConfigError
 from unetkit.outputs import output_file
 from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment import (
@@ -54,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
             model, meta, (data[i] for i in range(len(data))), options_from_args(args)
         )
     else:
+        trained = meta.get("num_classes", args.num_classes)
+        if args.num_classes > trained:
+            raise ConfigError(
+                f"--num-classes {args.num_classes}: {args.checkpoint} predicts {trained} "
+                f"classes; scores for classes it cannot predict would be made up"
+            )
         data = FolderSegmentationDataset(
             args.data,
             num_classes=args.num_classes,

@@ -9,6 +9,7 @@ from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
 from unetkit.outputs import output_file
+from unetkit.workflows.segment import check_inference_metadata
 
 _CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import load, read_metadata
 
     meta = read_metadata(args.checkpoint)  # CheckpointError (one line) for other files
+    check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
     model = load(args.checkpoint)
     extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
     size = None

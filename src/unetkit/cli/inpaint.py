@@ -10,7 +10,7 @@ import torch
 
 from unetkit.cli import flags as F
 from unetkit.cli.generate import add_sampling_options
-from unetkit.errors import DataError
+from unetkit.errors import DataError, NonFiniteError
 from unetkit.outputs import output_file
 
 
@@ -37,6 +37,11 @@ def _load(path: str, channels: int, size: int) -> torch.Tensor:
     from unetkit.data.io import read_image
 
     arr = np.asarray(read_image(path), dtype=np.float32)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:  # one NaN pixel would turn the whole sample (kept pixels too) black
+        raise NonFiniteError(f"{path}: image holds {bad} NaN/inf pixel value(s); fix the file")
+    if arr.ndim not in (2, 3):
+        raise DataError(f"{path}: a {arr.ndim}D array is not a 2D image (a volume?)")
     if arr.ndim == 3 and channels == 1:
         arr = arr[..., :3].mean(-1)
     if arr.ndim == 2:
