@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from unetkit.cli import flags as F
 from unetkit.inference.backends import BACKENDS
+from unetkit.outputs import output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.segment import InferenceOptions, predict_files
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=int, help="tile size (default: whole image if it fits)")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    p.add_argument("--tile", type=F.tile_size, help="tile size (default: whole image if it fits)")
+    p.add_argument(
+        "--overlap",
+        type=F.finite_float(0, 1, hi_open=True),
+        default=0.25,
+        help="sliding-window overlap",
+    )
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    p.add_argument("--min-size", type=int, default=10, help="drop objects smaller (px)")
+    p.add_argument("--batch-size", type=F.positive_int, default=4, help="tiles per forward pass")
+    p.add_argument(
+        "--min-size", type=F.nonnegative_int, default=10, help="drop objects smaller (px)"
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -72,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_folder(args.out, flag="--out", inputs=[args.checkpoint, *args.inputs])
     rows = predict_files(
         args.checkpoint,
         args.inputs,

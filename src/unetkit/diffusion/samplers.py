@@ -1,4 +1,4 @@
-"""Samplers by name: the one list of sampler names (``SAMPLERS``) and ``build_scheduler``.
+"""Samplers by name: the one list of sampler names (``SCHEDULER_NAMES``) and ``build_scheduler``.
 
 Apart from ``schedulers.py`` because the σ-space samplers (``dpm_solver.py``, ``euler.py``)
 build on its base class: the factory that names them all sits above the three.
@@ -28,7 +28,7 @@ _CLASSES: dict[str, type[Scheduler]] = {
     "dpmpp-2m": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
 }
-SAMPLERS = tuple(_CLASSES)  # every sampler name: library and CLI choices
+SCHEDULER_NAMES = tuple(_CLASSES)  # every sampler name: library and CLI choices
 DEFAULT_SAMPLER = "ddim"
 
 
@@ -36,7 +36,7 @@ def build_scheduler(name: str, schedule: NoiseSchedule, **options: Any) -> Sched
     """Build a sampler by name: "ddpm", "ddim", "dpmpp-2m" (DPM-Solver++ 2M) or "euler".
 
     Args:
-        name: the sampler's short name, one of ``SAMPLERS``.
+        name: the sampler's short name, one of ``SCHEDULER_NAMES``.
         schedule: the training ``NoiseSchedule``.
         **options: keyword options of that class (e.g. ``eta=0.5`` for "ddim",
             ``timestep_spacing="trailing"``).

@@ -569,6 +569,12 @@ def predict_tiled(
             edge = round(DEFAULT_TILE_VOXELS ** (1 / dims)) // 16 * 16
             margin = model.margin()[0] if valid else 0
             tile = tuple(min(max(edge - 2 * margin, 16), n) for n in size)
+    else:
+        # a tile beyond the image only adds padding: cap it (a 100000 tile would ask for 80 GB)
+        per_axis = (tile,) * dims if isinstance(tile, int) else tuple(tile)
+        if len(per_axis) != dims:
+            raise ConfigError(f"tile {tile}: give one size or {dims} (one per axis)")
+        tile = tuple(min(int(t), n) for t, n in zip(per_axis, size, strict=True))
     common = dict(batch_size=batch_size, activation=activation, tta=tta)
     common.update(runner=runner, reduce=reduce)
     if valid:

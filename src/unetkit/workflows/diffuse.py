@@ -195,12 +195,13 @@ class DiffusionPipeline:
         sampler: str | None = None,
         resample: int = 1,
         seed: int = 0,
+        callback: Any = None,
     ) -> torch.Tensor:
         """Fill ``mask`` (1, H, W; 1 = repaint) of ``image`` (C, H, W, in [-1, 1]).
 
         Models with 2C + 1 input channels get the SD-inpainting input layout, others
         known-region replacement (with RePaint resampling if ``resample > 1``).
-        Returns (n, C, H, W).
+        ``callback(i, t, x)`` runs after each step (progress, cancelling). Returns (n, C, H, W).
         """
         from unetkit.diffusion.inpainting import InpaintingGuide
 
@@ -221,6 +222,7 @@ class DiffusionPipeline:
             seed=seed,
             inpaint=guide,
             shape=(n, *image.shape),
+            callback=callback,
         )
 
     def sample_grid(

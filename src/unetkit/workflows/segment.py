@@ -20,10 +20,11 @@ from skimage.color import label2rgb
 from skimage.segmentation import find_boundaries
 
 from unetkit import runtime
+from unetkit.data.datasets import TARGETS
 from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
-from unetkit.errors import ConfigError, DataError
+from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import OnnxModel
@@ -65,7 +66,33 @@ class InferenceOptions:
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and the facts predict needs (target, normalisation) from a checkpoint, or
     from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
-    return load_with_metadata(checkpoint)
+    model, meta = load_with_metadata(checkpoint)
+    check_inference_metadata(meta, source=str(checkpoint))
+    return model, meta
+
+
+def check_inference_metadata(meta: dict[str, Any], *, source: str) -> None:
+    """Refuse checkpoints predict/evaluate cannot use: a diffusion model, or metadata with
+    an unknown task/target/normalisation or a class count below 1 (CheckpointError)."""
+    if "diffusion" in meta:
+        raise CheckpointError(
+            f"{source}: a text-to-image diffusion checkpoint; predict/evaluate/export need a "
+            f"segmentation or regression model (use `unetkit generate` for this one)"
+        )
+    choices = {
+        "task": ("segmentation", "regression"),
+        "target": TARGETS,
+        "normalize": ("zscore", "percentile", "none"),
+    }
+    for key, allowed in choices.items():
+        if key in meta and meta[key] not in allowed:
+            raise CheckpointError(
+                f"{source}: metadata {key}={meta[key]!r} is not one of {', '.join(allowed)}; "
+                f"the file was edited or written by another tool"
+            )
+    n = meta.get("num_classes", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{source}: metadata num_classes={n!r} is not an integer >= 1")
 
 
 def predict_image(
@@ -182,6 +209,7 @@ def predict_files(
     ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
     (``checkpoint`` may then be an ``.onnx`` file)."""
     model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
+    check_inference_metadata(meta, source=str(checkpoint))
     options = options_for(model, options)
     if attention_maps and isinstance(model, OnnxModel):
         raise ConfigError(f"{checkpoint}: --attention-maps needs --backend torch")
