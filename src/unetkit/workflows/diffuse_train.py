@@ -22,6 +22,15 @@ from typing import Any
 import torch
 
 from unetkit import config as cfg
+from unetkit.data.captions import CaptionFolderDataset
+from unetkit.data.digits import DigitsDataset
+from unetkit.diffusion.schedules import NoiseSchedule
+from unetkit.registry import create_model
+from unetkit.text import CaptionEmbeddingCache, load_text_encoder
+from unetkit.training import distributed
+from unetkit.training.tasks import DiffusionTask
+from unetkit.training.trainer import fit
+from unetkit.workflows.diffuse import DiffusionPipeline, clips_x0_estimate
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +137,6 @@ def make_diffusion_recipe(name: str | None = "digits", /, **overrides: Any) -> D
 
 
 def build_schedule(recipe: DiffusionRecipe) -> Any:
-    from unetkit.diffusion.schedules import NoiseSchedule
-
     return NoiseSchedule(
         num_train_timesteps=recipe.num_train_timesteps,
         beta_schedule=recipe.beta_schedule,
@@ -142,8 +149,6 @@ def build_schedule(recipe: DiffusionRecipe) -> Any:
 def build_datasets(recipe: DiffusionRecipe) -> tuple[Any, Any, int]:
     """(train, validation, channels) for the recipe's data."""
     if recipe.data is None:
-        from unetkit.data.digits import DigitsDataset
-
         common = {
             "size": recipe.size,
             "exclude_digits": recipe.exclude_digits,
@@ -153,8 +158,6 @@ def build_datasets(recipe: DiffusionRecipe) -> tuple[Any, Any, int]:
         val = DigitsDataset("test", limit_per_digit=recipe.limit_per_digit or 20, **common)
         return train, val, 1
     from torch.utils.data import Subset
-
-    from unetkit.data.captions import CaptionFolderDataset
 
     full = CaptionFolderDataset(
         recipe.data, recipe.captions, size=recipe.size, channels=recipe.channels
@@ -166,8 +169,6 @@ def build_datasets(recipe: DiffusionRecipe) -> tuple[Any, Any, int]:
 
 
 def build_model(recipe: DiffusionRecipe, channels: int, context_dim: int) -> torch.nn.Module:
-    from unetkit.registry import create_model
-
     options = {
         "in_channels": channels,
         "out_channels": channels,
@@ -181,7 +182,6 @@ def build_model(recipe: DiffusionRecipe, channels: int, context_dim: int) -> tor
 
 def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) -> dict[str, Any]:
     """What generation needs besides the weights; goes into every checkpoint's metadata."""
-    from unetkit.workflows.diffuse import clips_x0_estimate
 
     return {
         "diffusion": {
@@ -226,11 +226,6 @@ def train_diffusion(
     train), ``save_model`` replaces the checkpoint writer (adapter files for LoRA runs),
     ``lora`` is recorded in config.json.
     """
-    from unetkit.workflows.diffuse import DiffusionPipeline
-    from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-    from unetkit.training import distributed
-    from unetkit.training.tasks import DiffusionTask
-    from unetkit.training.trainer import fit
 
     torch.manual_seed(recipe.seed)
     run_dir = Path(run_dir)
