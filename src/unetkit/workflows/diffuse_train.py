@@ -28,6 +28,7 @@ from unetkit.diffusion.schedules import NoiseSchedule
 from unetkit.registry import create_model
 from unetkit.text import CaptionEmbeddingCache, load_text_encoder
 from unetkit.training import distributed
+from unetkit.training.fit_config import FitConfig
 from unetkit.training.tasks import DiffusionTask
 from unetkit.training.trainer import fit
 from unetkit.workflows.diffuse import DiffusionPipeline, clips_x0_estimate
@@ -275,7 +276,20 @@ def train_diffusion(
         task,
         train_ds,
         val_ds,
+        fit_config(recipe),
         run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        checkpoint_extra=meta,
+        run_config={"task": "diffusion", **cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
+        save_model=save_model,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def fit_config(recipe: DiffusionRecipe) -> FitConfig:
+    """The trainer's part of the recipe."""
+    return FitConfig(
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
@@ -288,12 +302,6 @@ def train_diffusion(
         grad_clip=recipe.grad_clip,
         num_workers=recipe.num_workers,
         seed=recipe.seed,
-        resume=resume,
-        progress=progress,
-        checkpoint_extra=meta,
-        run_config={"task": "diffusion", **cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
-        save_model=save_model,
         max_steps=recipe.max_steps,
-        on_epoch_end=on_epoch_end,
         ema_decay=recipe.ema_decay,
     )
