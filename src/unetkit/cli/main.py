@@ -28,6 +28,7 @@ COMMANDS = [
     "convert",
     "export",
     "lora",  # lora-train, lora-merge, lora-convert, lora-verify
+    "serve",
 ]
 
 

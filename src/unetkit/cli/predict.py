@@ -7,7 +7,7 @@ import argparse
 from unetkit.cli import flags as F
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
-from unetkit.training.trainer import PRECISIONS
+from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.segment import InferenceOptions, predict_files
 
 
@@ -27,7 +27,7 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=DEFAULT_PRECISION,
         help="auto: bf16 on CPUs/GPUs that compute it natively (on CPUs a frozen copy "
         "with prepacked weights), else fp32 "
         "(default); bf16 forces it; fp32 is exact",
@@ -41,7 +41,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         tta=args.tta,
         batch_size=args.batch_size,
         min_size=args.min_size,
-        precision=getattr(args, "precision", "fp32"),
+        precision=getattr(args, "precision", DEFAULT_PRECISION),
     )
 
 

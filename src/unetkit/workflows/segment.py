@@ -19,6 +19,7 @@ import torch
 from skimage.color import label2rgb
 from skimage.segmentation import find_boundaries
 
+from unetkit import runtime
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
@@ -49,16 +50,16 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """``precision``: "fp32" (exact), "bf16" or "auto" (bf16 where the hardware computes it
-    natively: a frozen copy with prepacked weights on CPUs); see
-    ``unetkit.inference.tiling.predict_tiled``."""
+    """``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
+    computes it natively, a frozen copy with prepacked weights on CPUs), "bf16" or "fp32"
+    (exact); applied once by ``runtime.prepared``."""
 
     tile: int | None = None
     overlap: float = 0.25
     tta: bool = False
     batch_size: int = 4
     min_size: int = 10
-    precision: str = "fp32"
+    precision: str = runtime.DEFAULT_PRECISION
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -103,15 +104,16 @@ def predict_image(
 ) -> Prediction:
     """Segment one float image C×H×W (scaled as read, e.g. by ``to_float_image``)."""
     x = _normalized(image, meta)
-    probs = predict_tiled(
-        model,
-        x,
-        tile=options.tile,
-        overlap=options.overlap,
-        tta=options.tta,
-        batch_size=options.batch_size,
-        precision=options.precision,
-    ).numpy()
+    with runtime.prepared(model, options.precision) as runner:
+        probs = predict_tiled(
+            model,
+            x,
+            tile=options.tile,
+            overlap=options.overlap,
+            tta=options.tta,
+            batch_size=options.batch_size,
+            runner=runner,
+        ).numpy()
     target = meta.get("target", "semantic")
     if target == "boundary":
         threshold = meta.get("seed_threshold", 0.5)  # calibrated on validation data
@@ -142,16 +144,17 @@ def predict_regression(
     from unetkit.regression import to_prediction
 
     output = meta.get("output", "depth")
-    return predict_tiled(
-        model,
-        _normalized(image, meta),
-        tile=options.tile,
-        overlap=options.overlap,
-        tta=options.tta,
-        batch_size=options.batch_size,
-        activation=lambda y: to_prediction(y, output),
-        precision=options.precision,
-    ).numpy()
+    with runtime.prepared(model, options.precision) as runner:
+        return predict_tiled(
+            model,
+            _normalized(image, meta),
+            tile=options.tile,
+            overlap=options.overlap,
+            tta=options.tta,
+            batch_size=options.batch_size,
+            activation=lambda y: to_prediction(y, output),
+            runner=runner,
+        ).numpy()
 
 
 def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
