@@ -24,6 +24,7 @@ from unetkit import registry
 from unetkit._atomic import atomic_path
 from unetkit._version import __version__
 from unetkit.errors import CheckpointError, UnetkitError
+from unetkit.finite import check_finite_tensors
 
 FORMAT = "unetkit-checkpoint"
 STATE_FORMAT = "unetkit-state"
@@ -109,6 +110,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     except UnetkitError as e:
         raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
     load_state_dict_strict(model, tensors, source=str(path))
+    check_finite_tensors(tensors, source=str(path))  # NaN weights predict silently wrong
     return model.to(map_location).eval()
 
 
