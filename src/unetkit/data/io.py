@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+from scipy import ndimage
 
 from unetkit._atomic import atomic_path
 from unetkit.data.tiff import PixelSize, read_tiff
@@ -36,6 +37,7 @@ __all__ = [
     "load_image",
     "parse_channels",
     "read_image",
+    "read_pixel_size",
     "to_float_image",
     "write_image",
 ]
@@ -124,6 +126,11 @@ def load_image(
             )
     image = to_float_image(raw, path=path, spatial_dims=spatial_dims, channels=channels)
     return LoadedImage(image, pixel_size, axes)
+
+
+def read_pixel_size(path: str | os.PathLike) -> PixelSize | None:
+    """The physical pixel size an image file states (OME, ImageJ, TIFF/PNG resolution)."""
+    return _read_any(Path(path), palette_to_rgb=False)[2]
 
 
 def _read_any(path: Path, palette_to_rgb: bool) -> tuple[np.ndarray, str, PixelSize | None]:
@@ -410,6 +417,12 @@ def decode_mask(
     if mode == "instances":
         if values[0] < 0:
             raise DataError(f"{name}: instance labels must be ≥ 0, found {_fmt_values(values)}")
+        if values[-1] > 0 and _binary_scale(values) and ndimage.label(labels > 0)[1] > 1:
+            raise DataError(
+                f"{name}: mask is binary ({_fmt_values(values)}) with several separate regions, "
+                "so as instance labels they would be one object; use --mask-mode binary "
+                "(objects are then the connected components)"
+            )
         return labels
     binary = _binary_scale(values)
     if mode == "binary" or (mode == "auto" and num_classes == 2 and binary):
