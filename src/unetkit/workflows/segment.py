@@ -309,20 +309,23 @@ def predict_files(
     out = Path(out_dir)
     if meta.get("task") == "regression":
         return _predict_regression_files(model, meta, files, out, options)
-    names = unique_names(files, volume_stem if volumes else (lambda p: p.stem))
-    _refuse_overwriting_inputs(files, names, out)
+    stem_of = volume_stem if volumes else (lambda p: p.stem)
+    _refuse_overwriting_inputs(files, unique_names(files, stem_of), out)
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "inference": dataclasses.asdict(options),
         "outputs": {k: v for k, v in dataclasses.asdict(outputs).items() if k != "overwrite"},
     }
     ledger = PredictLedger(out, json.loads(json.dumps(settings)), overwrite=outputs.overwrite)
+    names = unique_names(files, stem_of, previous=ledger.names())
+    _refuse_overwriting_inputs(files, names, out)
     resumed = 0
     for f in files:
         if ledger.done(f, names[f]):
             resumed += 1
             continue
         loaded = read_input(f, volumes=volumes, channels=options.channels)
+        _check_channels(f, loaded.image, model)
         pixel_size = loaded.pixel_size
         if options.pixel_size is not None:
             pixel_size = PixelSize(options.pixel_size, options.pixel_size, pixel_size and pixel_size.z)
@@ -343,6 +346,16 @@ def predict_files(
                     "redoes them)", out, resumed)  # fmt: skip
     order = {str(f): i for i, f in enumerate(files)}
     return sorted((r for r in ledger.rows if r["image"] in order), key=lambda r: order[r["image"]])
+
+
+def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> None:
+    """DataError naming the file when its channel count is not the model's."""
+    expected = getattr(model, "in_channels", None)
+    if expected is not None and image.shape[0] != expected:
+        raise DataError(
+            f"{path}: image has {image.shape[0]} channel(s), the model takes {expected}; "
+            "pick and order channels with --channels (e.g. --channels 0 or 1,0)"
+        )
 
 
 _OUTPUT_ENDINGS = ("_mask.png", "_mask.tif", "_instances.png", "_instances.tif",

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,20 @@ class OutputOptions:
             )
 
 
-def unique_names(files: Sequence[Path], stem_of=lambda p: p.stem) -> dict[Path, str]:
+def unique_names(
+    files: Sequence[Path],
+    stem_of: Callable[[Path], str] = lambda p: p.stem,
+    *,
+    previous: Mapping[str, str] | None = None,
+) -> dict[Path, str]:
     """An output name per input, unique even when stems collide.
 
     ``a/x.png`` + ``b/x.png`` become ``a_x`` and ``b_x``; ``y.png`` + ``y.tif`` become
-    ``y_png`` and ``y_tif``; anything still equal gets ``_2``, ``_3``. Renames are logged.
+    ``y_png`` and ``y_tif``; anything still equal gets ``_2``, ``_3``. ``previous`` maps
+    inputs (as str) to the names an earlier run gave them: they keep those, so a resumed
+    run with more inputs finds its finished images. Renames are logged.
     """
+    previous = previous or {}
     groups: dict[str, list[Path]] = defaultdict(list)
     for f in files:
         groups[stem_of(f)].append(f)
@@ -98,8 +106,12 @@ def unique_names(files: Sequence[Path], stem_of=lambda p: p.stem) -> dict[Path, 
         by_suffix = len(set(exts.values())) == len(group)
         for f in group:
             names[f] = f"{stem}_{exts[f]}" if by_suffix else f"{f.parent.name}_{stem}"
-    taken: set[str] = set()
+    kept = {f: previous[str(f)] for f in files if str(f) in previous}
+    taken = {name.lower() for name in kept.values()}
     for f in files:  # a last pass for whatever still collides (or collides with a stem)
+        if f in kept:
+            names[f] = kept[f]
+            continue
         base, k = names[f], 2
         while names[f].lower() in taken:
             names[f], k = f"{base}_{k}", k + 1
@@ -136,6 +148,10 @@ class PredictLedger:
         atomic_write_text(settings_path, json.dumps(settings, indent=1, sort_keys=True))
         if overwrite or not self.counts.is_file():
             write_object_table_csv([], self.counts, columns=COUNTS_COLUMNS)
+
+    def names(self) -> dict[str, str]:
+        """Input (as str) → output name, for every image a previous run finished."""
+        return {r["image"]: r["name"] for r in self.rows}
 
     def done(self, image: Path, name: str) -> bool:
         """True when ``image`` finished in an earlier run (its labels are on disk)."""
