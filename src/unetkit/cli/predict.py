@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import argparse
 
+from unetkit.cli import flags as F
 from unetkit.data.io import parse_channels
 from unetkit.inference.backends import BACKENDS
-from unetkit.training.trainer import PRECISIONS
+from unetkit.outputs import output_folder
+from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.segment import InferenceOptions, predict_files
 from unetkit.workflows.segment_outputs import LABEL_FORMATS, OBJECT_TYPES, OutputOptions
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=int, help="tile size (default: whole image if it fits)")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    p.add_argument("--tile", type=F.tile_size, help="tile size (default: whole image if it fits)")
+    p.add_argument(
+        "--overlap",
+        type=F.finite_float(0, 1, hi_open=True),
+        default=0.25,
+        help="sliding-window overlap",
+    )
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    p.add_argument("--min-size", type=int, default=10, help="drop objects smaller (px)")
+    p.add_argument("--batch-size", type=F.positive_int, default=4, help="tiles per forward pass")
+    p.add_argument(
+        "--min-size", type=F.nonnegative_int, default=10, help="drop objects smaller (px)"
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=DEFAULT_PRECISION,
         help="auto: bf16 on CPUs/GPUs that compute it natively (on CPUs a frozen copy "
         "with prepacked weights), else fp32 "
         "(default); bf16 forces it; fp32 is exact",
@@ -32,13 +41,13 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pixel-size",
-        type=float,
+        type=F.positive_float,
         help="µm per pixel of the inputs (overrides the files' metadata); with a checkpoint "
         "that states its training pixel size, inputs are rescaled to it",
     )
     p.add_argument(
         "--object-diameter",
-        type=float,
+        type=F.positive_float,
         help="typical object diameter in the inputs (pixels); rescales inputs to the "
         "checkpoint's training object diameter",
     )
@@ -51,7 +60,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         tta=args.tta,
         batch_size=args.batch_size,
         min_size=args.min_size,
-        precision=getattr(args, "precision", "fp32"),
+        precision=getattr(args, "precision", DEFAULT_PRECISION),
         channels=parse_channels(args.channels),
         pixel_size=args.pixel_size,
         object_diameter=args.object_diameter,
@@ -139,6 +148,7 @@ def outputs_from_args(args: argparse.Namespace) -> OutputOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_folder(args.out, flag="--out", inputs=[args.checkpoint, *args.inputs])
     rows = predict_files(
         args.checkpoint,
         args.inputs,
