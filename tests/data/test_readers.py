@@ -67,9 +67,16 @@ def test_ome_tczyx_with_one_time_point(tmp_path, rng):
     data = rng.integers(0, 4095, size=(1, 2, 3, 8, 9), endpoint=True).astype(np.uint16)
     path = tmp_path / "stack.ome.tif"
     tifffile.imwrite(
-        path, data, ome=True, metadata={"axes": "TCZYX", "PhysicalSizeX": 0.2,
-                                        "PhysicalSizeY": 0.2, "PhysicalSizeZ": 1.5}
-    )  # fmt: skip
+        path,
+        data,
+        ome=True,
+        metadata={
+            "axes": "TCZYX",
+            "PhysicalSizeX": 0.2,
+            "PhysicalSizeY": 0.2,
+            "PhysicalSizeZ": 1.5,
+        },
+    )
     volume = load_image(path, spatial_dims=3)
     assert volume.axes == "ZYXC" and volume.image.shape == (2, 3, 8, 9)  # C×Z×Y×X
     np.testing.assert_allclose(volume.image, data[0] / 65535.0, rtol=1e-6)
@@ -89,9 +96,7 @@ def test_imagej_zcyx_volume_with_unit_and_spacing(tmp_path, rng):
         metadata={"axes": "ZCYX", "unit": "um", "spacing": 2.0},
     )
     loaded = load_image(path, spatial_dims=3, channels=(2, 0))
-    np.testing.assert_allclose(
-        loaded.image, np.moveaxis(data[:, [2, 0]], 1, 0) / 255.0, rtol=1e-6
-    )
+    np.testing.assert_allclose(loaded.image, np.moveaxis(data[:, [2, 0]], 1, 0) / 255.0, rtol=1e-6)
     assert loaded.pixel_size.x == pytest.approx(0.25)
     assert loaded.pixel_size.y == pytest.approx(0.4)
     assert loaded.pixel_size.z == pytest.approx(2.0)

@@ -44,8 +44,10 @@ def _iou(a, b):
 
 
 def test_geojson_polygons_fill_back_to_their_labels(tmp_path, labels):
-    rows = [{"label": k, "area": int((labels == k).sum()), "area_um2": 0.25 * (labels == k).sum()}
-            for k in range(1, 7)]  # fmt: skip
+    rows = [
+        {"label": k, "area": int((labels == k).sum()), "area_um2": 0.25 * (labels == k).sum()}
+        for k in range(1, 7)
+    ]
     path = write_geojson(tmp_path / "img.geojson", labels, rows, object_type="cell")
     collection = json.loads(path.read_text())
     assert collection["type"] == "FeatureCollection"

@@ -49,11 +49,21 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_unique_names_for_colliding_stems(tmp_path):
-    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "y.png",
-             tmp_path / "y.tif", tmp_path / "z.png"]  # fmt: skip
+    files = [
+        tmp_path / "a" / "x.png",
+        tmp_path / "b" / "x.png",
+        tmp_path / "y.png",
+        tmp_path / "y.tif",
+        tmp_path / "z.png",
+    ]
     names = unique_names(files)
-    assert names == {files[0]: "a_x", files[1]: "b_x", files[2]: "y_png", files[3]: "y_tif",
-                     files[4]: "z"}  # fmt: skip
+    assert names == {
+        files[0]: "a_x",
+        files[1]: "b_x",
+        files[2]: "y_png",
+        files[3]: "y_tif",
+        files[4]: "z",
+    }
     # a renamed stem that equals another input's stem still gets a unique name
     clash = [tmp_path / "y.png", tmp_path / "y.tif", tmp_path / "y_png.png"]
     assert len(set(unique_names(clash).values())) == 3
@@ -84,8 +94,14 @@ def test_small_counts_stay_uint16_png_with_preview_and_tif32_option(tmp_path):
     assert (preview[0, 0] == 0).all()  # background black
     colours = {tuple(preview[3, 3]), tuple(preview[10, 10])}
     assert len(colours) == 2 and (0, 0, 0) not in colours  # two objects, two colours
-    write_outputs(tmp_path, "t", image, pred, OutputOptions(label_format="tif32"),
-                  pixel_size=PixelSize(0.5, 0.5))  # fmt: skip
+    write_outputs(
+        tmp_path,
+        "t",
+        image,
+        pred,
+        OutputOptions(label_format="tif32"),
+        pixel_size=PixelSize(0.5, 0.5),
+    )
     with tifffile.TiffFile(tmp_path / "t_instances.tif") as tif:
         assert tif.pages.first.dtype == np.uint32
         assert tif.pages.first.get_resolution()[0] == pytest.approx(2e4)  # px per cm
@@ -99,8 +115,9 @@ def test_predict_folder_outputs_resume_and_overwrite(tmp_path, checkpoint, monke
     write_image(inputs / "a" / "x.png", _blobs(seed=1))
     write_image(inputs / "b" / "x.png", _blobs(seed=2))
     write_image(inputs / "y.png", _blobs(seed=3))
-    tifffile.imwrite(inputs / "y.tif", _blobs(seed=4), resolution=(1e4 / 0.5, 1e4 / 0.5),
-                     resolutionunit=3)  # fmt: skip
+    tifffile.imwrite(
+        inputs / "y.tif", _blobs(seed=4), resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit=3
+    )
     (inputs / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     outputs = OutputOptions(save_probabilities=True, geojson=True, imagej_rois=True)
@@ -108,8 +125,16 @@ def test_predict_folder_outputs_resume_and_overwrite(tmp_path, checkpoint, monke
     rows = predict_files(checkpoint, files[:3], out, outputs=outputs)
     assert [r["name"] for r in rows] == ["a_x", "b_x", "y"]
     for name in ("a_x", "b_x", "y"):
-        for ending in ("_mask.png", "_instances.png", "_labels_preview.png", "_overlay.png",
-                       "_objects.csv", "_probabilities.tif", ".geojson", "_RoiSet.zip"):  # fmt: skip
+        for ending in (
+            "_mask.png",
+            "_instances.png",
+            "_labels_preview.png",
+            "_overlay.png",
+            "_objects.csv",
+            "_probabilities.tif",
+            ".geojson",
+            "_RoiSet.zip",
+        ):
             assert (out / f"{name}{ending}").is_file(), name + ending
     probs = tifffile.imread(out / "a_x_probabilities.tif")
     assert probs.dtype == np.float32 and probs.shape == (2, 40, 48)
@@ -118,7 +143,9 @@ def test_predict_folder_outputs_resume_and_overwrite(tmp_path, checkpoint, monke
     # a re-run with one more input predicts only that one (the others are done)
     calls = []
     original = segment.predict_image
-    monkeypatch.setattr(segment, "predict_image", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        segment, "predict_image", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     rows = predict_files(checkpoint, files, out, outputs=outputs)
     assert len(calls) == 1
     assert [r["name"] for r in rows] == ["a_x", "b_x", "y", "y_tif"]  # y.png keeps its name
@@ -159,8 +186,9 @@ def test_channels_option_picks_channels_for_predict(tmp_path, checkpoint):
     tifffile.imwrite(tmp_path / "two.tif", two, imagej=True, metadata={"axes": "CYX"})
     with pytest.raises(DataError, match=r"two.tif: image has 2 channel\(s\), the model takes 1"):
         predict_files(checkpoint, [tmp_path / "two.tif"], tmp_path / "o1")
-    rows = predict_files(checkpoint, [tmp_path / "two.tif"], tmp_path / "o2",
-                         InferenceOptions(channels=(1,)))  # fmt: skip
+    rows = predict_files(
+        checkpoint, [tmp_path / "two.tif"], tmp_path / "o2", InferenceOptions(channels=(1,))
+    )
     reference = predict_files(checkpoint, [_write(tmp_path / "c1.png", two[1])], tmp_path / "o3")
     a = read_image(tmp_path / "o2" / "two_instances.png")
     b = read_image(tmp_path / "o3" / "c1_instances.png")
@@ -204,3 +232,22 @@ def test_predict_json_records_settings(tmp_path, checkpoint):
     settings = json.loads((tmp_path / "out" / "predict.json").read_text())
     assert settings["inference"]["channels"] == [0]
     assert settings["checkpoint"] == str(Path(checkpoint).resolve())
+
+
+def test_predict_rescales_to_the_checkpoint_pixel_size(tmp_path):
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(4, 8))
+    extra = {"task": "segmentation", "target": "semantic", "normalize": "zscore", "pixel_size": 1.0}
+    ck = unetkit.save(net, tmp_path / "px.safetensors", extra=extra)
+    tifffile.imwrite(
+        tmp_path / "fine.tif",
+        _blobs(shape=(64, 80)),
+        imagej=True,
+        resolution=(2.0, 2.0),
+        metadata={"unit": "um"},
+    )
+    rows = predict_files(ck, [tmp_path / "fine.tif"], tmp_path / "out")
+    assert float(rows[0]["scale"]) == pytest.approx(0.5)  # 0.5 µm pixels -> model's 1 µm
+    assert float(rows[0]["pixel_size_um"]) == pytest.approx(0.5)
+    labels = read_image(tmp_path / "out" / "fine_instances.png")
+    assert labels.shape == (64, 80)  # back on the input grid

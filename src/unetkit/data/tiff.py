@@ -30,10 +30,24 @@ log = logging.getLogger(__name__)
 
 # Length units as OME and ImageJ spell them, in micrometres.
 _UNIT_UM = {
-    "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
-    "micrometer": 1.0, "micrometre": 1.0, "\\u00b5m": 1.0, "μm": 1.0, "nm": 1e-3,
-    "pm": 1e-6, "å": 1e-4, "angstrom": 1e-4, "in": 25400.0, "inch": 25400.0,
-}  # fmt: skip
+    "m": 1e6,
+    "cm": 1e4,
+    "mm": 1e3,
+    "µm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "\\u00b5m": 1.0,
+    "μm": 1.0,
+    "nm": 1e-3,
+    "pm": 1e-6,
+    "å": 1e-4,
+    "angstrom": 1e-4,
+    "in": 25400.0,
+    "inch": 25400.0,
+}
 # TIFF ResolutionUnit tag: 2 = inch, 3 = centimetre (1 = none: no physical size).
 _RESOLUTION_UNIT_UM = {2: 25400.0, 3: 1e4}
 _CHANNEL_AXES = "CS"
@@ -148,8 +162,10 @@ def _alpha_sample(tif: tifffile.TiffFile, axes: str) -> bool:
     """True when the last colour sample of an RGB page is alpha (ExtraSamples 1 or 2)."""
     page = tif.pages.first
     extra = getattr(page, "extrasamples", ())
-    return "S" in axes and page.photometric == tifffile.PHOTOMETRIC.RGB and any(
-        int(e) in (1, 2) for e in extra
+    return (
+        "S" in axes
+        and page.photometric == tifffile.PHOTOMETRIC.RGB
+        and any(int(e) in (1, 2) for e in extra)
     )
 
 

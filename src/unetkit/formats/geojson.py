@@ -61,7 +61,9 @@ def instances_to_geojson(
     by_label = {int(row["label"]): row for row in measurements if "label" in row}
     features = []
     for outline in object_outlines(np.asarray(instances)):
-        polygons = [[_ring_list(ext)] + [_ring_list(h) for h in holes] for ext, holes in outline.parts]
+        polygons = [
+            [_ring_list(ext)] + [_ring_list(h) for h in holes] for ext, holes in outline.parts
+        ]
         geometry = (
             {"type": "Polygon", "coordinates": polygons[0]}
             if len(polygons) == 1

@@ -47,7 +47,6 @@ from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentatio
 from unetkit.segmentation.postprocess import (
     instances_from_boundary,
     instances_from_semantic,
-    write_object_table_csv,
 )
 from unetkit.workflows.segment_outputs import (
     OutputOptions,
@@ -93,8 +92,10 @@ class InferenceOptions:
     object_diameter: float | None = None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--pixel-size", self.pixel_size),
-                            ("--object-diameter", self.object_diameter)):  # fmt: skip
+        for flag, value in (
+            ("--pixel-size", self.pixel_size),
+            ("--object-diameter", self.object_diameter),
+        ):
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ConfigError(f"{flag} {value}: expected a positive number")
 
@@ -142,6 +143,15 @@ def scale_factor(
     else a known input pixel size (``options.pixel_size``, else the file's) and the
     checkpoint's ``pixel_size``: input / trained pixel size; else 1.
     """
+    for key in ("pixel_size", "object_diameter"):
+        value = meta.get(key)
+        if value is not None and not (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and bool(np.isfinite(value))
+            and value > 0
+        ):
+            raise CheckpointError(f"checkpoint metadata {key}={value!r} is not a positive number")
     if options.object_diameter is not None:
         trained = meta.get("object_diameter")
         if not trained:
@@ -295,7 +305,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False)
             )
             if skipped:
                 shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-                log.warning("%s: skipped %d entries that are not images: %s", p, len(skipped), shown)
+                log.warning(
+                    "%s: skipped %d entries that are not images: %s", p, len(skipped), shown
+                )
             files += found
         elif p.is_file():
             files.append(p)
@@ -310,7 +322,7 @@ def predict_files(
     out_dir: str | os.PathLike,
     options: InferenceOptions = InferenceOptions(),
     *,
-    outputs: OutputOptions = OutputOptions(),
+    outputs: OutputOptions | None = None,
     attention_maps: bool = False,
     backend: str | None = None,
     compile: bool | str = False,
@@ -330,6 +342,7 @@ def predict_files(
     Returns:
         the counts.csv rows of every image (finished earlier or now), in input order.
     """
+    outputs = outputs or OutputOptions()
     model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
     check_inference_metadata(meta, source=str(checkpoint))
     options = options_for(model, options)
@@ -364,7 +377,9 @@ def predict_files(
         _check_channels(f, loaded.image, model)
         pixel_size = loaded.pixel_size
         if options.pixel_size is not None:
-            pixel_size = PixelSize(options.pixel_size, options.pixel_size, pixel_size and pixel_size.z)
+            pixel_size = PixelSize(
+                options.pixel_size, options.pixel_size, pixel_size and pixel_size.z
+            )
         scale = scale_factor(meta, options, pixel_size)
         pred = predict_image(model, loaded.image, meta, options, scale=scale)
         if attention_maps:
@@ -373,13 +388,22 @@ def predict_files(
             save_attention_heatmaps(unwrap(model), _normalized(loaded.image, meta), out / names[f])
         picture = overlay(loaded.image, pred.instances)
         row = write_outputs(
-            out, names[f], loaded.image, pred, outputs, pixel_size=pixel_size, overlay_picture=picture
+            out,
+            names[f],
+            loaded.image,
+            pred,
+            outputs,
+            pixel_size=pixel_size,
+            overlay_picture=picture,
         )
-        ledger.add({"image": str(f), **row, "scale": round(scale, 4)} if scale != 1 else
-                   {"image": str(f), **row})  # fmt: skip
+        extra = {"scale": round(scale, 4)} if scale != 1 else {}
+        ledger.add({"image": str(f), **row, **extra})
     if resumed:
-        log.warning("%s: %d image(s) finished by an earlier run were skipped (--overwrite "
-                    "redoes them)", out, resumed)  # fmt: skip
+        log.warning(
+            "%s: %d image(s) finished by an earlier run were skipped (--overwrite redoes them)",
+            out,
+            resumed,
+        )
     order = {str(f): i for i, f in enumerate(files)}
     return sorted((r for r in ledger.rows if r["image"] in order), key=lambda r: order[r["image"]])
 
@@ -394,9 +418,18 @@ def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> No
         )
 
 
-_OUTPUT_ENDINGS = ("_mask.png", "_mask.tif", "_instances.png", "_instances.tif",
-                   "_labels_preview.png", "_overlay.png", "_objects.csv", "_probabilities.tif",
-                   ".geojson", "_RoiSet.zip")  # fmt: skip
+_OUTPUT_ENDINGS = (
+    "_mask.png",
+    "_mask.tif",
+    "_instances.png",
+    "_instances.tif",
+    "_labels_preview.png",
+    "_overlay.png",
+    "_objects.csv",
+    "_probabilities.tif",
+    ".geojson",
+    "_RoiSet.zip",
+)
 
 
 def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: Path) -> None:
@@ -507,8 +540,12 @@ def evaluate_dataset(
     for s in samples:
         image = s["image"].numpy() if isinstance(s["image"], torch.Tensor) else s["image"]
         if options.channels is not None:
-            image = to_float_image(np.moveaxis(image, 0, -1), path=s.get("name"),
-                                   spatial_dims=image.ndim - 1, channels=options.channels)  # fmt: skip
+            image = to_float_image(
+                np.moveaxis(image, 0, -1),
+                path=s.get("name"),
+                spatial_dims=image.ndim - 1,
+                channels=options.channels,
+            )
         pred = predict_image(model, image, meta, options, scale=scale_factor(meta, options))
         if on_prediction is not None:
             on_prediction(s, pred)

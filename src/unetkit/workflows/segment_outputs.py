@@ -48,7 +48,15 @@ LABEL_FORMATS = ("auto", "tif32")
 #: QuPath object types of the GeoJSON export.
 OBJECT_TYPES = ("detection", "cell")
 UINT16_LABELS = 65_535
-COUNTS_COLUMNS = ("image", "name", "objects", "foreground_fraction", "labels", "pixel_size_um")
+COUNTS_COLUMNS = (
+    "image",
+    "name",
+    "objects",
+    "foreground_fraction",
+    "labels",
+    "pixel_size_um",
+    "scale",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +204,11 @@ def _label_target(out: Path, name: str, instances: np.ndarray, options: OutputOp
     many = int(instances.max(initial=0)) > UINT16_LABELS
     if options.label_format == "tif32" or many:
         if many and options.label_format == "auto":
-            log.info("%s: %d objects exceed uint16; labels written as 32-bit TIFF", name,
-                     int(instances.max()))  # fmt: skip
+            log.info(
+                "%s: %d objects exceed uint16; labels written as 32-bit TIFF",
+                name,
+                int(instances.max()),
+            )
         return out / f"{name}_instances.tif", instances.astype(np.uint32)
     suffix = "tif" if instances.ndim == 3 else "png"
     return out / f"{name}_instances.{suffix}", instances.astype(np.uint16)
