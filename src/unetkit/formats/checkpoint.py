@@ -28,6 +28,8 @@ from unetkit.finite import check_finite_tensors
 
 FORMAT = "unetkit-checkpoint"
 STATE_FORMAT = "unetkit-state"
+# the metadata keys ``save`` writes itself (ONNX exports too): never user metadata
+RESERVED_METADATA_KEYS = ("format", "model", "config", "unetkit_version")
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
@@ -97,7 +99,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
         "config": cfg.to_json(model.config),
     }
     for k, v in (extra or {}).items():
-        if k in meta:
+        if k in RESERVED_METADATA_KEYS:
             raise CheckpointError(f"extra key {k!r} is reserved")
         meta[k] = json.dumps(v)
     return _write(path, model.state_dict(), meta)
