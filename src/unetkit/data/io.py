@@ -317,9 +317,13 @@ def to_float_image(
     arr = np.asarray(arr)
     if arr.ndim == spatial_dims:
         arr = arr[..., None]
-    if arr.ndim != spatial_dims + 1 or arr.shape[-1] > MAX_CHANNELS:
-        volume = spatial_dims == 2 and arr.ndim in (3, 4)
-        hint = " (a volume or Z-stack? use a 3-D model)" if volume else ""
+    # More channels than pixels along a side: channels-first planes or a stack, not channels
+    odd = arr.ndim == spatial_dims + 1 and arr.shape[-1] > 4 and arr.shape[-1] > min(arr.shape[:-1])
+    if arr.ndim != spatial_dims + 1 or arr.shape[-1] > MAX_CHANNELS or odd:
+        hint = ""
+        if spatial_dims == 2 and arr.ndim in (3, 4):
+            hint = " (a volume? use spatial_dims=3, --spatial-dims 3"
+            hint += "; planes first? save with axis metadata)" if odd else ")"
         raise DataError(
             f"{name}: image of shape {arr.shape} is not a {spatial_dims}D image with channels "
             f"last (at most {MAX_CHANNELS}){hint}"
