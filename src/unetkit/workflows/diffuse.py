@@ -21,7 +21,10 @@ import torch
 
 from unetkit import runtime
 from unetkit.data.io import write_image
+from unetkit.diffusion.samplers import build_scheduler
 from unetkit.errors import CheckpointError
+from unetkit.formats.checkpoint import read_metadata
+from unetkit.formats.loading import base_checkpoint, load_model_or_adapter
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -101,10 +104,7 @@ class DiffusionPipeline:
     ) -> DiffusionPipeline:
         """Load a run directory (its best checkpoint) or a checkpoint file."""
         from unetkit.diffusion.schedules import NoiseSchedule
-        from unetkit.formats.checkpoint import read_metadata
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-        from unetkit.workflows.adapt import base_checkpoint, load_model_or_adapter
-
         model, described = load_model_or_adapter(base_checkpoint(path))
         file = described
         meta = read_metadata(described).get("diffusion")
@@ -137,8 +137,6 @@ class DiffusionPipeline:
         return self.text.encode(prompts), self.text.encode([""])
 
     def _scheduler(self, sampler: str | None) -> Any:
-        from unetkit.diffusion.schedulers import build_scheduler
-
         name = sampler or self.sampler
         # pixel-space data lives in [-1, 1]: clipping the x0 estimate keeps an imperfect
         # model's trajectory in range (DDPM's own sampler does this; SD latents do not)

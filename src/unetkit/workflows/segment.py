@@ -40,6 +40,7 @@ from unetkit.data.transforms import Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
+from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import OnnxModel
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
@@ -103,8 +104,6 @@ class InferenceOptions:
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and the facts predict needs (target, normalisation) from a checkpoint, or
     from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
-    from unetkit.workflows.adapt import load_with_metadata
-
     model, meta = load_with_metadata(checkpoint)
     check_inference_metadata(meta, source=str(checkpoint))
     return model, meta
