@@ -7,7 +7,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unetkit.data.io import decode_mask, load_image, parse_channels, read_image, write_image
+from unetkit.data.io import load_image, parse_channels, read_image, write_image
+from unetkit.data.masks import decode_mask
 from unetkit.data.tiff import PixelSize
 from unetkit.errors import ConfigError, DataError
 

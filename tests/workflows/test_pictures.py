@@ -9,7 +9,7 @@ from matplotlib import colormaps
 import unetkit
 from unetkit.data.io import read_image
 from unetkit.workflows.pictures import comparison, map_with_colorbar
-from unetkit.workflows.segment import predict_files
+from unetkit.workflows.segment_files import predict_files
 
 
 def test_comparison_puts_input_prediction_and_truth_side_by_side():
