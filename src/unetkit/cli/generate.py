@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 from unetkit.cli import flags as F
+from unetkit.diffusion.samplers import SCHEDULER_NAMES
 from unetkit.outputs import output_file, output_folder
+from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
 
 
@@ -17,12 +19,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=F.nonnegative_float, default=3.0, help="classifier-free guidance (3)"
     )
-    p.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp-2m", "euler"])
+    p.add_argument("--sampler", choices=SCHEDULER_NAMES)
     p.add_argument("--seed", type=F.nonnegative_int, default=0)
     p.add_argument(
         "--precision",
-        choices=["auto", "bf16", "fp32"],
-        default="auto",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
         help="auto (default): bf16 where the CPU/GPU computes it natively (on CPUs a frozen "
         "bf16 copy with prepacked weights, ~2x faster, same digit accuracy), else fp32",
     )

@@ -16,6 +16,7 @@ from unetkit.errors import CheckpointError, ConfigError, NonFiniteError
 from unetkit.finite import check_finite_tensors
 from unetkit.outputs import output_file, output_folder
 from unetkit.runlock import check_same_run, run_lock
+from unetkit.runtime import PRECISIONS
 
 FORMATS = ("unetkit", "diffusers", "kohya")
 
@@ -45,7 +46,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=F.positive_int)
     p.add_argument("--batch-size", type=F.positive_int)
     p.add_argument("--lr", type=F.positive_float, default=1e-3)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--seed", type=F.nonnegative_int)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(

@@ -14,10 +14,15 @@ from typing import Any
 from unetkit import config as cfg
 from unetkit._atomic import atomic_write_text
 from unetkit.cli import flags as F
+from unetkit.data.datasets import TARGETS
+from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_folder
+from unetkit.regression.losses import OUTPUTS as REGRESSION_OUTPUTS
 from unetkit.runlock import check_same_run, run_lock
+from unetkit.runtime import PRECISIONS
 from unetkit.training import distributed
+from unetkit.training.optim import OPTIMIZERS, SCHEDULERS
 from unetkit.workflows import segment_train as R
 
 # flags that set the recipe field of the same name
@@ -76,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output",
-        choices=["depth", "linear"],
+        choices=REGRESSION_OUTPUTS,
         help="regression output: depth (log-depth network, silog loss) | linear",
     )
     p.add_argument(
@@ -102,10 +107,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="3: volumes (multi-page TIFF, NIfTI) and a 3D model",
     )
     p.add_argument("--num-classes", type=F.positive_int, help="classes in the masks (default 2)")
-    p.add_argument("--mask-mode", choices=["auto", "index", "binary", "instances"])
+    p.add_argument("--mask-mode", choices=MASK_MODES)
     p.add_argument(
         "--target",
-        choices=["semantic", "separated", "boundary"],
+        choices=TARGETS,
         help="boundary (default) learns background/interior/boundary -> instances",
     )
     p.add_argument("--model", help="registered model name (see `unetkit models`)")
@@ -121,8 +126,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=F.positive_int)
     p.add_argument("--samples-per-epoch", type=F.positive_int, help="random crops per epoch")
     p.add_argument("--lr", type=F.positive_float)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"])
-    p.add_argument("--scheduler", choices=["constant", "cosine", "warmup_cosine", "poly"])
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument(
         "--loss",
         choices=["ce", "dice", "dice_ce", "weighted_ce", "l1", "l2", "silog"],
@@ -136,7 +141,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=F.positive_int, help="training patch (output) size")
     p.add_argument("--normalize", choices=["zscore", "percentile", "none"])
     p.add_argument("--no-elastic", action="store_true", help="disable elastic deformation")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--grad-accum", type=F.positive_int)
     p.add_argument("--num-workers", type=F.nonnegative_int)
     p.add_argument("--seed", type=F.nonnegative_int)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from unetkit.errors import ConfigError, InputSizeError
 from unetkit.nn.dims import INTERP_MODES, check_dims, conv_nd
+from unetkit.nn.init import is_meta
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -473,6 +474,8 @@ class PatchExpanding(nn.Module):
 def init_transformer_weights(module: nn.Module) -> None:
     """ViT/Swin initialisation: truncated normal (std 0.02) for linear weights, position
     embeddings and relative-position tables; zero biases; LayerNorm weight 1, bias 0."""
+    if is_meta(module):
+        return
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
