@@ -40,7 +40,8 @@ from unetkit.nn.conv import ConvNormAct, DoubleConv
 from unetkit.nn.dims import INTERP_MODES, activation, check_dims, conv_nd, norm_nd, pool_nd
 from unetkit.nn.init import he_init, is_meta
 from unetkit.nn.sampling import crop_to, pad_to_multiple
-from unetkit.nn.vit import ViTEncoder, init_transformer_weights
+from unetkit.nn.swin import init_transformer_weights
+from unetkit.nn.vit import ViTEncoder
 from unetkit.registry import register_model
 
 STRIDE = 16  # the CNN stem's total down-sampling; the ViT sees a grid of S/16
