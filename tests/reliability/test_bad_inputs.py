@@ -374,6 +374,13 @@ def _(z, w):
     return ["convert", _s(ck), _s(w / "o.safetensors"), "--to", "ldm"], "cut.safetensors"
 
 
+@case("convert-ldm-config-not-json")
+def _(z, w):
+    conf = B.garbage(w / "unet.json")
+    args = ["convert", _s(z.diff), _s(w / "o.safetensors"), "--from", "ldm", "--to", "unetkit"]
+    return [*args, "--config", _s(conf)], "unet.json"
+
+
 # --- generate --------------------------------------------------------------------------------
 @case("generate-n-0")
 def _(z, w):
@@ -647,24 +654,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return rc, capsys.readouterr().err
 
 
-# failures inside the model-file loader: arch's formats/loading.py (issue #14) turns them into
-# one line naming the file; until it is merged they are expected to fail
-AWAITING_LOADER = {
-    "convert-diffusers-config-list",
-    "convert-segmentation-checkpoint",
-    "convert-truncated-source",
-    "evaluate-pickled-ckpt",
-    "predict-empty-safetensors",
-    "predict-huge-header",
-    "predict-malformed-config-json",
-    "predict-pickled-pt",
-    "predict-truncated-safetensors",
-}
-
-
 def _params() -> list:
-    mark = pytest.mark.xfail(strict=True, reason="needs formats/loading.py (arch, #14)")
-    return [pytest.param(n, marks=mark) if n in AWAITING_LOADER else n for n in sorted(CASES)]
+    return sorted(CASES)
 
 
 @pytest.mark.parametrize("name", _params())

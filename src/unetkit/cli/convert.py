@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from unetkit import registry
 from unetkit.errors import CheckpointError
 from unetkit.outputs import output_file, output_folder
 
@@ -47,10 +48,9 @@ def detect_format(path: Path) -> str:
 
     from unetkit.formats import checkpoint
 
+    if checkpoint.read_header(path).get("format") == checkpoint.FORMAT:  # one-line errors
+        return "unetkit"
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") == checkpoint.FORMAT:
-            return "unetkit"
         if any(k.startswith(("model.diffusion_model.", "input_blocks.")) for k in f):
             return "ldm"
     raise CheckpointError(
@@ -64,7 +64,13 @@ def _ldm_config(spec: str | None):
     from unetkit.registry import build_config
 
     if spec and Path(spec).is_file():
-        return config_from_diffusers(json.loads(Path(spec).read_text()))
+        try:
+            raw = json.loads(Path(spec).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"--config {spec}: not a JSON config file ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"--config {spec}: expected a JSON object (a diffusers config)")
+        return config_from_diffusers(raw)
     return build_config("diffusion-unet", preset=spec or "sd15")
 
 
@@ -86,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     guard(args.dest, flag="DEST", inputs=[src, args.config])
     fmt = args.src_format or detect_format(src)
     model = load_any(src, fmt, args.config)
+    if registry.name_of(model) != "diffusion-unet":
+        raise CheckpointError(
+            f"{src}: a {registry.name_of(model)} model; convert reads and writes diffusion "
+            f"U-Nets only (segmentation checkpoints export with `unetkit export`)"
+        )
     dest = Path(args.dest)
     if args.dst_format == "diffusers":
         diffusers.save_diffusers_unet(model, dest)
