@@ -283,6 +283,8 @@ def write_outputs(
         spacing = (pixel_size.z or pixel_size.x, pixel_size.y, pixel_size.x)[-instances.ndim :]
     table = object_table(instances, image, pixel_size=spacing)
     write_object_table_csv(table, out / f"{name}_objects.csv")
+    if volume and (options.geojson or options.imagej_rois):
+        log.warning("%s: GeoJSON and ImageJ ROI exports are 2-D only; not written", name)
     if options.geojson and not volume:
         write_geojson(out / f"{name}.geojson", instances, table, object_type=options.object_type)
     if options.imagej_rois and not volume:
