@@ -118,9 +118,7 @@ def test_save_lora_adapter_file_keeps_its_alpha(base, tmp_path: Path) -> None:
     """UNet2DConditionModel.save_lora_adapter: unprefixed PEFT keys, alpha in the metadata."""
     ref, folder, _ = base
     theirs = copy.deepcopy(ref)
-    cfg = LoraConfig(
-        r=4, lora_alpha=8, target_modules=UNET_TARGETS, alpha_pattern={"ff.net.2": 2}
-    )
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, alpha_pattern={"ff.net.2": 2})
     theirs.add_adapter(cfg, adapter_name="style")
     _randomise_b(theirs)
     theirs.save_lora_adapter(tmp_path / "a", adapter_name="style")
