@@ -25,7 +25,9 @@ def tokenizer(folder: Path):
     tokens += ["th", "the</w>", "er", "er</w>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\ne r\ne r</w>\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12
+    )
 
 
 def components(*, in_channels: int = 4, seed: int = 0) -> dict:

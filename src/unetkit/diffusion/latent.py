@@ -93,7 +93,9 @@ class Guidance:
         tt = t.reshape(1).expand(x.shape[0])
         if self.scale == 1.0:
             return model(x, tt, self.context)
-        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.negative, self.context]))
+        out = model(
+            torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.negative, self.context])
+        )
         uncond, cond = out.float().chunk(2)
         return uncond + self.scale * (cond - uncond)
 

@@ -32,7 +32,10 @@ _FILES = {  # a component is present when one of its files is
     "scheduler": ("scheduler_config.json",),
 }
 # diffusers scheduler class -> (our sampler, {our option: (config key, diffusers default)})
-_SPACING = {"timestep_spacing": ("timestep_spacing", "leading"), "steps_offset": ("steps_offset", 0)}
+_SPACING = {
+    "timestep_spacing": ("timestep_spacing", "leading"),
+    "steps_offset": ("steps_offset", 0),
+}
 SCHEDULERS: dict[str, tuple[str, dict[str, tuple[str, Any]]]] = {
     "DDIMScheduler": (
         "ddim",
@@ -138,7 +141,7 @@ def check_pipeline_dir(path: str | os.PathLike) -> Path:
 def _from_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: cannot load the {what} ({first})") from None
 
@@ -156,7 +159,9 @@ def load_pipeline_dir(path: str | os.PathLike) -> SDFiles:
     path = check_pipeline_dir(path)
     unet = load_diffusers_unet(path / "unet")
     vae = _from_pretrained(AutoencoderKL, path / "vae", "VAE", use_safetensors=True)
-    te = _from_pretrained(CLIPTextModel, path / "text_encoder", "text encoder", use_safetensors=True)
+    te = _from_pretrained(
+        CLIPTextModel, path / "text_encoder", "text encoder", use_safetensors=True
+    )
     tok = _from_pretrained(CLIPTokenizer, path / "tokenizer", "tokenizer")
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     size = json.loads((path / "unet" / "config.json").read_text()).get("sample_size") or 64
