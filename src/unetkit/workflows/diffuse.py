@@ -109,8 +109,10 @@ class DiffusionPipeline:
         meta = read_metadata(described).get("diffusion")
         if meta is None:
             raise CheckpointError(
-                f"{file}: not a diffusion checkpoint (no 'diffusion' metadata); train one with "
-                f"`unetkit diffusion-train` or convert diffusers weights with `unetkit convert`"
+                f"{file}: a U-Net without unetkit diffusion metadata (no noise schedule or text "
+                f"encoder; e.g. converted from another tool's bare U-Net); generate needs a "
+                f"`unetkit diffusion-train` run, or a Stable Diffusion pipeline folder or "
+                f"single-file checkpoint"
             )
         model.eval()
         encoder = load_text_encoder(
