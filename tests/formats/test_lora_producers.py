@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from unetkit.errors import CheckpointError
 from unetkit.formats.lora_files import load_adapter, read_adapter
-from unetkit.nn.lora import lora_layers
+from unetkit.nn.lora_inject import lora_layers
 
 pytestmark = pytest.mark.compare
 diffusers = pytest.importorskip("diffusers")

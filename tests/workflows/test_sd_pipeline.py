@@ -188,3 +188,64 @@ def test_bad_pipeline_folders_are_one_line(pipe_dir, tmp_path: Path) -> None:
         StableDiffusion.from_pretrained(odd)
     msg = str(e.value)
     assert "\n" not in msg and "VAE makes 8-channel latents but the U-Net takes 4" in msg
+
+
+def test_single_file_round_trip_and_diffusers_converters(pipe_dir, tmp_path: Path) -> None:
+    """Our single file: diffusers' own LDM converters read its VAE and CLIP parts back to the
+    same tensors, and generating from it gives the folder's images exactly."""
+    import safetensors.torch
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    from unetkit.formats.sd_files import load_pipeline_dir
+    from unetkit.formats.sd_single_file import save_single_file
+
+    folder, pipe = pipe_dir
+    file = save_single_file(load_pipeline_dir(folder), tmp_path / "sd.safetensors")
+    state = safetensors.torch.load_file(file)
+    vae = convert_ldm_vae_checkpoint(state, dict(pipe.vae.config))
+    want = pipe.vae.state_dict()
+    assert vae.keys() == want.keys() and all(torch.equal(vae[k], want[k]) for k in want)
+    clip = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()}
+    want = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
+    assert all(torch.equal(clip[k], want[k]) for k in want)
+
+    a = StableDiffusion.from_pretrained(folder, precision="fp32")
+    b = StableDiffusion.from_pretrained(file, tokenizer=folder / "tokenizer", precision="fp32")
+    kw = dict(negative="x", steps=3, guidance=3.0, seed=1)
+    assert torch.equal(a.txt2img(["the cat"], **kw), b.txt2img(["the cat"], **kw))
+    with pytest.raises(CheckpointError, match="carries no tokenizer; pass --tokenizer"):
+        StableDiffusion.from_pretrained(file)
+
+
+def test_sd15_shapes_give_sd15_configs() -> None:
+    """Configs of a foreign single file are inferred from shapes (SD 1.5 sizes, on meta)."""
+    import transformers
+
+    from unetkit.formats.sd_single_file import _infer_clip_config, _infer_vae_config, _vae_table
+
+    sd15_vae = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    )
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(**sd15_vae)
+        cfg = transformers.CLIPTextConfig()  # ViT-L/14's text tower: SD 1.x's encoder
+        clip = transformers.CLIPTextModel(cfg)
+    state = vae.state_dict()
+    ldm_state = {theirs: state[ours] for ours, theirs in _vae_table(vae).items()}
+    assert _infer_vae_config(ldm_state) == sd15_vae
+    got = _infer_clip_config(
+        {
+            ("" if k.startswith("text_model.") else "text_model.") + k: v
+            for k, v in clip.state_dict().items()
+        }
+    )
+    assert got == {k: getattr(cfg, k) for k in got}

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from unetkit.formats.unet_files import FORMATS
+from unetkit.outputs import output_file, output_folder
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,12 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetkit.errors import CheckpointError
     from unetkit.formats.unet_files import detect_unet_format, read_unet, write_unet
 
     src, dest = Path(args.source), Path(args.dest)
-    if src.resolve() == dest.resolve():
-        raise CheckpointError(f"{dest}: is the source; write the conversion elsewhere")
+    guard = output_folder if args.dst_format == "diffusers" else output_file
+    guard(dest, flag="DEST", inputs=[src, args.config])
     fmt = args.src_format or detect_unet_format(src)
     model, diffusion = read_unet(src, fmt, config=args.config)
     write_unet(model, dest, args.dst_format, diffusion=diffusion)

@@ -7,9 +7,11 @@ import argparse
 import re
 from pathlib import Path
 
+from unetkit.cli import flags as F
 from unetkit.cli.sd_common import add_sd_options, parse_lora, progress, read_rgb, sd_size
-from unetkit.diffusion.schedulers import SCHEDULER_NAMES
-from unetkit.training.trainer import PRECISIONS
+from unetkit.diffusion.samplers import SCHEDULER_NAMES
+from unetkit.outputs import output_file, output_folder
+from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
 
 SD_STEPS, SD_GUIDANCE, RUN_STEPS, RUN_GUIDANCE = 25, 7.5, 50, 3.0
@@ -18,21 +20,23 @@ SD_STEPS, SD_GUIDANCE, RUN_STEPS, RUN_GUIDANCE = 25, 7.5, 50, 3.0
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """Options shared by generate and inpaint."""
     p.add_argument(
-        "--steps", type=int, help=f"sampler steps ({RUN_STEPS} for runs, {SD_STEPS} for SD)"
+        "--steps",
+        type=F.positive_int,
+        help=f"sampler steps ({RUN_STEPS} for runs, {SD_STEPS} for SD)",
     )
     p.add_argument(
         "--guidance",
-        type=float,
+        type=F.nonnegative_float,
         help=f"classifier-free guidance ({RUN_GUIDANCE:g} for runs, {SD_GUIDANCE:g} for SD)",
     )
     p.add_argument(
         "--sampler", choices=SCHEDULER_NAMES, help="default: the run's / the SD scheduler file's"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=F.nonnegative_int, default=0)
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=DEFAULT_PRECISION,
         help="auto (default): bf16 where the CPU/GPU computes it natively (on CPUs a frozen "
         "bf16 copy with prepacked weights, ~2x faster), else fp32. SD: the U-Net only",
     )
@@ -51,15 +55,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", metavar="SOURCE", help="run dir, checkpoint, SD folder or SD file")
     p.add_argument("prompt", help='e.g. "a handwritten digit three"')
-    p.add_argument("--n", type=int, default=16, help="number of samples (16; SD: 1)")
+    p.add_argument("--n", type=F.positive_int, default=16, help="number of samples (16; SD: 1)")
     p.add_argument("--grid", help="grid PNG path (default <prompt>.png)")
     p.add_argument("--out", help="folder for one PNG per sample")
     p.add_argument("--image", help="SD image-to-image: start from this picture")
     p.add_argument(
-        "--strength", type=float, default=0.8, help="img2img: how much to change (0-1, 0.8)"
+        "--strength",
+        type=F.finite_float(0, 1, lo_open=True),
+        default=0.8,
+        help="img2img: how much to change (0-1, 0.8)",
     )
-    p.add_argument("--height", type=int, help="SD: image height (default: the model's)")
-    p.add_argument("--width", type=int, help="SD: image width (default: the model's)")
+    p.add_argument("--height", type=F.positive_int, help="SD: image height (default: the model's)")
+    p.add_argument("--width", type=F.positive_int, help="SD: image width (default: the model's)")
     add_sampling_options(p)
     p.set_defaults(run=run)
 
@@ -111,7 +118,7 @@ def _run_sd(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace, images, what: str) -> None:
     from unetkit.data.io import write_image
 
-    grid = Path(args.grid or f"{slug(args.prompt)}.png")
+    grid = _grid(args)
     save_grid(images, grid)
     print(f"wrote {grid} ({what})")
     if args.out:
@@ -122,9 +129,19 @@ def _write(args: argparse.Namespace, images, what: str) -> None:
         print(f"wrote {len(images)} PNGs to {out}/")
 
 
+def _grid(args: argparse.Namespace) -> Path:
+    return Path(args.grid or f"{slug(args.prompt)}.png")
+
+
 def run(args: argparse.Namespace) -> int:
     from unetkit.workflows.sd_pipeline import is_sd_source
 
+    # check both outputs before sampling: nothing is written (not even the grid in the
+    # working folder) when one of them is refused
+    inputs = [args.run_dir, args.image, *(parse_lora(s)[0] for s in args.lora)]
+    output_file(_grid(args), flag="--grid", inputs=inputs)
+    if args.out:
+        output_folder(args.out, flag="--out", inputs=inputs)
     if is_sd_source(args.run_dir):
         return _run_sd(args)
     pipe = DiffusionPipeline.from_checkpoint(

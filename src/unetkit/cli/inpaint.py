@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unetkit.cli import flags as F
 from unetkit.cli.generate import (
     RUN_GUIDANCE,
     RUN_STEPS,
@@ -16,6 +17,7 @@ from unetkit.cli.generate import (
 )
 from unetkit.cli.sd_common import progress, read_rgb, sd_size
 from unetkit.errors import DataError
+from unetkit.outputs import output_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mask", help="mask image of the same size, white = repaint")
     p.add_argument("prompt")
     p.add_argument("--output", help="result PNG (default <image>_inpainted.png)")
-    p.add_argument("--resample", type=int, default=1, help="runs: RePaint resampling per step")
     p.add_argument(
-        "--strength", type=float, default=1.0, help="SD: noise level of the start (0-1, 1)"
+        "--resample", type=F.positive_int, default=1, help="runs: RePaint resampling per step"
+    )
+    p.add_argument(
+        "--strength",
+        type=F.finite_float(0, 1, lo_open=True),
+        default=1.0,
+        help="SD: noise level of the start (0-1, 1)",
     )
     add_sampling_options(p)
     p.set_defaults(run=run)
@@ -101,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     from unetkit.workflows.diffuse import to_uint8
     from unetkit.workflows.sd_pipeline import is_sd_source
 
+    default = Path(args.image).with_name(Path(args.image).stem + "_inpainted.png")
+    inputs = [args.run_dir, args.image, args.mask]
+    path = output_file(args.output or default, flag="--output", inputs=inputs)
     out, mask = (_run_sd if is_sd_source(args.run_dir) else _run_pixels)(args)
-    path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "_inpainted.png"))
-    if path.resolve() in (Path(args.image).resolve(), Path(args.mask).resolve()):
-        raise DataError(f"{path}: is an input; choose another --output")
     write_image(path, to_uint8(out)[0])
     print(f"wrote {path} ({int(mask.sum())} pixels repainted)")
     return 0

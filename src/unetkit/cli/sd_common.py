@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetkit.errors import ConfigError, DataError
+from unetkit.errors import ConfigError, DataError, NonFiniteError
 
 
 def add_sd_options(p: argparse.ArgumentParser) -> None:
@@ -75,7 +75,10 @@ def read_rgb(
 
     arr = np.asarray(read_image(path))
     if arr.ndim not in (2, 3):
-        raise DataError(f"{path}: expected a 2-D image (grey or RGB), got shape {arr.shape}")
+        raise DataError(f"{path}: a {arr.ndim}D array is not a 2D image (grey or RGB)")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())  # one NaN pixel would blacken the whole sample
+        raise NonFiniteError(f"{path}: image holds {bad} NaN/inf pixel value(s); fix the file")
     if arr.dtype != np.uint8:
         top = 65535.0 if arr.max() > 255 else 255.0
         arr = (np.clip(arr.astype(np.float64) / top, 0, 1) * 255).round().astype(np.uint8)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from unetkit.errors import ConfigError
-from unetkit.inference.fastpath import model_device
+from unetkit.runtime import model_device
 
 StepCallback = Callable[[int, int], None]
 
@@ -126,6 +126,7 @@ def denoise(
     generator: torch.Generator | None = None,
     known: KnownRegion | None = None,
     callback: StepCallback | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Run ``scheduler`` over ``timesteps`` from ``latents`` (already scaled/noised).
 
@@ -137,13 +138,14 @@ def denoise(
         guidance: contexts and scale. timesteps: the run's timesteps (a tail of
             ``scheduler.timesteps`` for img2img).
         generator: for stochastic samplers. known: inpainting. callback: ``(i, n)`` after
-            each step (progress bars).
+            each step (progress bars). device: where ``model`` runs (default: its
+            parameters' device; give it for a ``runtime.Runner``).
 
     Returns:
         (B, C, h, w) float32 latents.
     """
     x = latents.float()
-    device = model_device(model)
+    device = device or model_device(model)
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             inp = scheduler.scale_model_input(x, t)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from unetkit._atomic import atomic_path
 from unetkit.errors import CheckpointError, ConfigError
+from unetkit.finite import check_finite_tensors
 from unetkit.formats.lora_adapter import Adapter
 from unetkit.formats.lora_kohya import flatten_name
 from unetkit.formats.lora_layouts import (
@@ -93,6 +94,7 @@ def read_adapter(
         raise CheckpointError(
             f"{path}: not a readable .safetensors file ({e}); unetkit never unpickles files"
         ) from None
+    check_finite_tensors(tensors, source=str(path), what="adapter weights")
     config = _peft_config(path)
     if config is not None and DIFFUSERS_METADATA_KEY not in metadata:
         metadata[DIFFUSERS_METADATA_KEY] = config  # PEFT keeps the LoraConfig beside the file

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,11 @@ from unetkit.diffusion.latent import (
     denoise,
     img2img_timesteps,
 )
-from unetkit.diffusion.schedulers import build_scheduler
+from unetkit.diffusion.samplers import build_scheduler
 from unetkit.diffusion.schedules import NoiseSchedule
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.sd_files import SDFiles, load_pipeline_dir, sampler_from_config
-from unetkit.inference import fastpath
+from unetkit.runtime import DEFAULT_PRECISION, prepared
 
 
 def is_sd_source(path: str | os.PathLike) -> bool:
@@ -59,7 +58,9 @@ class StableDiffusion:
             the U-Net only: the VAE and text encoder run in float32.
     """
 
-    def __init__(self, files: SDFiles, *, sampler: str | None = None, precision: str = "auto"):
+    def __init__(
+        self, files: SDFiles, *, sampler: str | None = None, precision: str = DEFAULT_PRECISION
+    ):
         self.files = files
         self.unet = files.unet
         self.codec = LatentCodec(files.vae, files.vae.config.scaling_factor)
@@ -112,15 +113,6 @@ class StableDiffusion:
     def _scheduler(self) -> Any:
         return build_scheduler(self.sampler, self.schedule, **self.sampler_options)
 
-    def _model(self) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
-        from unetkit.training.trainer import autocast, resolve_precision
-
-        device = fastpath.model_device(self.unet)
-        dtype = resolve_precision(self.precision, device)
-        if fastpath.can_freeze(self.unet, dtype):  # CPU bf16: frozen prepacked copy
-            return fastpath.frozen_for(self.unet, dtype), contextlib.nullcontext()
-        return self.unet, autocast(device, dtype)
-
     def _guidance(self, prompts: list[str], negative: str | list[str], scale: float) -> Guidance:
         negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negatives) != len(prompts):
@@ -134,10 +126,9 @@ class StableDiffusion:
         return height // s, width // s
 
     def _run(self, latents, guidance, timesteps, scheduler, gen, known=None, callback=None):
-        model, ctx = self._model()
-        with ctx:
+        with prepared(self.unet, self.precision) as runner:  # fast path or autocast, decided once
             z = denoise(
-                model,
+                runner,
                 scheduler,
                 latents,
                 guidance,
@@ -145,6 +136,7 @@ class StableDiffusion:
                 generator=gen,
                 known=known,
                 callback=callback,
+                device=runner.runs_on,
             )
         return self.codec.decode(z).float()
 
