@@ -137,6 +137,10 @@ function showSegmentation(job, target, model) {
     $("cor-image").append(el("option", { value: String(state.segmented.length - 1) },
       `${r.image.name} (${r.count} objects)`));
   });
+  if (!state.current && state.segmented.length) {  // the Correct screen opens the first one
+    $("cor-image").value = "0";
+    openForCorrection(0);
+  }
 }
 
 function resultCard(jobId, index, r) {
