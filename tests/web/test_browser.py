@@ -1,7 +1,9 @@
 """End to end in a real headless browser (Playwright driving Debian's Chromium) against a
 server on a free loopback port: segment, correct + fine-tune, generate, inpaint.
 
-Set UNETKIT_WEB_SCREENSHOTS=docs/img to (re)write the README's screenshots.
+Set UNETKIT_WEB_SCREENSHOTS=docs/img to (re)write the README's screenshots, and for
+pictures of useful models UNETKIT_WEB_SEG_RUN / UNETKIT_WEB_DIFFUSION_RUN to a trained
+segmentation run and diffusion run (the tests' tiny models are barely trained / random).
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ pytestmark = [
 LONG = 300_000  # ms: fine-tuning on 2 shared cores
 
 
+def seg_run(models_root: Path) -> Path:
+    return Path(os.environ.get("UNETKIT_WEB_SEG_RUN") or models_root / "seg")
+
+
+def diffusion_run(models_root: Path) -> Path:
+    return Path(
+        os.environ.get("UNETKIT_WEB_DIFFUSION_RUN") or models_root / "diffusion.safetensors"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +68,7 @@ def server(models_root, tmp_path_factory):
     from unetkit.web.app import create_app
     from unetkit.web.models import ModelList
 
-    models = ModelList([models_root / "seg", models_root / "diffusion.safetensors"])
+    models = ModelList([seg_run(models_root), diffusion_run(models_root)])
     app = create_app(
         models, work_dir=tmp_path_factory.mktemp("web_work"), allowed_hosts=LOOPBACK_HOSTS
     )
@@ -166,8 +178,12 @@ def test_correct_and_finetune_changes_the_result(browser_page, tmp_path):
     screenshot(page, "web_correct.png", tmp_path)
 
 
-def test_generate_and_inpaint_give_the_requested_images(browser_page, image, tmp_path):
+def test_generate_and_inpaint_give_the_requested_images(browser_page, models_root, image, tmp_path):
+    from unetkit.formats.checkpoint import read_metadata
+    from unetkit.workflows.adapt import base_checkpoint
+
     page, _ = browser_page
+    meta = read_metadata(base_checkpoint(diffusion_run(models_root)))["diffusion"]
     page.click(".tab[data-screen='generate']")
     page.fill("#gen-n", "3")
     page.fill("#gen-steps", "4")
@@ -176,7 +192,8 @@ def test_generate_and_inpaint_give_the_requested_images(browser_page, image, tmp
     wait_js(page, "document.querySelectorAll('#gen-grid img.sample').length === 3")
     wait_js(
         page,
-        "[...document.querySelectorAll('#gen-grid img.sample')].every(i => i.naturalWidth === 16)",
+        "[...document.querySelectorAll('#gen-grid img.sample')].every(i => i.naturalWidth === "
+        f"{meta['image_size']})",
     )
     screenshot(page, "web_generate.png", tmp_path)
     page.click("#inpaint summary")

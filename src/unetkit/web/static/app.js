@@ -154,7 +154,7 @@ function resultCard(jobId, index, r) {
   const count = el("span", { class: "count" }, String(r.count));
   return el("div", { class: "result" }, el("h3", {}, r.image.name),
     el("div", { class: "body" }, canvas, el("div", { class: "side" },
-      el("div", { class: "count-line" }, count, " objects"), links, objectTable(r.table))));
+      el("div", { class: "count-line" }, count, r.count === 1 ? " object" : " objects"), links, objectTable(r.table))));
 }
 
 function drawNumbered(canvas, img, table) {
