@@ -178,3 +178,13 @@ def test_a_cancelled_job_frees_its_worker(models_root, tmp_path):
         assert done["state"] == "done" and len(done["result"]["samples"]) == 2
         grid = client.get(f"/api/jobs/{second['id']}/files/grid.png")
         assert grid.status_code == 200 and grid.content.startswith(b"\x89PNG")
+
+
+def test_uploads_without_a_declared_size_are_refused(models_root, tmp_path):
+    with make_client(models_root, tmp_path) as client:
+
+        def chunks():
+            yield png_bytes(_noise(32))
+
+        r = client.post("/api/images", content=chunks(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 411 and "Content-Length" in r.json()["error"]
