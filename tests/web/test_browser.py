@@ -125,9 +125,10 @@ def predict_count(run: Path, image: Path, out: Path) -> int:
 
 def test_segment_shows_the_count_predict_gives(browser_page, models_root, image, tmp_path):
     page, _ = browser_page
-    expected = predict_count(
-        models_root / "seg" / "checkpoints" / "best.safetensors", image, tmp_path / "predicted"
-    )
+    from unetkit.workflows.adapt import base_checkpoint
+
+    run = base_checkpoint(seg_run(models_root))
+    expected = predict_count(run, image, tmp_path / "predicted")
     page.set_input_files("#seg-files", str(image))
     page.click("#seg-run")
     page.wait_for_selector(".result .count", timeout=LONG)
