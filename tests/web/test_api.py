@@ -125,8 +125,11 @@ def _check_polygons(geo: dict, labels: np.ndarray) -> None:
 
     assert len(geo["features"]) == len(np.unique(labels)) - 1
     for feature in geo["features"]:
-        label = feature["properties"]["label"]
-        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        label = int(feature["properties"]["measurements"]["label"])
+        geometry = feature["geometry"]
+        polygons = geometry["coordinates"]
+        largest = polygons if geometry["type"] == "Polygon" else max(polygons, key=len)
+        ring = np.asarray(largest[0])  # the outer ring
         assert (ring[0] == ring[-1]).all()
         drawn = np.zeros(labels.shape, bool)
         rr, cc = polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, labels.shape)

@@ -50,5 +50,7 @@ def test_bad_flags_are_one_error_line(served, tmp_path, capsys):
     assert err.startswith("unetkit serve: error: --models-dir") and "\n" not in err
     assert main(["serve", str(tmp_path / "nope")]) == 2
     assert "no such run directory or checkpoint file" in capsys.readouterr().err
-    assert main(["serve", "--port", "70000"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse's range check
+        main(["serve", "--port", "70000"])
+    assert exit_info.value.code == 2 and "--port" in capsys.readouterr().err
     assert not served
