@@ -430,6 +430,11 @@ def _(z, w):
     return ["generate", _s(w / "norun"), "a digit", "--grid", _s(w / "g.png")], "norun"
 
 
+@case("generate-lora-scale-nan")
+def _(z, w):
+    return ["generate", _s(z.diff), "a digit", "--lora", f"{z.adapter}:nan"], "--lora"
+
+
 # --- inpaint ---------------------------------------------------------------------------------
 @case("inpaint-nan-pixels")
 def _(z, w):
@@ -525,6 +530,12 @@ def _(z, w):
 def _(z, w):
     out = _s(w / "m.safetensors")
     return ["lora-merge", _s(z.nan_seg), _s(z.adapter), "--out", out], "nan_seg.safetensors"
+
+
+@case("lora-merge-scale-overflows")
+def _(z, w):
+    out = _s(w / "m.safetensors")
+    return ["lora-merge", _s(z.diff), _s(z.adapter), "--out", out, "--scale", "1e300"], "--out"
 
 
 # --- lora-convert ----------------------------------------------------------------------------
