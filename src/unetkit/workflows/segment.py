@@ -29,6 +29,7 @@ from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.loading import load_with_metadata
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
+from unetkit.regression import depth_metrics, psnr, to_prediction
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
 from unetkit.segmentation.postprocess import (
     instances_from_boundary,
@@ -213,8 +214,6 @@ def predict_regression(
     options: InferenceOptions = InferenceOptions(),
 ) -> np.ndarray:
     """Dense regression of one float image C×H×W: depth in metres or restored values, K×H×W."""
-    from unetkit.regression import to_prediction
-
     output = meta.get("output", "depth")
     with runtime.prepared(model, options.precision) as runner:
         return predict_tiled(
@@ -251,8 +250,6 @@ def evaluate_regression(
     on_prediction: Callable[[dict, np.ndarray], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Depth metrics (AbsRel, RMSE, δ<1.25, ...) or MAE/RMSE/PSNR per image, and their means."""
-    from unetkit.regression import depth_metrics, psnr
-
     acc = MetricAccumulator()
     rows = []
     for s in samples:

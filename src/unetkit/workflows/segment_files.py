@@ -33,7 +33,9 @@ from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
+from unetkit.inference.attention_maps import save_attention_heatmaps
 from unetkit.inference.backends import load_inference_model, options_for
+from unetkit.regression.io import colorize, write_target
 from unetkit.workflows import segment
 from unetkit.workflows.segment import (
     InferenceOptions,
@@ -198,8 +200,6 @@ def _predict_one(
     scale = scale_factor(meta, options, pixel_size)
     pred = segment.predict_image(model, loaded.image, meta, options, scale=scale)
     if attention_maps:
-        from unetkit.inference.attention_maps import save_attention_heatmaps  # torch only
-
         save_attention_heatmaps(unwrap(model), normalize_input(loaded.image, meta), prefix)
     row = write_outputs(
         prefix.parent,
@@ -257,8 +257,6 @@ def _predict_regression_files(
 ) -> list[dict[str, Any]]:
     """``<stem>_depth.tif`` (float32 metres) + ``<stem>_depth.png`` (colour) per image, or
     ``<stem>_restored.tif``/``.png`` for restoration models."""
-    from unetkit.regression.io import colorize, write_target
-
     kind = "depth" if meta.get("output", "depth") == "depth" else "restored"
     rows = []
     for f in files:
