@@ -37,6 +37,7 @@ from unetkit.inference.attention_maps import save_attention_heatmaps
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.regression.io import colorize, write_target
 from unetkit.workflows import segment
+from unetkit.workflows.pictures import map_with_colorbar
 from unetkit.workflows.segment import (
     InferenceOptions,
     check_inference_metadata,
@@ -255,7 +256,8 @@ def _predict_regression_files(
     out: Path,
     options: InferenceOptions,
 ) -> list[dict[str, Any]]:
-    """``<stem>_depth.tif`` (float32 metres) + ``<stem>_depth.png`` (colour) per image, or
+    """``<stem>_depth.tif`` (float32 metres), ``<stem>_depth.png`` (colour, pixel for pixel)
+    and ``<stem>_depth_preview.png`` (with a colour bar in metres) per image, or
     ``<stem>_restored.tif``/``.png`` for restoration models."""
     kind = "depth" if meta.get("output", "depth") == "depth" else "restored"
     rows = []
@@ -265,6 +267,8 @@ def _predict_regression_files(
         write_target(out / f"{f.stem}_{kind}.tif", pred)
         if kind == "depth":
             picture = colorize(pred[0])
+            preview = map_with_colorbar(pred[0], label="depth (m)", cmap="magma_r")
+            write_image(out / f"{f.stem}_depth_preview.png", preview)
         else:
             picture = (
                 np.clip(
