@@ -332,3 +332,16 @@ def test_one_call_api_reads_files_axis_aware(tmp_path, checkpoint):
     from_file = unetkit.predict(checkpoint, tmp_path / "two.tif", channels=(1,), precision="fp32")
     from_array = unetkit.predict(checkpoint, two[1], precision="fp32")
     np.testing.assert_array_equal(from_file.instances, from_array.instances)
+
+
+def test_regression_outputs_get_unique_names_too(tmp_path):
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(4, 8), out_channels=1)
+    extra = {"task": "regression", "output": "depth", "normalize": "zscore"}
+    ck = unetkit.save(net, tmp_path / "d.safetensors", extra=extra)
+    write_image(tmp_path / "in" / "y.png", _blobs(seed=1))
+    write_image(tmp_path / "in" / "y.tif", _blobs(seed=2))
+    predict_files(ck, [tmp_path / "in"], tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "y_png_depth.tif" in names and "y_tif_depth.tif" in names
+    assert "y_png_depth_preview.png" in names
