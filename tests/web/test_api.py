@@ -191,3 +191,16 @@ def test_uploads_without_a_declared_size_are_refused(models_root, tmp_path):
 
         r = client.post("/api/images", content=chunks(), headers={"Content-Type": "image/png"})
         assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+
+
+def test_adapters_are_written_beside_their_base(tmp_path):
+    from unetkit.web.tasks import finetune_dir
+
+    run = tmp_path / "cells"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.safetensors").write_bytes(b"")
+    assert finetune_dir(run) == tmp_path / "cells-finetune-1"
+    (tmp_path / "cells-finetune-1").mkdir()
+    assert finetune_dir(run / "checkpoints" / "best.safetensors") == tmp_path / "cells-finetune-2"
+    (tmp_path / "loose.safetensors").write_bytes(b"")
+    assert finetune_dir(tmp_path / "loose.safetensors") == tmp_path / "loose-finetune-1"

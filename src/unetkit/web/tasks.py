@@ -102,7 +102,10 @@ def segment_task(
 
 
 def finetune_dir(base: Path) -> Path:
-    """``<base>-finetune-<k>`` beside the base run folder or model file, first free k."""
+    """``<base>-finetune-<k>`` beside the base run folder or model file, first free k
+    (a checkpoint inside a run's ``checkpoints/`` counts as that run)."""
+    if not base.is_dir() and base.parent.name == "checkpoints":
+        base = base.parent.parent
     stem = base.name if base.is_dir() else base.stem
     k = 1
     while (base.parent / f"{stem}-finetune-{k}").exists():
