@@ -29,6 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from unetkit.diffusion import SCHEDULER_NAMES
 from unetkit.errors import ConfigError, DataError, UnetkitError, did_you_mean
 from unetkit.web import tasks
 from unetkit.web.jobs import JobRunner
@@ -149,8 +150,6 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        from unetkit.diffusion import SCHEDULER_NAMES
-
         return {
             "models": [m.to_dict() for m in state.models.list()],
             "samplers": list(SCHEDULER_NAMES),
@@ -229,8 +228,6 @@ def _int(body: dict, key: str, default: int | None, limits: tuple[int, int] | No
 
 def sample_request(body: dict) -> tasks.SampleRequest:
     """Validate generate / inpaint settings; samplers come from the library's list."""
-    from unetkit.diffusion import SCHEDULER_NAMES
-
     sampler = str(body.get("sampler") or "ddim")
     if sampler not in SCHEDULER_NAMES:
         raise ConfigError(
@@ -260,17 +257,19 @@ def _labels_of(image: StoredImage) -> np.ndarray:
     return np.load(path)
 
 
-def add_job_routes(app: FastAPI, state: WebState) -> None:
-    """Start, poll and cancel jobs; download their files."""
+async def body_of(request: Request) -> dict:
+    """The request's JSON object; ConfigError (400) for anything else."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ConfigError("request: the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ConfigError("request: the body must be a JSON object")
+    return body
 
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ConfigError("request: the body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ConfigError("request: the body must be a JSON object")
-        return body
+
+def add_job_routes(app: FastAPI, state: WebState) -> None:
+    """Start the four kinds of job (each returns the job id at once)."""
 
     def submitted(kind: str, work: Any) -> dict[str, str]:
         return {"id": state.runner.submit(kind, work).id}
@@ -318,6 +317,12 @@ def add_job_routes(app: FastAPI, state: WebState) -> None:
         mask = np.load(image.folder / "mask.npy")
         work = tasks.inpaint_task(state.cache, entry, image, mask, sample_request(body))
         return submitted("inpaint", work)
+
+    add_job_result_routes(app, state)
+
+
+def add_job_result_routes(app: FastAPI, state: WebState) -> None:
+    """Poll and cancel jobs; download their files."""
 
     @app.get("/api/jobs/{job_id}")
     def job_status(job_id: str) -> dict[str, Any]:
