@@ -204,3 +204,12 @@ def test_adapters_are_written_beside_their_base(tmp_path):
     assert finetune_dir(run / "checkpoints" / "best.safetensors") == tmp_path / "cells-finetune-2"
     (tmp_path / "loose.safetensors").write_bytes(b"")
     assert finetune_dir(tmp_path / "loose.safetensors") == tmp_path / "loose-finetune-1"
+
+
+def test_the_default_work_folder_goes_with_the_server(models_root):
+    app = create_app(ModelList([models_root / "seg"]))
+    with TestClient(app) as client:
+        image = upload(client, png_bytes(_noise(32))).json()
+        work = app.state.web.images_dir.parent
+        assert (work / "images" / image["id"] / "preview.png").is_file()
+    assert not work.exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -88,7 +89,8 @@ def create_app(
 
     Args:
         models: what the page may choose from (``ModelList``).
-        work_dir: uploads and job folders (default: a new temporary folder).
+        work_dir: uploads and job folders (default: a temporary folder, deleted when the
+            server stops).
         max_upload_mb: largest accepted upload, MiB.
         max_pixels: largest accepted image, H*W.
         workers: jobs running at once.
@@ -112,6 +114,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         state.runner.shutdown()  # cancel running jobs, stop the worker threads
+        if not work_dir:  # our own temporary folder: uploads and results go with the server
+            shutil.rmtree(work, ignore_errors=True)
 
     app = FastAPI(
         title="unetkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
