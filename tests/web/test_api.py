@@ -213,3 +213,30 @@ def test_the_default_work_folder_goes_with_the_server(models_root):
         work = app.state.web.images_dir.parent
         assert (work / "images" / image["id"] / "preview.png").is_file()
     assert not work.exists()
+
+
+def test_16_bit_tiff_and_rgb_png_uploads(models_root, cell_images, tmp_path):
+    """Files written by tifffile and Pillow: facts, preview, and the same segmentation."""
+    grey = read_image(cell_images[0])
+    deep = grey.astype(np.uint16) * 257  # the same picture as 16-bit
+    tiff = io.BytesIO()
+    tifffile.imwrite(tiff, deep)
+    rgb = png_bytes(np.stack([grey] * 3, -1))
+    with make_client(models_root, tmp_path) as client:
+        a = upload(client, tiff.getvalue(), "deep.tif").json()
+        b = upload(client, rgb, "colour.png").json()
+        assert (a["width"], a["height"], a["channels"]) == (grey.shape[1], grey.shape[0], 1)
+        assert b["channels"] == 3
+        shown = Image.open(io.BytesIO(client.get(f"/api/images/{a['id']}/preview.png").content))
+        assert shown.size == (grey.shape[1], grey.shape[0]) and shown.mode == "L"
+        job = client.post(
+            "/api/jobs/segment",
+            json={"model": model_id(client, "segment"), "images": [a["id"], b["id"]]},
+        ).json()
+        done = wait(client, job["id"])
+        counts = [r["count"] for r in done["result"]["images"]]
+        segmenter = Segmenter(models_root / "seg")
+        assert counts == [
+            segmenter.segment(deep).count,
+            segmenter.segment(np.stack([grey] * 3, -1)).count,
+        ]
