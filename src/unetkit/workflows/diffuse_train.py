@@ -269,6 +269,7 @@ def train_diffusion(
                 steps=recipe.sample_steps,
                 guidance=recipe.sample_guidance,
                 sampler=recipe.sampler,
+                progress=progress,
             )
         return False
 
