@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "check_layers.py"
 # Function-level imports of unetkit modules on the real tree may only go down: the goal is 10
 # (issue #13); lower this as their owners move them to module level, never raise it.
-LOCAL_IMPORT_CEILING = 61
+LOCAL_IMPORT_CEILING = 34
 
 
 def _tool():
