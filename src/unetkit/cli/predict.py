@@ -68,10 +68,89 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch.compile the model (falls back to eager with a warning if it fails)",
     )
+    add_block_flags(p)
     p.set_defaults(run=run)
 
 
+def add_block_flags(p: argparse.ArgumentParser) -> None:
+    """Block-wise prediction of huge images / many images (OME-Zarr out, Dask optional)."""
+    from unetkit.workflows.blocks import BlockOptions
+
+    g = p.add_argument_group(
+        "huge images and many images",
+        "with --cluster, --block-size or an OME-Zarr input: block-wise prediction, one "
+        "<stem>.zarr (OME-Zarr: mask, labels/instances, pyramids) per image; resumable",
+    )
+    g.add_argument(
+        "--cluster",
+        help="local:N (a Dask LocalCluster, N single-threaded workers on 127.0.0.1) or "
+        "tcp://HOST:PORT (a running `dask scheduler`); default: this process",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        help=f"block edge in pixels per task and output chunk (default {BlockOptions.block_size})",
+    )
+    g.add_argument(
+        "--label-halo",
+        type=int,
+        default=BlockOptions.label_halo,
+        help="extra pixels per block side for the watershed of boundary models "
+        "(about the largest object radius)",
+    )
+    g.add_argument("--level", type=int, default=0, help="OME-Zarr resolution level to read")
+    g.add_argument(
+        "--probabilities", action="store_true", help="also write class probabilities"
+    )
+    g.add_argument(
+        "--scheduler-timeout", type=float, default=10.0, help="seconds to wait for --cluster"
+    )
+
+
+def _block_wise(args: argparse.Namespace) -> bool:
+    from unetkit.formats.ome_zarr import is_zarr
+
+    chosen = args.cluster or args.block_size or args.probabilities or args.level
+    return bool(chosen) or any(is_zarr(i) for i in args.inputs)
+
+
+def run_blocks(args: argparse.Namespace) -> int:
+    """Block-wise predict; prints the Dask dashboard address and a progress bar."""
+    from tqdm import tqdm
+
+    from unetkit.workflows.blocks import BlockOptions
+    from unetkit.workflows.distributed import dask_client, predict_blocks
+
+    blocks = BlockOptions(
+        block_size=args.block_size or BlockOptions.block_size,
+        label_halo=args.label_halo,
+        level=args.level,
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit="block"))
+        bar.n = done
+        bar.refresh()
+
+    with dask_client(args.cluster, timeout=args.scheduler_timeout) as client:
+        if client is not None:
+            print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        rows = predict_blocks(
+            args.checkpoint, args.inputs, args.out, options_from_args(args), blocks,
+            probabilities=args.probabilities, client=client, progress=progress,
+        )
+    for bar in bars.values():
+        bar.close()
+    for r in rows:
+        print(f"{r['image']}: {r['objects']} objects -> {r['output']}")
+    print(f"wrote {len(rows)} result(s) to {args.out}/")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if _block_wise(args):
+        return run_blocks(args)
     rows = predict_files(
         args.checkpoint,
         args.inputs,

@@ -251,13 +251,21 @@ def create_prediction(
             yx = tuple(-(-n // 2**level) for n in shape)
             full = yx if channels is None else (channels, *yx)
             chunks = (chunk, chunk) if channels is None else (1, chunk, chunk)
-            arrays[key].append(
-                group.require_array(str(level), shape=full, chunks=chunks, dtype=dtype, fill_value=0)
+            names = SPATIAL if channels is None else ("c", *SPATIAL)
+            arrays[key].append(  # NGFF 0.5: dimension_names must repeat the axes' names
+                group.require_array(
+                    str(level), shape=full, chunks=chunks, dtype=dtype, fill_value=0,
+                    dimension_names=names,
+                )
             )
         ms = _multiscale(key, axes, scale, levels, channel=channels is not None)
         attrs: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [ms]}
         if key == "instances":
-            attrs["image-label"] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
+            attrs["image-label"] = {
+                "version": NGFF_VERSION,
+                "source": {"image": "../../"},
+                "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],  # background: clear
+            }
         group.attrs["ome"] = attrs
     labels = root["labels"]
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": ["instances"]}

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-
 import json
 import os
 import shutil
@@ -39,7 +38,6 @@ from unetkit._atomic import atomic_write_bytes, atomic_write_text
 from unetkit.data.io import list_images
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
-
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.segmentation.postprocess import instances_from_boundary
 from unetkit.segmentation.stitching import face_pairs, merge_labels, overlap_pairs
@@ -78,7 +76,10 @@ class _Job:
 # --- cluster -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def dask_client(
-    cluster: str | None, *, timeout: float = 10.0, processes: bool = True,
+    cluster: str | None,
+    *,
+    timeout: float = 10.0,
+    processes: bool = True,
     dashboard: str | None = "127.0.0.1:0",
 ) -> Iterator[Any]:
     """A ``distributed.Client`` for ``--cluster`` (None: yields None, run in-process).
@@ -99,10 +100,16 @@ def dask_client(
         n = cluster.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise ConfigError(f"--cluster {cluster}: expected local:N with N >= 1 workers")
-        with LocalCluster(
-            n_workers=int(n), threads_per_worker=1, host="127.0.0.1", processes=processes,
-            dashboard_address=dashboard,
-        ) as lc, Client(lc) as client:
+        with (
+            LocalCluster(
+                n_workers=int(n),
+                threads_per_worker=1,
+                host="127.0.0.1",
+                processes=processes,
+                dashboard_address=dashboard,
+            ) as lc,
+            Client(lc) as client,
+        ):
             yield client
         return
     if not cluster.startswith("tcp://"):
@@ -196,8 +203,10 @@ def _predict_block(job: _Job, block: Block) -> str:
 
 
 _SIDES = {
-    "top": (0, slice(None)), "bottom": (-1, slice(None)),
-    "left": (slice(None), 0), "right": (slice(None), -1),
+    "top": (0, slice(None)),
+    "bottom": (-1, slice(None)),
+    "left": (slice(None), 0),
+    "right": (slice(None), -1),
 }
 
 
@@ -228,14 +237,22 @@ def _strips(labels: np.ndarray, region: Block, block: Block, job: _Job) -> dict[
     h, (n_y, n_x) = job.blocks.label_halo, job.shape
     out = {}
     for side, axis, face in (
-        ("top", 0, block.y0), ("bottom", 0, block.y1), ("left", 1, block.x0),
+        ("top", 0, block.y0),
+        ("bottom", 0, block.y1),
+        ("left", 1, block.x0),
         ("right", 1, block.x1),
     ):
         lo, hi = max(face - h, 0), min(face + h, (n_y, n_x)[axis])
         if axis == 0:
-            strip = (slice(lo - region.y0, hi - region.y0), slice(block.x0 - region.x0, block.x1 - region.x0))
+            strip = (
+                slice(lo - region.y0, hi - region.y0),
+                slice(block.x0 - region.x0, block.x1 - region.x0),
+            )
         else:
-            strip = (slice(block.y0 - region.y0, block.y1 - region.y0), slice(lo - region.x0, hi - region.x0))
+            strip = (
+                slice(block.y0 - region.y0, block.y1 - region.y0),
+                slice(lo - region.x0, hi - region.x0),
+            )
         out[f"strip_{side}"] = labels[strip]
     return out
 
@@ -258,11 +275,14 @@ def _scratch(job: _Job, mode: str) -> Any:
 
     size = job.blocks.block_size
     return zarr.open_array(
-        str(Path(job.out) / _MARKERS / "local"), mode=mode, shape=job.shape,
-        chunks=(size, size), dtype="uint32", fill_value=0, zarr_format=3,
+        str(Path(job.out) / _MARKERS / "local"),
+        mode=mode,
+        shape=job.shape,
+        chunks=(size, size),
+        dtype="uint32",
+        fill_value=0,
+        zarr_format=3,
     )
-
-
 
 
 # --- client side -------------------------------------------------------------------------
@@ -308,18 +328,29 @@ def _stitch(job: _Job, grid: list[Block], boundary: bool, min_size: int) -> list
                 pairs = overlap_pairs(data[i][f"strip_{first}"], data[j][f"strip_{second}"])
             else:
                 pairs = face_pairs(
-                    data[i][f"edge_{first}"], data[j][f"edge_{second}"],
-                    data[i][f"class_{first}"], data[j][f"class_{second}"],
+                    data[i][f"edge_{first}"],
+                    data[j][f"edge_{second}"],
+                    data[i][f"class_{first}"],
+                    data[j][f"class_{second}"],
                 )
             links.append((i, j, pairs))
     counts = [int(d["count"]) for d in data]
-    areas = [np.pad(d["areas"], (0, max(0, c + 1 - len(d["areas"])))) for d, c in zip(data, counts, strict=True)]
+    areas = [
+        np.pad(d["areas"], (0, max(0, c + 1 - len(d["areas"]))))
+        for d, c in zip(data, counts, strict=True)
+    ]
     return merge_labels(counts, areas, links, min_size=min_size)
 
 
 def _prepare(
-    checkpoint: str, path: Path, out_dir: Path, options: InferenceOptions,
-    blocks: BlockOptions, probabilities: bool, model: torch.nn.Module, meta: dict[str, Any],
+    checkpoint: str,
+    path: Path,
+    out_dir: Path,
+    options: InferenceOptions,
+    blocks: BlockOptions,
+    probabilities: bool,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
 ) -> _Job:
     source = open_source(str(path), blocks.level)
     out = out_dir / f"{_stem(path)}.zarr"
@@ -335,12 +366,24 @@ def _prepare(
     channels = int(getattr(model, "out_channels", 2))
     stats = normalization_stats(source, meta.get("normalize", "zscore"), blocks.block_size)
     job = _Job(
-        checkpoint, str(path), str(out), source.shape, options, blocks, stats,
-        probabilities, channels,
+        checkpoint,
+        str(path),
+        str(out),
+        source.shape,
+        options,
+        blocks,
+        stats,
+        probabilities,
+        channels,
     )
     ome_zarr.create_prediction(
-        out, source.shape, chunk=blocks.block_size, scale=source.scale, units=source.units,
-        num_classes=channels, probabilities=probabilities,
+        out,
+        source.shape,
+        chunk=blocks.block_size,
+        scale=source.scale,
+        units=source.units,
+        num_classes=channels,
+        probabilities=probabilities,
     )
     return job
 
@@ -349,8 +392,8 @@ def predict_blocks(
     checkpoint: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    options: InferenceOptions = InferenceOptions(),
-    blocks: BlockOptions = BlockOptions(),
+    options: InferenceOptions | None = None,
+    blocks: BlockOptions | None = None,
     *,
     probabilities: bool = False,
     client: Any = None,
@@ -367,8 +410,8 @@ def predict_blocks(
         checkpoint: a ``.safetensors`` checkpoint (each worker loads it once).
         inputs: OME-Zarr images, TIFFs, image files or folders of them.
         out_dir: output folder (created).
-        options: the inference options of ``workflows.segment``.
-        blocks: block size, label halo and OME-Zarr level.
+        options: the inference options of ``workflows.segment`` (default: its defaults).
+        blocks: block size, label halo and OME-Zarr level (default: ``BlockOptions()``).
         probabilities: also write the class probabilities.
         client: a ``distributed.Client`` (see :func:`dask_client`); None runs here.
         progress: called as ``progress(stage, done, total)``.
@@ -378,8 +421,11 @@ def predict_blocks(
     """
     model, meta = load_inference_model(checkpoint)
     if meta.get("task") == "regression" or getattr(model, "dims", 2) != 2:
-        raise ConfigError(f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)")
-    options = options_for(model, options)
+        raise ConfigError(
+            f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)"
+        )
+    options = options_for(model, options or InferenceOptions())
+    blocks = blocks or BlockOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = block_inputs(inputs)
