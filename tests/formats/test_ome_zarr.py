@@ -66,8 +66,13 @@ def test_zarr_without_ngff_metadata_is_one_line(tmp_path: Path) -> None:
 def test_prediction_store_validates_as_ngff(tmp_path: Path) -> None:
     out = tmp_path / "pred.zarr"
     arrays = ome_zarr.create_prediction(
-        out, (300, 200), chunk=64, scale=(0.5, 0.25),
-        units={"y": "micrometer", "x": "micrometer"}, num_classes=3, probabilities=True,
+        out,
+        (300, 200),
+        chunk=64,
+        scale=(0.5, 0.25),
+        units={"y": "micrometer", "x": "micrometer"},
+        num_classes=3,
+        probabilities=True,
     )
     labels = np.arange(300 * 200, dtype=np.uint32).reshape(300, 200) % 7
     arrays["instances"][0][:] = labels
@@ -110,4 +115,6 @@ def test_tiff_is_read_through_its_tiles(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "big.tif", data, tile=(64, 64))
     source = open_source(str(tmp_path / "big.tif"))
     assert source.shape == (200, 150)
-    np.testing.assert_array_equal(source.window(slice(70, 130), slice(1, 99))[..., 0], data[70:130, 1:99])
+    np.testing.assert_array_equal(
+        source.window(slice(70, 130), slice(1, 99))[..., 0], data[70:130, 1:99]
+    )

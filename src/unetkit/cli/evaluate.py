@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unetkit.cli import flags as F
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.errors import ConfigError
+from unetkit.outputs import output_file
+from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment import (
     evaluate_dataset,
     evaluate_regression,
     load_for_inference,
 )
-from unetkit.segmentation.postprocess import write_object_table_csv
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="folder with images/ and masks/ (targets/ for regression models)",
     )
-    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--num-classes", type=F.positive_int, default=2)
     p.add_argument("--mask-mode", default="auto", choices=["auto", "index", "binary", "instances"])
     p.add_argument("--csv", help="also write per-image metrics to this CSV")
     add_inference_flags(p)
@@ -36,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.csv:
+        output_file(args.csv, flag="--csv", inputs=[args.checkpoint, args.data])
     model, meta = load_for_inference(args.checkpoint)
     if meta.get("task") == "regression":
         from unetkit.regression import FolderRegressionDataset
@@ -50,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
             model, meta, (data[i] for i in range(len(data))), options_from_args(args)
         )
     else:
+        trained = meta.get("num_classes", args.num_classes)
+        if args.num_classes > trained:
+            raise ConfigError(
+                f"--num-classes {args.num_classes}: {args.checkpoint} predicts {trained} "
+                f"classes; scores for classes it cannot predict would be made up"
+            )
         data = FolderSegmentationDataset(
             args.data,
             num_classes=args.num_classes,

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import argparse
 
+from unetkit.cli import flags as F
 from unetkit.inference.backends import BACKENDS
+from unetkit.outputs import output_folder
+from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.segment import InferenceOptions, predict_files
-from unetkit.training.trainer import PRECISIONS
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=int, help="tile size (default: whole image if it fits)")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    p.add_argument("--tile", type=F.tile_size, help="tile size (default: whole image if it fits)")
+    p.add_argument(
+        "--overlap",
+        type=F.finite_float(0, 1, hi_open=True),
+        default=0.25,
+        help="sliding-window overlap",
+    )
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    p.add_argument("--min-size", type=int, default=10, help="drop objects smaller (px)")
+    p.add_argument("--batch-size", type=F.positive_int, default=4, help="tiles per forward pass")
+    p.add_argument(
+        "--min-size", type=F.nonnegative_int, default=10, help="drop objects smaller (px)"
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=DEFAULT_PRECISION,
         help="auto: bf16 on CPUs/GPUs that compute it natively (on CPUs a frozen copy "
         "with prepacked weights), else fp32 "
         "(default); bf16 forces it; fp32 is exact",
@@ -32,7 +41,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         tta=args.tta,
         batch_size=args.batch_size,
         min_size=args.min_size,
-        precision=getattr(args, "precision", "fp32"),
+        precision=getattr(args, "precision", DEFAULT_PRECISION),
     )
 
 
@@ -88,22 +97,22 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--block-size",
-        type=int,
+        type=F.positive_int,
         help=f"block edge in pixels per task and output chunk (default {BlockOptions.block_size})",
     )
     g.add_argument(
         "--label-halo",
-        type=int,
+        type=F.nonnegative_int,
         default=BlockOptions.label_halo,
         help="extra pixels per block side for the watershed of boundary models "
         "(about the largest object radius)",
     )
-    g.add_argument("--level", type=int, default=0, help="OME-Zarr resolution level to read")
+    g.add_argument("--level", type=F.nonnegative_int, default=0, help="OME-Zarr resolution level to read")
     g.add_argument(
         "--probabilities", action="store_true", help="also write class probabilities"
     )
     g.add_argument(
-        "--scheduler-timeout", type=float, default=10.0, help="seconds to wait for --cluster"
+        "--scheduler-timeout", type=F.positive_float, default=10.0, help="seconds to wait for --cluster"
     )
 
 
@@ -149,6 +158,7 @@ def run_blocks(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_folder(args.out, flag="--out", inputs=[args.checkpoint, *args.inputs])
     if _block_wise(args):
         return run_blocks(args)
     rows = predict_files(

@@ -180,11 +180,21 @@ def list_images(
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found (expected a folder of image files)")
     endings = tuple(e.lower() for e in extensions)  # whole endings, so ".nii.gz" matches
-    files = [
+    named = [
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(endings)
+        if not p.name.startswith(".") and p.name.lower().endswith(endings)
     ]
+    files = [p for p in named if p.is_file()]
+    skipped = sorted(p.name for p in named if not p.is_file())
+    if skipped:  # a folder named x.png, a dangling link or a symlink loop: say so, never guess
+        log.warning(
+            "%s: skipped %d entr%s named like images that are not readable files: %s",
+            folder,
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
+        )
     return sorted(files, key=lambda p: p.name)
 
 

@@ -226,11 +226,11 @@ def train_diffusion(
     train), ``save_model`` replaces the checkpoint writer (adapter files for LoRA runs),
     ``lora`` is recorded in config.json.
     """
-    from unetkit.workflows.diffuse import DiffusionPipeline
     from unetkit.text import CaptionEmbeddingCache, load_text_encoder
     from unetkit.training import distributed
     from unetkit.training.tasks import DiffusionTask
     from unetkit.training.trainer import fit
+    from unetkit.workflows.diffuse import DiffusionPipeline
 
     torch.manual_seed(recipe.seed)
     run_dir = Path(run_dir)

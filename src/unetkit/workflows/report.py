@@ -10,6 +10,7 @@ import torch
 
 from unetkit.data.datasets import SyntheticCellsDataset
 from unetkit.data.io import write_image
+from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment import (
     Prediction,
     evaluate_dataset,
@@ -17,7 +18,6 @@ from unetkit.workflows.segment import (
     load_for_inference,
     overlay,
 )
-from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment_train import SegmentationRecipe
 
 HELDOUT_SEED_OFFSET = 20_000  # train uses seed, validation seed + 10_000

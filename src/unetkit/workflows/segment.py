@@ -19,10 +19,12 @@ import torch
 from skimage.color import label2rgb
 from skimage.segmentation import find_boundaries
 
+from unetkit import runtime
+from unetkit.data.datasets import TARGETS
 from unetkit.data.io import list_images, read_image, to_float_image, write_image
 from unetkit.data.transforms import Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
-from unetkit.errors import ConfigError, DataError
+from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
 from unetkit.inference.backends import load_inference_model, options_for
@@ -48,16 +50,16 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """``precision``: "fp32" (exact), "bf16" or "auto" (bf16 where the hardware computes it
-    natively: a frozen copy with prepacked weights on CPUs); see
-    ``unetkit.inference.tiling.predict_tiled``."""
+    """``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
+    computes it natively, a frozen copy with prepacked weights on CPUs), "bf16" or "fp32"
+    (exact); applied once by ``runtime.prepared``."""
 
     tile: int | None = None
     overlap: float = 0.25
     tta: bool = False
     batch_size: int = 4
     min_size: int = 10
-    precision: str = "fp32"
+    precision: str = runtime.DEFAULT_PRECISION
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -65,7 +67,33 @@ def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, 
     from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
     from unetkit.workflows.adapt import load_with_metadata
 
-    return load_with_metadata(checkpoint)
+    model, meta = load_with_metadata(checkpoint)
+    check_inference_metadata(meta, source=str(checkpoint))
+    return model, meta
+
+
+def check_inference_metadata(meta: dict[str, Any], *, source: str) -> None:
+    """Refuse checkpoints predict/evaluate cannot use: a diffusion model, or metadata with
+    an unknown task/target/normalisation or a class count below 1 (CheckpointError)."""
+    if "diffusion" in meta:
+        raise CheckpointError(
+            f"{source}: a text-to-image diffusion checkpoint; predict/evaluate/export need a "
+            f"segmentation or regression model (use `unetkit generate` for this one)"
+        )
+    choices = {
+        "task": ("segmentation", "regression"),
+        "target": TARGETS,
+        "normalize": ("zscore", "percentile", "none"),
+    }
+    for key, allowed in choices.items():
+        if key in meta and meta[key] not in allowed:
+            raise CheckpointError(
+                f"{source}: metadata {key}={meta[key]!r} is not one of {', '.join(allowed)}; "
+                f"the file was edited or written by another tool"
+            )
+    n = meta.get("num_classes", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{source}: metadata num_classes={n!r} is not an integer >= 1")
 
 
 def predict_image(
@@ -76,15 +104,16 @@ def predict_image(
 ) -> Prediction:
     """Segment one float image C×H×W (scaled as read, e.g. by ``to_float_image``)."""
     x = _normalized(image, meta)
-    probs = predict_tiled(
-        model,
-        x,
-        tile=options.tile,
-        overlap=options.overlap,
-        tta=options.tta,
-        batch_size=options.batch_size,
-        precision=options.precision,
-    ).numpy()
+    with runtime.prepared(model, options.precision) as runner:
+        probs = predict_tiled(
+            model,
+            x,
+            tile=options.tile,
+            overlap=options.overlap,
+            tta=options.tta,
+            batch_size=options.batch_size,
+            runner=runner,
+        ).numpy()
     target = meta.get("target", "semantic")
     if target == "boundary":
         threshold = meta.get("seed_threshold", 0.5)  # calibrated on validation data
@@ -115,16 +144,17 @@ def predict_regression(
     from unetkit.regression import to_prediction
 
     output = meta.get("output", "depth")
-    return predict_tiled(
-        model,
-        _normalized(image, meta),
-        tile=options.tile,
-        overlap=options.overlap,
-        tta=options.tta,
-        batch_size=options.batch_size,
-        activation=lambda y: to_prediction(y, output),
-        precision=options.precision,
-    ).numpy()
+    with runtime.prepared(model, options.precision) as runner:
+        return predict_tiled(
+            model,
+            _normalized(image, meta),
+            tile=options.tile,
+            overlap=options.overlap,
+            tta=options.tta,
+            batch_size=options.batch_size,
+            activation=lambda y: to_prediction(y, output),
+            runner=runner,
+        ).numpy()
 
 
 def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
@@ -180,6 +210,7 @@ def predict_files(
     ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
     (``checkpoint`` may then be an ``.onnx`` file)."""
     model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
+    check_inference_metadata(meta, source=str(checkpoint))
     options = options_for(model, options)
     if attention_maps and isinstance(model, OnnxModel):
         raise ConfigError(f"{checkpoint}: --attention-maps needs --backend torch")
