@@ -98,7 +98,8 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--block-size",
         type=F.positive_int,
-        help=f"block edge in pixels per task and output chunk (default {BlockOptions.block_size})",
+        help="block edge in pixels per task and output chunk "
+        f"(default {BlockOptions.block_size})",
     )
     g.add_argument(
         "--label-halo",
@@ -107,12 +108,15 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
         help="extra pixels per block side for the watershed of boundary models "
         "(about the largest object radius)",
     )
-    g.add_argument("--level", type=F.nonnegative_int, default=0, help="OME-Zarr resolution level to read")
     g.add_argument(
-        "--probabilities", action="store_true", help="also write class probabilities"
+        "--level", type=F.nonnegative_int, default=0, help="OME-Zarr resolution level to read"
     )
+    g.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     g.add_argument(
-        "--scheduler-timeout", type=F.positive_float, default=10.0, help="seconds to wait for --cluster"
+        "--scheduler-timeout",
+        type=F.positive_float,
+        default=10.0,
+        help="seconds to wait for the --cluster scheduler",
     )
 
 
@@ -138,7 +142,9 @@ def run_blocks(args: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit="block"))
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="block")
+        bar = bars[stage]
         bar.n = done
         bar.refresh()
 

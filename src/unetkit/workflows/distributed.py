@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import io
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -148,11 +149,17 @@ def _map(client: Any, fn: Callable, items: list, stage: str, progress: Progress 
 # --- worker side -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _worker_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Loaded once per worker process (and checkpoint), then reused by every block."""
-    with contextlib.suppress(ImportError, ValueError):
-        from distributed import get_worker
+    """Loaded once per worker process (and checkpoint), then reused by every block.
 
-        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    A worker process runs torch on as many threads as Dask gave it (not on every core);
+    threads of this process (``processes=False``) keep the process's setting. Reductions
+    (e.g. GroupNorm) round differently with another thread count, so bit-for-bit equality
+    with a single-process run holds at the same torch thread count."""
+    if multiprocessing.parent_process() is not None:
+        with contextlib.suppress(ImportError, ValueError):
+            from distributed import get_worker
+
+            torch.set_num_threads(max(1, get_worker().state.nthreads))
     return load_inference_model(checkpoint)
 
 
@@ -188,7 +195,7 @@ def _predict_block(job: _Job, block: Block) -> str:
     arrays["mask"][0][block.slices] = classes[core]
     if job.probabilities:
         arrays["probabilities"][0][(slice(None), *block.slices)] = probs[(slice(None), *core)]
-    _scratch(job, "a")[block.slices] = local
+    _scratch(job, "r+")[block.slices] = local
     data = {"count": np.int64(local.max(initial=0)), "areas": np.bincount(local.ravel())}
     if boundary:
         data.update(_strips(raw_to_local[raw], region, block, job))
@@ -271,6 +278,8 @@ def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> N
 
 
 def _scratch(job: _Job, mode: str) -> Any:
+    """The local labels of pass 1 (a Zarr array chunked like the blocks: no two tasks
+    write one chunk). Created (mode "a") by the client before any task runs."""
     import zarr
 
     size = job.blocks.block_size
@@ -385,6 +394,8 @@ def _prepare(
         num_classes=channels,
         probabilities=probabilities,
     )
+    if not (out / _MARKERS / "complete.json").is_file():
+        _scratch(job, "a")  # here, once: tasks creating it at once would race
     return job
 
 
@@ -447,8 +458,9 @@ def predict_blocks(
             ome_zarr.build_pyramid(levels)
         count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
         summary = {"objects": count, "blocks": len(grids[j.out])}
-        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
         atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
+        # the local labels go only once the image is complete: a resumed run needs them
+        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
     rows = []
     for j in jobs:
         summary = json.loads((Path(j.out) / _MARKERS / "complete.json").read_text())
