@@ -24,7 +24,8 @@ from unetkit.data.synthetic import synth_cells  # noqa: E402
 from unetkit.errors import ConfigError, DataError  # noqa: E402
 from unetkit.inference.backends import load_inference_model  # noqa: E402
 from unetkit.workflows.blocks import BlockOptions  # noqa: E402
-from unetkit.workflows.distributed import dask_client, predict_blocks  # noqa: E402
+from unetkit.workflows.dask_cluster import dask_client  # noqa: E402
+from unetkit.workflows.distributed import predict_blocks  # noqa: E402
 from unetkit.workflows.segment import InferenceOptions, predict_image  # noqa: E402
 
 SIZE, BLOCK = 512, 256

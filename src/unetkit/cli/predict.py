@@ -132,7 +132,8 @@ def run_blocks(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unetkit.workflows.blocks import BlockOptions
-    from unetkit.workflows.distributed import dask_client, predict_blocks
+    from unetkit.workflows.dask_cluster import dask_client
+    from unetkit.workflows.distributed import predict_blocks
 
     blocks = BlockOptions(
         block_size=args.block_size or BlockOptions.block_size,

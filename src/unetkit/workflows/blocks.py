@@ -90,6 +90,28 @@ def block_grid(shape: Sequence[int], size: int) -> list[Block]:
     ]
 
 
+def face_strips(
+    labels: np.ndarray, region: Block, block: Block, halo: int, shape: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """``labels`` (of ``region``) in the strips ``halo`` pixels either side of each face of
+    ``block`` (top, bottom, left, right), the block's width long: what its neighbour
+    labelled too, for overlap matching."""
+    out = {}
+    for side, axis, face in (
+        ("top", 0, block.y0),
+        ("bottom", 0, block.y1),
+        ("left", 1, block.x0),
+        ("right", 1, block.x1),
+    ):
+        lo, hi = max(face - halo, 0), min(face + halo, shape[axis])
+        if axis == 0:
+            strip = Block(lo, hi, block.x0, block.x1)
+        else:
+            strip = Block(block.y0, block.y1, lo, hi)
+        out[f"strip_{side}"] = labels[strip.within(region)]
+    return out
+
+
 # --- sources -----------------------------------------------------------------------------
 @dataclasses.dataclass
 class Source:
