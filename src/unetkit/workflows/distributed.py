@@ -166,6 +166,12 @@ def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> N
     atomic_write_text(marker, "")
 
 
+def _pyramid_chunk(out: str, key: str, level: int, row: int, col: int) -> None:
+    """Pass 3: one chunk of a pyramid level (each chunk written by one task)."""
+    levels = ome_zarr.open_prediction(out)[key]
+    ome_zarr.downsample_chunk(levels[level - 1], levels[level], row, col)
+
+
 def _scratch(job: _Job, mode: str) -> Any:
     """The local labels of pass 1 (a Zarr array chunked like the blocks: no two tasks
     write one chunk). Created (mode "a") by the client before any task runs."""
@@ -363,9 +369,17 @@ def predict_blocks(
         luts = _stitch(j, grids[j.out], boundary, options.min_size)
         finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
     run_tasks(client, _finish_block, finals, "stitch", progress)
+    depth = {j.out: len(ome_zarr.open_prediction(j.out)["mask"]) for j in todo}
+    for level in range(1, max(depth.values(), default=1)):
+        tasks = [
+            (j.out, key, level, row, col)
+            for j in todo
+            if level < depth[j.out]
+            for key, levels in ome_zarr.open_prediction(j.out).items()
+            for row, col in ome_zarr.pyramid_chunks(levels[level])
+        ]
+        run_tasks(client, _pyramid_chunk, tasks, f"pyramid level {level}", progress)
     for j in todo:
-        for levels in ome_zarr.open_prediction(j.out).values():
-            ome_zarr.build_pyramid(levels)
         count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
         summary = {"objects": count, "blocks": len(grids[j.out])}
         atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
