@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from unetkit.cli import flags as F
 from unetkit.inference.backends import BACKENDS
@@ -149,6 +150,8 @@ def run_blocks(args: argparse.Namespace) -> int:
         bar.n = done
         bar.refresh()
 
+    if not getattr(args, "verbose", False):  # Dask's start-up chatter; -v shows it
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     with dask_client(args.cluster, timeout=args.scheduler_timeout) as client:
         if client is not None:
             print(f"Dask dashboard: {client.dashboard_link}", flush=True)
