@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from unetkit.diffusion.inpainting import InpaintingGuide
+from unetkit.diffusion.samplers import build_scheduler
 from unetkit.diffusion.sampling import generate, guided_output
-from unetkit.diffusion.schedulers import build_scheduler
 from unetkit.diffusion.schedules import NoiseSchedule
 from unetkit.errors import ConfigError
 

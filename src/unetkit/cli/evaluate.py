@@ -8,6 +8,7 @@ from pathlib import Path
 from unetkit.cli import flags as F
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_file
 from unetkit.segmentation.postprocess import write_object_table_csv
@@ -23,7 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="metrics of a checkpoint on a labelled folder",
         description="Predict every image of DATA (images/ + masks/) and report Dice, IoU, "
-        "pixel error and, for instance-label masks, Rand error and DSB2018 AP@0.5.",
+        "pixel error, Rand error (ISBI 2012: foreground-restricted, 1 - Rand F-score) and "
+        "DSB2018 AP@0.5. Objects are the labels of instance masks; of binary or class masks, "
+        "the connected components of the foreground (ISBI: cells are the regions between "
+        "membranes). It says how it read the masks.",
     )
     p.add_argument("checkpoint")
     p.add_argument(
@@ -32,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder with images/ and masks/ (targets/ for regression models)",
     )
     p.add_argument("--num-classes", type=F.positive_int, default=2)
-    p.add_argument("--mask-mode", default="auto", choices=["auto", "index", "binary", "instances"])
+    p.add_argument("--mask-mode", default="auto", choices=MASK_MODES)
     p.add_argument("--csv", help="also write per-image metrics to this CSV")
     add_inference_flags(p)
     p.set_defaults(run=run)
@@ -78,8 +82,28 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.csv:
         write_object_table_csv(rows, Path(args.csv))
+    if meta.get("task") != "regression":
+        print(describe_truth(rows, args.mask_mode))
     width = max(len(k) for k in means)
     print(f"{'metric'.ljust(width)}  mean over {len(rows)} image(s)")
     for k, v in means.items():
         print(f"{k.ljust(width)}  {v:.4f}")
+    if "rand_error" in means:
+        print("rand_error: ISBI 2012 foreground-restricted Rand error (1 - Rand F-score)")
     return 0
+
+
+def describe_truth(rows: list[dict], mask_mode: str) -> str:
+    """One line: how the masks were read and where the objects of AP/Rand came from."""
+    labelled = sum(r.get("truth_objects") == "labels" for r in rows)
+    components = len(rows) - labelled
+    objects = sum(r.get("n_instances_true", 0) for r in rows) / max(len(rows), 1)
+    parts = []
+    if labelled:
+        parts.append(f"{labelled} instance-label mask(s)")
+    if components:
+        parts.append(
+            f"{components} binary/class mask(s) whose objects are the connected components "
+            "of the foreground (as ISBI 2012: cells are the regions between membranes)"
+        )
+    return f"masks (--mask-mode {mask_mode}): {'; '.join(parts)}; {objects:.1f} objects/image"

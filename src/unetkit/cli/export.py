@@ -11,8 +11,6 @@ from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
 from unetkit.outputs import output_file
 from unetkit.workflows.segment import check_inference_metadata
 
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -65,11 +63,12 @@ def run(args: argparse.Namespace) -> int:
     ):
         raise ConfigError(f"--onnx and --torch-export name the same file {args.onnx}")
     from unetkit.formats.checkpoint import load, read_metadata
+    from unetkit.formats.loading import user_metadata
 
     meta = read_metadata(args.checkpoint)  # CheckpointError (one line) for other files
     check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
     model = load(args.checkpoint)
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = user_metadata(meta)
     size = None
     if args.size:
         size = tuple(args.size) * model.dims if len(args.size) == 1 else tuple(args.size)

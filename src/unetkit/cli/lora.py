@@ -58,7 +58,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import read_metadata
-    from unetkit.workflows.adapt import LoRAOptions, base_checkpoint, train_lora
+    from unetkit.formats.loading import base_checkpoint
+    from unetkit.workflows.adapt import LoRAOptions, train_lora
 
     options = LoRAOptions(
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
@@ -132,9 +133,9 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import load, read_metadata, save
+    from unetkit.formats.loading import base_checkpoint, user_metadata
     from unetkit.formats.lora_files import load_adapter
     from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
-    from unetkit.workflows.adapt import base_checkpoint
 
     file = base_checkpoint(args.base)
     output_file(args.out, flag="--out", inputs=[args.base, file, *args.adapters])
@@ -152,8 +153,7 @@ def run_merge(args: argparse.Namespace) -> int:
     # finite inputs can still overflow (a huge --scale): never write a NaN checkpoint
     check_finite_tensors(model.state_dict(), source=f"--out {args.out}", what="merged weights")
     meta = read_metadata(file)
-    keep = ("format", "model", "config", "unetkit_version")
-    save(model, args.out, extra={k: v for k, v in meta.items() if k not in keep})
+    save(model, args.out, extra=user_metadata(meta))
     print(f"merged {len(args.adapters)} adapter(s) ({touched} layers) into {args.out}")
     return 0
 
@@ -201,8 +201,8 @@ def run_verify(args: argparse.Namespace) -> int:
     import torch
 
     from unetkit.formats.checkpoint import load
+    from unetkit.formats.loading import base_checkpoint
     from unetkit.formats.lora_files import verify_adapter
-    from unetkit.workflows.adapt import base_checkpoint
 
     model = load(base_checkpoint(args.base)).eval()
     config = model.config

@@ -6,10 +6,13 @@ import argparse
 import logging
 
 from unetkit.cli import flags as F
+from unetkit.data.io import parse_channels
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
-from unetkit.workflows.segment import InferenceOptions, predict_files
+from unetkit.workflows.segment import InferenceOptions
+from unetkit.workflows.segment_files import predict_files
+from unetkit.workflows.segment_outputs import LABEL_FORMATS, OBJECT_TYPES, OutputOptions
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -33,6 +36,23 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
         "with prepacked weights), else fp32 "
         "(default); bf16 forces it; fp32 is exact",
     )
+    p.add_argument(
+        "--channels",
+        help="input channels to use, in order, numbered from 0 (e.g. 1,0: cytoplasm then "
+        "nucleus); default: all",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=F.positive_float,
+        help="µm per pixel of the inputs (overrides the files' metadata); with a checkpoint "
+        "that states its training pixel size, inputs are rescaled to it",
+    )
+    p.add_argument(
+        "--object-diameter",
+        type=F.positive_float,
+        help="typical object diameter in the inputs (pixels); rescales inputs to the "
+        "checkpoint's training object diameter",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
@@ -43,6 +63,9 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         batch_size=args.batch_size,
         min_size=args.min_size,
         precision=getattr(args, "precision", DEFAULT_PRECISION),
+        channels=parse_channels(args.channels),
+        pixel_size=args.pixel_size,
+        object_diameter=args.object_diameter,
     )
 
 
@@ -51,8 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="segment images: masks, instances, overlays, per-object tables",
         description="Segment images of any size with a trained checkpoint. Per image it "
-        "writes <stem>_mask.png, <stem>_instances.png (uint16 labels), <stem>_overlay.png "
-        "and <stem>_objects.csv (area, centroid, intensity); counts.csv sums up.",
+        "writes <stem>_mask.png, <stem>_instances.png (uint16 labels; uint32 "
+        "<stem>_instances.tif above 65,535 objects), <stem>_labels_preview.png (colour), "
+        "<stem>_overlay.png and <stem>_objects.csv (area, centroid, intensity; µm when the "
+        "pixel size is known); counts.csv grows as images finish, and a re-run skips them.",
     )
     p.add_argument(
         "checkpoint",
@@ -78,8 +103,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch.compile the model (falls back to eager with a warning if it fails)",
     )
+    p.add_argument(
+        "--labels-format",
+        choices=LABEL_FORMATS,
+        default=OutputOptions.label_format,
+        help="auto: uint16 PNG up to 65,535 objects, else 32-bit TIFF; tif32: always 32-bit TIFF",
+    )
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <stem>_probabilities.tif (float32 C×H×W)",
+    )
+    p.add_argument(
+        "--geojson",
+        action="store_true",
+        help="also write <stem>.geojson (QuPath: File > Import objects)",
+    )
+    p.add_argument(
+        "--imagej-rois",
+        action="store_true",
+        help="also write <stem>_RoiSet.zip (Fiji ROI Manager; needs roifile)",
+    )
+    p.add_argument(
+        "--object-type",
+        choices=OBJECT_TYPES,
+        default=OutputOptions.object_type,
+        help="QuPath object type of the GeoJSON features",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo images that an earlier run into --out finished (default: skip them)",
+    )
     add_block_flags(p)
     p.set_defaults(run=run)
+
+
+def outputs_from_args(args: argparse.Namespace) -> OutputOptions:
+    return OutputOptions(
+        label_format=args.labels_format,
+        save_probabilities=args.save_probabilities,
+        geojson=args.geojson,
+        imagej_rois=args.imagej_rois,
+        object_type=args.object_type,
+        overwrite=args.overwrite,
+    )
 
 
 def add_block_flags(p: argparse.ArgumentParser) -> None:
@@ -88,8 +156,9 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group(
         "huge images and many images",
-        "with --cluster, --block-size or an OME-Zarr input: block-wise prediction, one "
-        "<stem>.zarr (OME-Zarr: mask, labels/instances, pyramids) per image; resumable",
+        "with --cluster, --block-size, --level or an OME-Zarr input: block-wise prediction, "
+        "one <stem>.zarr (OME-Zarr: mask, labels/instances, pyramids; --save-probabilities "
+        "adds probabilities) per image; resumable",
     )
     g.add_argument(
         "--cluster",
@@ -112,7 +181,6 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--level", type=F.nonnegative_int, default=0, help="OME-Zarr resolution level to read"
     )
-    g.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     g.add_argument(
         "--scheduler-timeout",
         type=F.positive_float,
@@ -124,7 +192,7 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
 def _block_wise(args: argparse.Namespace) -> bool:
     from unetkit.formats.ome_zarr import is_zarr
 
-    chosen = args.cluster or args.block_size or args.probabilities or args.level
+    chosen = args.cluster or args.block_size or args.level
     return bool(chosen) or any(is_zarr(i) for i in args.inputs)
 
 
@@ -157,7 +225,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             print(f"Dask dashboard: {client.dashboard_link}", flush=True)
         rows = predict_blocks(
             args.checkpoint, args.inputs, args.out, options_from_args(args), blocks,
-            probabilities=args.probabilities, client=client, progress=progress,
+            probabilities=args.save_probabilities, client=client, progress=progress,
         )
     for bar in bars.values():
         bar.close()
@@ -176,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         args.inputs,
         args.out,
         options_from_args(args),
+        outputs=outputs_from_args(args),
         attention_maps=args.attention_maps,
         backend=args.backend,
         compile=args.compile,

@@ -7,7 +7,9 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
+from unetkit.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "models", nargs="*", metavar="RUN_OR_CHECKPOINT", help="run folders or model files"
     )
-    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--port", type=F.int_at_least(1, 65535), default=8000, help="port (8000)")
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -33,8 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "without any login, to the whole network)",
     )
     p.add_argument("--models-dir", help="folder searched for run folders and checkpoints")
-    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest upload (64 MiB)")
-    p.add_argument("--workers", type=int, default=1, help="jobs running at once (1)")
+    p.add_argument(
+        "--max-upload-mb", type=F.positive_float, default=64.0, help="largest upload (64 MiB)"
+    )
+    p.add_argument("--workers", type=F.positive_int, default=1, help="jobs running at once (1)")
     p.add_argument("--work-dir", help="folder for uploads and results (default: a temp folder)")
     p.set_defaults(run=run)
 
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port}: expected 1..65535")
     if args.max_upload_mb <= 0 or args.workers < 1:
         raise ConfigError("--max-upload-mb must be > 0 and --workers >= 1")
+    if args.work_dir:
+        output_folder(args.work_dir, flag="--work-dir", inputs=[*args.models, args.models_dir])
     models = ModelList(
         [Path(m) for m in args.models], Path(args.models_dir) if args.models_dir else None
     )

@@ -24,9 +24,12 @@ from unetkit import registry
 from unetkit._atomic import atomic_path
 from unetkit._version import __version__
 from unetkit.errors import CheckpointError, UnetkitError
+from unetkit.finite import check_finite_tensors
 
 FORMAT = "unetkit-checkpoint"
 STATE_FORMAT = "unetkit-state"
+# the metadata keys ``save`` writes itself (ONNX exports too): never user metadata
+RESERVED_METADATA_KEYS = ("format", "model", "config", "unetkit_version")
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
@@ -62,9 +65,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a unetkit model checkpoint (format={meta.get('format')!r})"
         )
     return {
-        k: (v if k in ("format", "model", "unetkit_version") else json.loads(v))
+        k: (v if k in ("format", "model", "unetkit_version") else _json(v, k, path))
         for k, v in meta.items()
     }
+
+
+def _json(text: str, key: str, path: str | os.PathLike) -> Any:
+    """A metadata value as JSON; CheckpointError naming the file and key if it is not."""
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or a number too large to convert
+        raise CheckpointError(
+            f"{path}: metadata {key!r} is not valid JSON ({e}); the file was edited or damaged"
+        ) from None
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
@@ -86,7 +99,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
         "config": cfg.to_json(model.config),
     }
     for k, v in (extra or {}).items():
-        if k in meta:
+        if k in RESERVED_METADATA_KEYS:
             raise CheckpointError(f"extra key {k!r} is reserved")
         meta[k] = json.dumps(v)
     return _write(path, model.state_dict(), meta)
@@ -101,12 +114,14 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             f"for diffusers/LDM weights use `unetkit convert`"
         )
     try:
-        model = registry.model_from_config(
-            meta["model"], json.loads(meta["config"]), source=str(path)
-        )
+        config = _json(meta["config"], "config", path) if "config" in meta else None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"metadata 'config' is {type(config).__name__}, not an object")
+        model = registry.model_from_config(meta["model"], config, source=str(path))
     except UnetkitError as e:
         raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
     load_state_dict_strict(model, tensors, source=str(path))
+    check_finite_tensors(tensors, source=str(path))  # NaN weights predict silently wrong
     return model.to(map_location).eval()
 
 

@@ -38,7 +38,8 @@ from unetkit._atomic import atomic_write_bytes
 from unetkit._version import __version__
 from unetkit.config import check_choice
 from unetkit.errors import CheckpointError, ConfigError, InputSizeError
-from unetkit.formats.checkpoint import unwrap
+from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
+from unetkit.nn import vit
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ INPUT, OUTPUT = "image", "logits"
 # next multiple, (-n) % stride, stays below n (reflect, not the tiny-input fallback) for
 # strides up to 64 (1D/2D) or 32 (3D)
 _EXAMPLE_EDGE = {1: 65, 2: 33, 3: 17}
-_RESERVED = ("format", "model", "config", "unetkit_version", "onnx")
+_RESERVED = (*RESERVED_METADATA_KEYS, "onnx")
 
 
 def _require(module: str) -> Any:
@@ -90,7 +91,6 @@ def probe_sizes(model: nn.Module, size: Sequence[int]) -> list[tuple[int, ...]]:
 def clear_shape_caches() -> None:
     """Drop the per-size tensor caches of the Swin blocks. torch.export traces with fake
     tensors; cached there, they would be handed to later eager calls."""
-    from unetkit.nn import vit
 
     for fn in ("relative_position_index", "window_attention_mask"):
         clear = getattr(getattr(vit, fn, None), "cache_clear", None)

@@ -340,7 +340,7 @@ def region_probabilities(
     out: torch.Tensor | None = None
     position = {g: k for k, (g, _) in enumerate(tiles)}
     with runtime.prepared(model, options.precision) as runner:
-        predict = tiling._predictor(runner, "probabilities", options.tta, 2)
+        predict = tiling.tile_predictor(runner, "probabilities", options.tta, 2)
         for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
             x = torch.stack(
                 [
