@@ -126,7 +126,8 @@ def load_inference_model(
     """The model predict runs and the metadata it needs (normalisation, target, task).
 
     Args:
-        source: a ``.safetensors`` checkpoint or an ``.onnx`` file exported by unetkit.
+        source: a ``.safetensors`` checkpoint, an ``.onnx`` file exported by unetkit, or
+            a bioimage.io package ``.zip`` of a unetkit model.
         backend: "torch" or "onnx"; None picks by file type (``.onnx`` -> onnx).
         compile: torch backend only: True (inductor), a torch.compile backend name or
             callable; falls back to eager with a warning if compilation fails.
@@ -137,6 +138,11 @@ def load_inference_model(
     is_onnx = Path(source).suffix.lower() == ".onnx"
     backend = backend or ("onnx" if is_onnx else "torch")
     check_choice("backend", backend, BACKENDS)
+    if Path(source).suffix.lower() == ".zip":  # a bioimage.io package of a unetkit model
+        from unetkit.formats.bioimageio import load_package
+
+        model, meta = load_package(source, backend=backend)
+        return (CompiledModel(model) if compile and backend == "torch" else model), meta
     if backend == "torch":
         if is_onnx:
             raise ConfigError(
