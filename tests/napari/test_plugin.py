@@ -83,6 +83,20 @@ def test_manifest_validates(unetkit_manifest: Path) -> None:
     assert result.exit_code == 0 and "valid" in result.output, result.output
 
 
+def test_pyproject_entry_point_finds_the_manifest() -> None:
+    """The ``napari.manifest`` entry point in pyproject.toml resolves to this manifest."""
+    import tomllib
+    from importlib import metadata
+
+    import npe2
+
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    value = tomllib.loads(pyproject.read_text())["project"]["entry-points"]["napari.manifest"]
+    ep = metadata.EntryPoint(name="unetkit", value=value["unetkit"], group="napari.manifest")
+    manifest = npe2.PluginManifest._from_entrypoint(ep, metadata.distribution("unetkit"))
+    assert manifest.name == "unetkit" and manifest.contributions.widgets
+
+
 def test_sample_segment_equals_predict(widget, run: Path, tmp_path: Path, qtbot) -> None:
     viewer = widget.viewer
     viewer.open_sample("unetkit", "cells")
