@@ -8,10 +8,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
+from unetkit.formats.bioimageio import (
+    PackageInfo,
+    check_package,
+    default_test_image,
+    export_package,
+)
+from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
-
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
+from unetkit.nn.lora_inject import lora_layers, merge_and_unload
+from unetkit.outputs import output_file
+from unetkit.workflows.segment import (
+    check_inference_metadata,
+    overlay,
+    predict_image,
+    read_float_input,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a unetkit .safetensors checkpoint")
     p.add_argument("--onnx", metavar="FILE", help="write an ONNX model here")
     p.add_argument("--torch-export", metavar="FILE", help="write a torch.export .pt2 here")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--opset", type=F.int_at_least(7), default=DEFAULT_OPSET, help="ONNX opset (default 17)"
+    )
     p.add_argument(
         "--size",
-        type=int,
+        type=F.positive_int,
         nargs="+",
         metavar="N",
         help="spatial example size (one number per axis, or one for all); default from the "
@@ -99,15 +115,30 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "nothing to write: pass --onnx FILE, --torch-export FILE and/or --bioimageio OUT.zip"
         )
+    for flag, path in (
+        ("--onnx", args.onnx),
+        ("--torch-export", args.torch_export),
+        ("--bioimageio", args.bioimageio),
+    ):
+        if path:
+            output_file(path, flag=flag, inputs=[args.checkpoint])
+    if (
+        args.onnx
+        and args.torch_export
+        and Path(args.onnx).resolve() == Path(args.torch_export).resolve()
+    ):
+        raise ConfigError(f"--onnx and --torch-export name the same file {args.onnx}")
     if args.bioimageio:
         run_bioimageio(args)
         if not args.onnx and not args.torch_export:
             return 0
     from unetkit.formats.checkpoint import load, read_metadata
+    from unetkit.formats.loading import user_metadata
 
     meta = read_metadata(args.checkpoint)  # CheckpointError (one line) for other files
+    check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
     model = load(args.checkpoint)
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = user_metadata(meta)
     size = None
     if args.size:
         size = tuple(args.size) * model.dims if len(args.size) == 1 else tuple(args.size)
@@ -153,9 +184,7 @@ def _training_data(checkpoint: Path) -> str | None:
     )
 
 
-def _package_info(args: argparse.Namespace, meta: dict[str, Any]) -> Any:
-    from unetkit.formats.bioimageio import PackageInfo
-
+def _package_info(args: argparse.Namespace, meta: dict[str, Any]) -> PackageInfo:
     path = Path(args.checkpoint)
     run_name = path.resolve().parent.parent.name if path.parent.name == "checkpoints" else None
     authors = args.authors or meta.get("authors")
@@ -177,12 +206,8 @@ def _package_info(args: argparse.Namespace, meta: dict[str, Any]) -> Any:
 
 def run_bioimageio(args: argparse.Namespace) -> None:
     """Load (a LoRA adapter merged into its base), picture and package the model."""
-    from unetkit.formats.bioimageio import check_package, default_test_image, export_package
-    from unetkit.nn.lora_inject import lora_layers, merge_and_unload
-    from unetkit.workflows.adapt import load_with_metadata
-    from unetkit.workflows.segment import overlay, predict_image, read_float_input
-
     model, meta = load_with_metadata(args.checkpoint)
+    check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
     if lora_layers(model):
         model = merge_and_unload(model)
     info = _package_info(args, meta)

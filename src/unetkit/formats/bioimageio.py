@@ -49,7 +49,7 @@ from unetkit._atomic import atomic_path
 from unetkit._version import __version__
 from unetkit.data.transforms import Normalize
 from unetkit.errors import CheckpointError, ConfigError
-from unetkit.formats.checkpoint import load_state_dict_strict, unwrap
+from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, load_state_dict_strict, unwrap
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 INPUT_ID, OUTPUT_ID = "input", "probabilities"
@@ -61,7 +61,6 @@ UNET_CITATION = (
 )
 _SPATIAL = ("z", "y", "x")
 _EPS = 1e-6  # unetkit's Normalize floors the scale at 1e-6; the spec adds eps instead
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
 _TEST_EDGE = {2: 64, 3: 24}  # spatial size of the default test input
 
 
@@ -264,7 +263,7 @@ def expected_output(model: nn.Module, image: np.ndarray, normalize: str) -> np.n
 
 
 def _readme(info: PackageInfo, meta: dict[str, Any], name: str) -> str:
-    facts = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    facts = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
     return (
         f"# {info.name}\n\n{info.description}\n\n"
         f"A `{name}` model from unetkit {__version__}. Inputs are normalised as in training "
@@ -303,7 +302,7 @@ def _write_files(
     }
     np.save(files["test_input"], test_image[None].astype(np.float32))
     np.save(files["test_output"], expected_output(model, test_image, meta["normalize"]))
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
     export_onnx(model, files["onnx"], metadata=extra)
     # a plain dict of tensors: what torch.load(weights_only=True) in every consumer reads
     torch.save(

@@ -29,12 +29,18 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, UnetkitError
+from unetkit.formats.bioimageio import load_package
+from unetkit.formats.loading import (
+    PACKAGE_SUFFIX,
+    load_model_file,
+    load_with_metadata,
+    user_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
 DEFAULT_COMPILE_BACKEND = "inductor"
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
 
 
 class CompiledModel(nn.Module):
@@ -92,7 +98,6 @@ def onnx_cache_path(checkpoint: str | os.PathLike) -> Path:
 def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     """The ONNX export of ``checkpoint`` (dynamic spatial size), exported if not cached."""
     from unetkit.formats.onnx import read_onnx_metadata, sha256_file
-    from unetkit.workflows.adapt import load_with_metadata
 
     digest = sha256_file(checkpoint)
     cache = onnx_cache_path(checkpoint)
@@ -106,7 +111,7 @@ def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     from unetkit.formats.onnx import export_onnx
 
     model, meta = load_with_metadata(checkpoint)
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = user_metadata(meta)
     extra["source_sha256"] = digest
     logger.info("exporting %s to ONNX (cached as %s)", checkpoint, cache)
     try:
@@ -138,30 +143,22 @@ def load_inference_model(
     is_onnx = Path(source).suffix.lower() == ".onnx"
     backend = backend or ("onnx" if is_onnx else "torch")
     check_choice("backend", backend, BACKENDS)
-    if Path(source).suffix.lower() == ".zip":  # a bioimage.io package of a unetkit model
-        from unetkit.formats.bioimageio import load_package
-
-        model, meta = load_package(source, backend=backend)
-        return (CompiledModel(model) if compile and backend == "torch" else model), meta
+    if Path(source).suffix.lower() == PACKAGE_SUFFIX and backend == "onnx":
+        return load_package(source, backend="onnx")  # the package's own ONNX weights
     if backend == "torch":
         if is_onnx:
             raise ConfigError(
                 f"{source}: an ONNX file runs with --backend onnx; for --backend torch pass "
                 "the .safetensors checkpoint it was exported from"
             )
-        from unetkit.workflows.adapt import load_with_metadata
-
-        model, meta = load_with_metadata(source)  # a checkpoint, or a LoRA run's adapter
+        model, meta = load_model_file(source)  # a checkpoint, LoRA adapter or bioimage.io zip
         if compile:
             how = DEFAULT_COMPILE_BACKEND if compile is True else compile
             model = CompiledModel(model, backend=how)
         return model, meta
     if compile:
         raise ConfigError("--compile applies to --backend torch; onnxruntime optimises itself")
-    from unetkit.formats.onnx import OnnxModel
-
-    model = OnnxModel(source if is_onnx else cached_onnx(source))
-    return model, model.meta
+    return load_model_file(source if is_onnx else cached_onnx(source))
 
 
 def options_for(model: nn.Module, options: Any) -> Any:

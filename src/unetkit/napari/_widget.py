@@ -31,7 +31,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
 from unetkit.errors import UnetkitError
-from unetkit.inference.tiling import PRECISIONS
+from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.interactive import Segmenter, SegmentResult, finetune_on_labels
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class SegmentWidget(Container):
         )
         self.tile = SpinBox(label="tile (0 = whole)", min=0, max=8192, step=16, value=0)
         self.tta = CheckBox(text="flip TTA", value=False)
-        self.precision = ComboBox(label="precision", choices=PRECISIONS, value="auto")
+        self.precision = ComboBox(label="precision", choices=PRECISIONS, value=DEFAULT_PRECISION)
         self.segment_button = PushButton(text="Segment")
         self.steps = SpinBox(label="fine-tune steps", min=1, max=5000, value=50)
         self.lr = FloatSpinBox(

@@ -23,18 +23,13 @@ import torch
 
 from unetkit.data.io import to_float_image
 from unetkit.errors import DataError, UnetkitError
+from unetkit.formats.loading import base_checkpoint, is_adapter_file
 from unetkit.formats.lora_files import read_adapter
 from unetkit.segmentation.postprocess import object_table
 from unetkit.training.tasks import SupervisedTask
 from unetkit.training.trainer import fit
 from unetkit.workflows import segment_train as S
-from unetkit.workflows.adapt import (
-    LoRAOptions,
-    adapter_saver,
-    attach,
-    base_checkpoint,
-    is_adapter_file,
-)
+from unetkit.workflows.adapt import LoRAOptions, adapter_saver, attach
 from unetkit.workflows.calibrate import calibrate_seed_threshold
 from unetkit.workflows.segment import (
     InferenceOptions,
