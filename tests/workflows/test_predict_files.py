@@ -16,13 +16,8 @@ from unetkit.data.io import read_image, write_image
 from unetkit.data.tiff import PixelSize
 from unetkit.errors import ConfigError, DataError
 from unetkit.workflows import segment
-from unetkit.workflows.segment import (
-    InferenceOptions,
-    Prediction,
-    predict_files,
-    predict_image,
-    scale_factor,
-)
+from unetkit.workflows.segment import InferenceOptions, Prediction, predict_image, scale_factor
+from unetkit.workflows.segment_files import predict_files
 from unetkit.workflows.segment_outputs import OutputOptions, unique_names, write_outputs
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from unetkit.cli import flags as F
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_file
 from unetkit.segmentation.postprocess import write_object_table_csv
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder with images/ and masks/ (targets/ for regression models)",
     )
     p.add_argument("--num-classes", type=F.positive_int, default=2)
-    p.add_argument("--mask-mode", default="auto", choices=["auto", "index", "binary", "instances"])
+    p.add_argument("--mask-mode", default="auto", choices=MASK_MODES)
     p.add_argument("--csv", help="also write per-image metrics to this CSV")
     add_inference_flags(p)
     p.set_defaults(run=run)

@@ -32,10 +32,10 @@ COMMANDS = [
 ]
 
 
-def one_line(message: str, limit: int = 400) -> str:
+def one_line(message: str, limit: int | None = None) -> str:
     """``message`` on one line (newlines become '; '), shortened to ``limit`` characters."""
     text = re.sub(r"\s*\n\s*", "; ", str(message).strip())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Parser(argparse.ArgumentParser):

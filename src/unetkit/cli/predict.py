@@ -9,7 +9,8 @@ from unetkit.data.io import parse_channels
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
-from unetkit.workflows.segment import InferenceOptions, predict_files
+from unetkit.workflows.segment import InferenceOptions
+from unetkit.workflows.segment_files import predict_files
 from unetkit.workflows.segment_outputs import LABEL_FORMATS, OBJECT_TYPES, OutputOptions
 
 

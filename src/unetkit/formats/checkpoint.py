@@ -65,9 +65,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a unetkit model checkpoint (format={meta.get('format')!r})"
         )
     return {
-        k: (v if k in ("format", "model", "unetkit_version") else json.loads(v))
+        k: (v if k in ("format", "model", "unetkit_version") else _json(v, k, path))
         for k, v in meta.items()
     }
+
+
+def _json(text: str, key: str, path: str | os.PathLike) -> Any:
+    """A metadata value as JSON; CheckpointError naming the file and key if it is not."""
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or a number too large to convert
+        raise CheckpointError(
+            f"{path}: metadata {key!r} is not valid JSON ({e}); the file was edited or damaged"
+        ) from None
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
@@ -104,9 +114,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             f"for diffusers/LDM weights use `unetkit convert`"
         )
     try:
-        model = registry.model_from_config(
-            meta["model"], json.loads(meta["config"]), source=str(path)
-        )
+        config = _json(meta["config"], "config", path) if "config" in meta else None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"metadata 'config' is {type(config).__name__}, not an object")
+        model = registry.model_from_config(meta["model"], config, source=str(path))
     except UnetkitError as e:
         raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
     load_state_dict_strict(model, tensors, source=str(path))

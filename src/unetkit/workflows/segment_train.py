@@ -484,8 +484,8 @@ def train(
         save_model=save_model,
     )
     if recipe.task == "segmentation" and recipe.target == "boundary":
-        from unetkit.workflows.calibrate import calibrate_seed_threshold
         from unetkit.training import distributed
+        from unetkit.workflows.calibrate import calibrate_seed_threshold
 
         if distributed.is_main():
             calibrate_seed_threshold(Path(run_dir) / "checkpoints" / "best.safetensors", val_ds)
