@@ -20,12 +20,8 @@ from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
 from unetkit.nn.lora_inject import lora_layers, merge_and_unload
 from unetkit.outputs import output_file
-from unetkit.workflows.segment import (
-    check_inference_metadata,
-    overlay,
-    predict_image,
-    read_float_input,
-)
+from unetkit.workflows.segment import check_inference_metadata, overlay, predict_image
+from unetkit.workflows.segment_files import read_float_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
