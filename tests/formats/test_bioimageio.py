@@ -166,7 +166,23 @@ def test_predict_runs_a_package_like_its_checkpoint(run: Path, package: Path, tm
         assert (read_image(outs["onnx"] / f.name) == want).mean() > 0.99
 
 
-def test_lora_adapter_exports_merged(run: Path, tmp_path: Path) -> None:
+def test_evaluate_and_interactive_segmenter_open_a_package(
+    run: Path, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unetkit.data.io import read_image
+    from unetkit.workflows.interactive import Segmenter
+
+    image = read_image(sorted((run / "data" / "images").iterdir())[0])
+    want = Segmenter(run / "run").segment(image, precision="fp32")
+    got = Segmenter(package).segment(image, precision="fp32")
+    np.testing.assert_array_equal(got.instances, want.instances)
+    assert main(["evaluate", str(package), "--data", str(run / "data")]) == 0
+    assert "dice" in capsys.readouterr().out.lower()
+
+
+def test_lora_adapter_exports_merged(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from unetkit.formats.lora_files import save_adapter
     from unetkit.nn.lora_inject import inject_lora, lora_layers, merge_and_unload
 
@@ -181,7 +197,9 @@ def test_lora_adapter_exports_merged(run: Path, tmp_path: Path) -> None:
         model, tmp_path / "a.safetensors", targets=["attn+ff+conv"], base_model=str(ckpt)
     )
     target = tmp_path / "lora.zip"
-    assert main(["export", str(adapter), "--bioimageio", str(target), "--authors", "Ada"]) == 0
+    argv = ["export", str(adapter), "--bioimageio", str(target), "--authors", "Ada", "--check"]
+    assert main(argv) == 0
+    assert "bioimageio.core test passed" in capsys.readouterr().out
     loaded, meta = load_package(target)
     assert not any("lora" in k for k in loaded.state_dict())
     merged = merge_and_unload(model).eval()
