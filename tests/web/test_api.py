@@ -125,8 +125,11 @@ def _check_polygons(geo: dict, labels: np.ndarray) -> None:
 
     assert len(geo["features"]) == len(np.unique(labels)) - 1
     for feature in geo["features"]:
-        label = feature["properties"]["label"]
-        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        label = int(feature["properties"]["measurements"]["label"])
+        geometry = feature["geometry"]
+        polygons = geometry["coordinates"]
+        largest = polygons if geometry["type"] == "Polygon" else max(polygons, key=len)
+        ring = np.asarray(largest[0])  # the outer ring
         assert (ring[0] == ring[-1]).all()
         drawn = np.zeros(labels.shape, bool)
         rr, cc = polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, labels.shape)
@@ -178,3 +181,13 @@ def test_a_cancelled_job_frees_its_worker(models_root, tmp_path):
         assert done["state"] == "done" and len(done["result"]["samples"]) == 2
         grid = client.get(f"/api/jobs/{second['id']}/files/grid.png")
         assert grid.status_code == 200 and grid.content.startswith(b"\x89PNG")
+
+
+def test_uploads_without_a_declared_size_are_refused(models_root, tmp_path):
+    with make_client(models_root, tmp_path) as client:
+
+        def chunks():
+            yield png_bytes(_noise(32))
+
+        r = client.post("/api/images", content=chunks(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 411 and "Content-Length" in r.json()["error"]

@@ -246,3 +246,28 @@ def test_predict_rescales_to_the_checkpoint_pixel_size(tmp_path):
     assert float(rows[0]["pixel_size_um"]) == pytest.approx(0.5)
     labels = read_image(tmp_path / "out" / "fine_instances.png")
     assert labels.shape == (64, 80)  # back on the input grid
+
+
+def test_image_finished_just_before_a_kill_is_not_predicted_again(
+    tmp_path, checkpoint, monkeypatch
+):
+    """kill -9 after an image's label file (written last) but before its counts.csv row:
+    the re-run rebuilds the row from the files instead of predicting the image again."""
+    for k in range(3):
+        write_image(tmp_path / "in" / f"i{k}.png", _blobs(seed=k))
+    out = tmp_path / "out"
+    first = predict_files(checkpoint, [tmp_path / "in"], out)
+    rows = _rows(out / "counts.csv")
+    with open(out / "counts.csv", "w") as f:  # the row of the last image never got written
+        f.write(",".join(rows[0]) + "\n")
+        for r in rows[:2]:
+            f.write(",".join(r.values()) + "\n")
+    calls = []
+    original = segment.predict_image
+    monkeypatch.setattr(
+        segment, "predict_image", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    again = predict_files(checkpoint, [tmp_path / "in"], out)
+    assert calls == []
+    assert [int(r["objects"]) for r in again] == [r["objects"] for r in first]
+    assert len(_rows(out / "counts.csv")) == 3

@@ -160,8 +160,8 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
 
     @app.post("/api/images")
     async def upload(request: Request) -> dict[str, Any]:
-        declared = int(request.headers.get("content-length") or 0)
-        check_size(declared, state.max_upload + 2**16, "upload")  # before reading anything
+        # refuse by the declared size before reading anything (chunked bodies have none)
+        check_size(declared_length(request), state.max_upload + 2**16, "upload")
         form = await request.form(max_files=1, max_fields=4)
         file = form.get("file")
         if file is None or isinstance(file, str):
@@ -180,10 +180,11 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
 
     async def raw_array(request: Request, image: StoredImage, dtype: Any, what: str) -> Any:
         expected = image.width * image.height * np.dtype(dtype).itemsize
-        body = await request.body()
-        if len(body) != expected:
+        declared = declared_length(request)
+        body = await request.body() if declared == expected else b""
+        if len(body) != expected:  # refused unread if the declared size is wrong
             raise UploadError(
-                f"{what} of {image.name}: {len(body)} bytes, expected {expected} "
+                f"{what} of {image.name}: {declared} bytes, expected {expected} "
                 f"({image.width}x{image.height} {np.dtype(dtype).name})"
             )
         return np.frombuffer(body, dtype=dtype).reshape(image.height, image.width)
@@ -203,6 +204,14 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
         mask = await raw_array(request, image, np.uint8, "mask")
         np.save(image.folder / "mask.npy", mask > 0)
         return {"image": image.id, "pixels": int((mask > 0).sum())}
+
+
+def declared_length(request: Request) -> int:
+    """The request's Content-Length; UploadError 411 if it has none (or a bad one)."""
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        raise UploadError("upload: send a Content-Length header", 411) from None
 
 
 def _int(body: dict, key: str, default: int | None, limits: tuple[int, int] | None) -> Any:

@@ -41,7 +41,7 @@ class ModelEntry:
 
 
 def model_kind(path: Path) -> str:
-    """"diffusion" or "segment" for a run folder or model file; raises CheckpointError."""
+    """ "diffusion" or "segment" for a run folder or model file; raises CheckpointError."""
     from unetkit.formats.checkpoint import read_metadata
     from unetkit.formats.loading import base_checkpoint, is_adapter_file
 

@@ -28,7 +28,7 @@ from unetkit.data.io import (
 )
 from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import Normalize
-from unetkit.errors import CheckpointError, ConfigError
+from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.loading import PACKAGE_SUFFIX, load_model_file, load_with_metadata
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
@@ -309,6 +309,12 @@ def evaluate_dataset(
                 path=s.get("name"),
                 spatial_dims=image.ndim - 1,
                 channels=options.channels,
+            )
+        expected = getattr(model, "in_channels", None)
+        if expected is not None and image.shape[0] != expected:
+            raise DataError(
+                f"{s.get('name', 'image')}: image has {image.shape[0]} channel(s), the model "
+                f"takes {expected}; pick and order channels with --channels (e.g. 0 or 1,0)"
             )
         pred = predict_image(model, image, meta, options, scale=scale_factor(meta, options))
         if on_prediction is not None:
