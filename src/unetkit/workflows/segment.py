@@ -20,7 +20,7 @@ from skimage.color import label2rgb
 from skimage.segmentation import find_boundaries
 
 from unetkit.data.io import list_images, read_image, to_float_image, write_image
-from unetkit.data.transforms import Normalize
+from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
@@ -101,7 +101,8 @@ def predict_image(
 def _normalized(image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
     mode = meta.get("normalize", "zscore")
     if mode != "none":
-        image = Normalize(mode)({"image": image})["image"]
+        percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+        image = Normalize(mode, percentiles=percentiles)({"image": image})["image"]
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
 
 
