@@ -131,7 +131,7 @@ def segmentation_case(spec: dict) -> dict:
         x = x.contiguous(memory_format=fmt)
     flops_of = None
     if spec["task"] == "forward" and bf16 and spec["lib"] == "unetkit":
-        from unetkit.inference.fastpath import freeze
+        from unetkit.runtime.fastpath import freeze
 
         eager, frozen = model.eval(), freeze(model)  # what predict runs on this CPU
         release_freed_memory()
@@ -170,6 +170,7 @@ def segmentation_case(spec: dict) -> dict:
 # --- tiling ------------------------------------------------------------------------------
 def tiling_case(spec: dict) -> dict:
     import unetkit
+    from unetkit import runtime
     from unetkit.inference.tiling import TileGrid, predict_tiled
 
     dims = 3 if spec["group"] == "tiling3d" else 2
@@ -189,10 +190,11 @@ def tiling_case(spec: dict) -> dict:
         reduce = "argmax" if spec["variant"] == "banded" else None
 
         def run(img: torch.Tensor) -> torch.Tensor:
-            y = predict_tiled(
-                model, img, tile=tile, overlap=overlap, batch_size=batch, precision=precision,
-                reduce=reduce,
-            )  # fmt: skip
+            with runtime.prepared(model, precision) as runner:
+                y = predict_tiled(
+                    model, img, tile=tile, overlap=overlap, batch_size=batch, runner=runner,
+                    reduce=reduce,
+                )  # fmt: skip
             return y if reduce else y.argmax(0).to(torch.uint8)
 
         windows = len(TileGrid.sliding((size,) * dims, (tile,) * dims, overlap))
@@ -266,7 +268,7 @@ def diffusion_case(spec: dict) -> dict:
     bf16 = spec["precision"] == "bf16"
     eager, autocast = model, bf16
     if bf16 and spec["lib"] == "unetkit":  # what generate runs on this CPU
-        from unetkit.inference.fastpath import freeze
+        from unetkit.runtime.fastpath import freeze
 
         model, autocast = freeze(model), False
         release_freed_memory()

@@ -15,7 +15,7 @@ Every case runs in a fresh process with the same environment and allocator setti
 (``--allocator tuned``: unetkit's glibc tuning, applied to the peers too), so peak memory
 and allocator state belong to that case. Precisions: fp32 eager for both; unetkit's default
 fast path where the CPU has native bf16 (inference: the frozen bf16 copy with prepacked
-weights that predict/generate run, ``unetkit.inference.fastpath``; training: bf16 autocast
+weights that predict/generate run, ``unetkit.runtime.fastpath``; training: bf16 autocast
 + channels-last) against the peer's default (fp32) and against the peer in bf16 (MONAI:
 autocast + channels-last; diffusers: autocast, and bf16 weights as ``torch_dtype`` gives,
 compared with the faster of the two). A training step is forward +
@@ -49,7 +49,7 @@ def fast_precision() -> str:
     """unetkit's default precision on this CPU: bf16 where computed natively, else fp32."""
     import torch
 
-    from unetkit.training.trainer import resolve_precision
+    from unetkit.runtime import resolve_precision
 
     return "bf16" if resolve_precision("auto", torch.device("cpu")) is not None else "fp32"
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from unetkit.data.datasets import FolderSegmentationDataset
 from unetkit.data.synthetic import write_synthetic_folder
 from unetkit.formats.checkpoint import load
+from unetkit.formats.loading import base_checkpoint
 from unetkit.workflows import segment_train as S
+from unetkit.workflows.adapt import LoRAOptions, train_lora
 from unetkit.workflows.segment import evaluate_dataset, load_for_inference
-from unetkit.workflows.adapt import LoRAOptions, base_checkpoint, train_lora
 
 
 def scores(checkpoint: Path, folder: Path) -> dict[str, float]:

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unetkit.formats.loading import base_checkpoint
+from unetkit.workflows.adapt import LoRAOptions, train_lora
 from unetkit.workflows.diffuse import DiffusionPipeline
 from unetkit.workflows.diffuse_train import DIGIT_PROMPTS
-from unetkit.workflows.adapt import LoRAOptions, base_checkpoint, train_lora
 
 
 def step_seconds(model: torch.nn.Module, schedule, context: torch.Tensor, steps: int = 3) -> float:

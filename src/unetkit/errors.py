@@ -26,6 +26,18 @@ class DataError(UnetkitError, ValueError):
     """An input file or data set is missing, unreadable or has invalid content."""
 
 
+class OutputError(UnetkitError, ValueError):
+    """An output path is refused: wrong kind (file vs folder), unwritable, or an input."""
+
+
+class RunLockedError(UnetkitError, RuntimeError):
+    """A run folder is in use by another live process (the message names its pid)."""
+
+
+class NonFiniteError(UnetkitError, ValueError):
+    """Weights, pixels or a numeric option hold NaN or infinity."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' if none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

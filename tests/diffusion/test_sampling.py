@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from unetkit.diffusion.inpainting import InpaintingGuide
+from unetkit.diffusion.samplers import build_scheduler
 from unetkit.diffusion.sampling import generate, guided_output
-from unetkit.diffusion.schedulers import build_scheduler
 from unetkit.diffusion.schedules import NoiseSchedule
 from unetkit.errors import ConfigError
 
@@ -179,7 +179,7 @@ def test_pipeline_clips_the_x0_estimate_only_for_epsilon_models(prediction_type,
 
 
 @pytest.mark.skipif(
-    not __import__("unetkit.inference.fastpath").inference.fastpath.can_freeze(
+    not __import__("unetkit.runtime.fastpath").runtime.fastpath.can_freeze(
         nn.Conv2d(1, 1, 1), torch.bfloat16
     ),
     reason="no oneDNN bf16 kernels here",
@@ -190,8 +190,8 @@ def test_pipeline_bf16_runs_the_frozen_copy_and_stays_close_to_fp32(
     """As close to float32 as bf16 autocast is (an untrained net's trajectory amplifies
     any rounding, so the bound is relative to autocast's)."""
     import unetkit
+    from unetkit.runtime import fastpath
     from unetkit.workflows.diffuse import DiffusionPipeline
-    from unetkit.inference import fastpath
 
     torch.manual_seed(0)
     net = unetkit.create_model(

@@ -24,7 +24,8 @@ from unetkit.formats.lora_files import (
     verify_adapter,
 )
 from unetkit.formats.lora_layouts import from_diffusers, to_kohya
-from unetkit.nn.lora import LoRALayer, inject_lora, lora_layers
+from unetkit.nn.lora import LoRALayer
+from unetkit.nn.lora_inject import inject_lora, lora_layers
 from unetkit.registry import create_model
 
 ATTN_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -9,9 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import unetkit
+from unetkit import runtime
 from unetkit.errors import ConfigError
-from unetkit.inference import fastpath
-from unetkit.inference.fastpath import (
+from unetkit.inference.tiling import predict_tiled
+from unetkit.nn.lora import LoRALayer
+from unetkit.nn.lora_inject import inject_lora
+from unetkit.runtime import fastpath
+from unetkit.runtime.fastpath import (
     FrozenModel,
     PackedConv,
     PackedLinear,
@@ -21,9 +25,6 @@ from unetkit.inference.fastpath import (
     freeze,
     frozen_for,
 )
-from unetkit.inference.tiling import predict_tiled
-from unetkit.nn.lora import LoRALayer
-from unetkit.nn.lora_inject import inject_lora
 
 packed_only = pytest.mark.skipif(
     not fastpath.packing_available(torch.bfloat16), reason="no oneDNN bf16 kernels here"
@@ -219,7 +220,8 @@ def test_predict_tiled_bf16_runs_the_frozen_copy() -> None:
     net = _randomise_norms(unetkit.create_model("unet", channels=(8, 16), norm="batch"))
     image = torch.rand(1, 70, 50)
     exact = predict_tiled(net, image, tile=32)
-    fast = predict_tiled(net, image, tile=32, precision="bf16")
+    with runtime.prepared(net, "bf16") as runner:
+        fast = predict_tiled(net, image, tile=32, runner=runner)
     assert isinstance(fastpath._CACHE.get(net)[1], FrozenModel)
     assert (fast - exact).abs().max() < 0.05
     assert F.mse_loss(fast, exact) < 1e-4

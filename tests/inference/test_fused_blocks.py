@@ -9,15 +9,15 @@ import torch
 import torch.nn as nn
 
 import unetkit
-from unetkit.inference import fastpath
-from unetkit.inference.fastpath import PackedConv, freeze
-from unetkit.inference.fused_blocks import (
+from unetkit.nn.resblock import TimestepResBlock
+from unetkit.nn.transformer import SpatialTransformer
+from unetkit.runtime import fastpath
+from unetkit.runtime.fastpath import PackedConv, freeze
+from unetkit.runtime.fused_blocks import (
     FusedResBlock,
     FusedSpatialTransformer,
     fuse_blocks,
 )
-from unetkit.nn.resblock import TimestepResBlock
-from unetkit.nn.transformer import SpatialTransformer
 
 pytestmark = pytest.mark.skipif(
     not fastpath.packing_available(torch.bfloat16), reason="no oneDNN bf16 kernels here"

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import unetkit
+from unetkit import runtime
 from unetkit.errors import ConfigError, DataError, InputSizeError
 from unetkit.inference.tiling import (
     TileGrid,
@@ -379,13 +380,14 @@ def test_bf16_fast_path_is_close_and_restores_the_model() -> None:
     model = unetkit.create_model("unet", channels=(4, 8), norm="batch").train()
     image = torch.rand(1, 40, 36)
     ref = predict_tiled(model, image, tile=16)
-    fast = predict_tiled(model, image, tile=16, precision="bf16")
+    with runtime.prepared(model, "bf16") as runner:
+        fast = predict_tiled(model, image, tile=16, runner=runner)
     assert fast.dtype == torch.float32
     assert 0 < (fast - ref).abs().max() < 3e-2  # bf16 really ran, and stayed close
     assert model.training
     assert all(p.is_contiguous() for p in model.parameters())  # layout given back
-    with pytest.raises(ConfigError, match="precision"):
-        predict_tiled(model, image, precision="fp16")
+    with pytest.raises(ConfigError, match="precision"), runtime.prepared(model, "fp16"):
+        pass
 
 
 def test_banded_argmax_memory_stays_below_the_float_output() -> None:

@@ -11,9 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unetkit.errors import CheckpointError, ConfigError
-from unetkit.nn.lora import (
-    LoRAConv,
-    LoRALinear,
+from unetkit.nn.lora import LoRAConv, LoRALinear
+from unetkit.nn.lora_inject import (
     inject_lora,
     load_lora_state_dict,
     lora_state_dict,

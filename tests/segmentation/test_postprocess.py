@@ -11,7 +11,7 @@ from scipy import ndimage
 from skimage.measure import regionprops
 from skimage.segmentation import find_boundaries
 
-from unetkit.errors import DataError
+from unetkit.errors import ConfigError, DataError
 from unetkit.segmentation.metrics import match_instances
 from unetkit.segmentation.postprocess import (
     count_instances,
@@ -175,3 +175,19 @@ def test_write_object_table_csv_roundtrip(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["cells.csv"]  # no temp files left
     write_object_table_csv([], path)
     assert path.read_text() == "label,area,centroid_y,centroid_x\n"
+
+
+@pytest.mark.parametrize("spacing", [(0.5, 0.25), (2.0, 0.65, 0.65)])
+def test_object_table_physical_units_agree_with_regionprops_spacing(spacing):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 5, size=(6, 9, 11)[-len(spacing):])
+    rows = object_table(labels, pixel_size=spacing)
+    size_key = "area_um2" if len(spacing) == 2 else "volume_um3"
+    axes = ("y", "x") if len(spacing) == 2 else ("z", "y", "x")
+    for row, region in zip(rows, regionprops(labels, spacing=spacing), strict=True):
+        assert row["label"] == region.label
+        assert row[size_key] == pytest.approx(region.area)
+        for axis, value in zip(axes, region.centroid, strict=True):
+            assert row[f"centroid_{axis}_um"] == pytest.approx(value)
+    with pytest.raises(ConfigError, match="pixel_size"):
+        object_table(labels, pixel_size=(1.0,) * (len(spacing) + 1))

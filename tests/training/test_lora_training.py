@@ -9,10 +9,11 @@ import torch
 import unetkit
 from unetkit.data.synthetic import write_synthetic_folder
 from unetkit.errors import ConfigError
+from unetkit.formats.loading import load_model_or_adapter
 from unetkit.formats.lora_files import load_adapter, read_adapter, write_adapter
 from unetkit.nn.lora_inject import merge_and_unload
 from unetkit.workflows import segment_train as R
-from unetkit.workflows.adapt import LoRAOptions, load_model_or_adapter, train_lora
+from unetkit.workflows.adapt import LoRAOptions, train_lora
 
 
 @pytest.fixture(scope="module")

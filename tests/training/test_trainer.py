@@ -18,8 +18,9 @@ import trainer_toy  # registered by conftest.py
 import unetkit
 from unetkit.errors import ConfigError
 from unetkit.formats.checkpoint import load_state
+from unetkit.runtime import resolve_precision
 from unetkit.training.logging import RunDirectory
-from unetkit.training.trainer import fit, resolve_precision
+from unetkit.training.trainer import fit
 
 TOY = Path(trainer_toy.__file__)
 

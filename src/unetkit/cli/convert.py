@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from unetkit.errors import CheckpointError
+from unetkit.outputs import output_file, output_folder
 
 FORMATS = ("diffusers", "ldm", "unetkit")
 
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from unetkit.formats import checkpoint, diffusers, ldm
 
     src = Path(args.source)
+    guard = output_folder if args.dst_format == "diffusers" else output_file
+    guard(args.dest, flag="DEST", inputs=[src, args.config])
     fmt = args.src_format or detect_format(src)
     model = load_any(src, fmt, args.config)
     dest = Path(args.dest)

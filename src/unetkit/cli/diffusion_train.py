@@ -4,12 +4,17 @@ default, or a folder of images with a captions file)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
-from unetkit.workflows import diffuse_train as R
+from unetkit import config as cfg
+from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
+from unetkit.outputs import output_folder
+from unetkit.runlock import check_same_run, run_lock
 from unetkit.training import distributed
+from unetkit.workflows import diffuse_train as R
 
 _VALUE_FLAGS = (
     "data",
@@ -52,30 +57,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=sorted(R.PRESETS), default="digits")
     p.add_argument("--data", help="image folder with captions (default: built-in digits)")
     p.add_argument("--captions", help="captions CSV/JSONL (default: found in --data)")
-    p.add_argument("--size", type=int, help="image size (default 32)")
+    p.add_argument("--size", type=F.int_at_least(8), help="image size (default 32)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 RGB")
     p.add_argument("--preset", help="diffusion-unet preset (digits, tiny, sd15)")
     p.add_argument("--text-encoder", help="minilm (default) or a transformers model directory")
-    p.add_argument("--max-length", type=int, help="caption tokens (default 16)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", type=F.positive_int, help="caption tokens (default 16)")
+    p.add_argument("--epochs", type=F.positive_int)
+    p.add_argument("--max-steps", type=F.positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=F.positive_int)
+    p.add_argument("--lr", type=F.positive_float)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     p.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "cosine"])
-    p.add_argument("--cond-dropout", type=float, help="caption dropout for guidance (0.1)")
-    p.add_argument("--ema-decay", type=float, help="weight EMA for samples/checkpoints (0.999)")
+    p.add_argument("--cond-dropout", type=F.fraction, help="caption dropout for guidance (0.1)")
+    p.add_argument(
+        "--ema-decay",
+        type=F.finite_float(0, 1, hi_open=True),
+        help="weight EMA for samples/checkpoints (0.999)",
+    )
     p.add_argument("--no-ema", action="store_true", help="save the raw weights (no EMA)")
-    p.add_argument("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (default off)")
-    p.add_argument("--limit-per-digit", type=int, help="built-in digits: images per class")
+    p.add_argument(
+        "--min-snr-gamma", type=F.positive_float, help="min-SNR-γ loss weighting (default off)"
+    )
+    p.add_argument(
+        "--limit-per-digit", type=F.positive_int, help="built-in digits: images per class"
+    )
     p.add_argument("--exclude-digits", help="built-in digits: comma-separated classes to leave out")
-    p.add_argument("--sample-every", type=int, help="write a sample grid every N epochs")
+    p.add_argument("--sample-every", type=F.positive_int, help="write a sample grid every N epochs")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp-2m", "euler"])
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--grad-accum", type=F.positive_int)
+    p.add_argument("--num-workers", type=F.nonnegative_int)
+    p.add_argument("--seed", type=F.nonnegative_int)
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an old run")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the run in --out over (its checkpoints are replaced), e.g. with new data",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -96,15 +114,37 @@ def recipe_from_args(args: argparse.Namespace) -> R.DiffusionRecipe:
     return R.make_diffusion_recipe(args.recipe, **overrides)
 
 
+# recipe fields that define a run: a re-run that changes one of them is another run
+RUN_IDENTITY = (
+    "data",
+    "captions",
+    "size",
+    "channels",
+    "preset",
+    "text_encoder",
+    "prediction_type",
+    "limit_per_digit",
+    "exclude_digits",
+)
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    output_folder(out, flag="--out", inputs=[recipe.data, recipe.captions])
     if args.no_resume and (out / "checkpoints" / "state.safetensors").exists():
         raise ConfigError(f"{out}: holds a run already; choose another --out")
+    if not args.restart:
+        saved = cfg.to_dict(recipe)
+        check_same_run(out, {k: saved[k] for k in RUN_IDENTITY if k in saved})
     start = time.time()
-    result = R.train_diffusion(
-        recipe, out, resume=not args.no_resume, progress=not args.no_progress
-    )
+    with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
+        result = R.train_diffusion(
+            recipe,
+            out,
+            resume=not (args.no_resume or args.restart),
+            progress=not args.no_progress,
+        )
     if distributed.is_main():
         minutes = (time.time() - start) / 60
         print(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
-
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
+from unetkit.outputs import output_file
+from unetkit.workflows.segment import check_inference_metadata
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,10 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a unetkit .safetensors checkpoint")
     p.add_argument("--onnx", metavar="FILE", help="write an ONNX model here")
     p.add_argument("--torch-export", metavar="FILE", help="write a torch.export .pt2 here")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--opset", type=F.int_at_least(7), default=DEFAULT_OPSET, help="ONNX opset (default 17)"
+    )
     p.add_argument(
         "--size",
-        type=int,
+        type=F.positive_int,
         nargs="+",
         metavar="N",
         help="spatial example size (one number per axis, or one for all); default from the "
@@ -49,11 +53,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.onnx and not args.torch_export:
         raise ConfigError("nothing to write: pass --onnx FILE and/or --torch-export FILE")
+    for flag, path in (("--onnx", args.onnx), ("--torch-export", args.torch_export)):
+        if path:
+            output_file(path, flag=flag, inputs=[args.checkpoint])
+    if (
+        args.onnx
+        and args.torch_export
+        and Path(args.onnx).resolve() == Path(args.torch_export).resolve()
+    ):
+        raise ConfigError(f"--onnx and --torch-export name the same file {args.onnx}")
     from unetkit.formats.checkpoint import load, read_metadata
+    from unetkit.formats.loading import user_metadata
 
     meta = read_metadata(args.checkpoint)  # CheckpointError (one line) for other files
+    check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
     model = load(args.checkpoint)
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = user_metadata(meta)
     size = None
     if args.size:
         size = tuple(args.size) * model.dims if len(args.size) == 1 else tuple(args.size)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unetkit.cli import flags as F
 from unetkit.cli.generate import add_sampling_options
-from unetkit.errors import DataError
+from unetkit.errors import DataError, NonFiniteError
+from unetkit.outputs import output_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mask", help="mask image, white = repaint")
     p.add_argument("prompt")
     p.add_argument("--output", help="result PNG (default <image>_inpainted.png)")
-    p.add_argument("--resample", type=int, default=1, help="RePaint resampling per step (1)")
+    p.add_argument(
+        "--resample", type=F.positive_int, default=1, help="RePaint resampling per step (1)"
+    )
     add_sampling_options(p)
     p.set_defaults(run=run)
 
@@ -33,6 +37,11 @@ def _load(path: str, channels: int, size: int) -> torch.Tensor:
     from unetkit.data.io import read_image
 
     arr = np.asarray(read_image(path), dtype=np.float32)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:  # one NaN pixel would turn the whole sample (kept pixels too) black
+        raise NonFiniteError(f"{path}: image holds {bad} NaN/inf pixel value(s); fix the file")
+    if arr.ndim not in (2, 3):
+        raise DataError(f"{path}: a {arr.ndim}D array is not a 2D image (a volume?)")
     if arr.ndim == 3 and channels == 1:
         arr = arr[..., :3].mean(-1)
     if arr.ndim == 2:
@@ -50,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from unetkit.data.io import write_image
     from unetkit.workflows.diffuse import DiffusionPipeline, to_uint8
 
+    default = Path(args.image).with_name(Path(args.image).stem + "_inpainted.png")
+    path = output_file(
+        args.output or default, flag="--output", inputs=[args.run_dir, args.image, args.mask]
+    )
     pipe = DiffusionPipeline.from_checkpoint(
         args.run_dir,
         text_encoder=args.text_encoder,
@@ -69,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
         resample=args.resample,
         seed=args.seed,
     )
-    path = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "_inpainted.png"))
     write_image(path, to_uint8(out)[0])
     print(f"wrote {path} ({int(mask.sum())} pixels repainted)")
     return 0

@@ -7,10 +7,15 @@ because they share the adapter options and are each a thin call into the library
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
-from unetkit.errors import ConfigError
+from unetkit.cli import flags as F
+from unetkit.errors import CheckpointError, ConfigError, NonFiniteError
+from unetkit.finite import check_finite_tensors
+from unetkit.outputs import output_file, output_folder
+from unetkit.runlock import check_same_run, run_lock
 
 FORMATS = ("unetkit", "diffusers", "kohya")
 
@@ -29,24 +34,32 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="training folder (images+captions, or images+masks)")
     p.add_argument("--captions", help="captions file for diffusion data")
     p.add_argument("--digits", help="built-in digits only: classes to train on, e.g. 9")
-    p.add_argument("--limit-per-digit", type=int, help="built-in digits: images per class")
+    p.add_argument(
+        "--limit-per-digit", type=F.positive_int, help="built-in digits: images per class"
+    )
     p.add_argument("--targets", default="attn", help="comma-separated presets/globs (attn)")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank r (4)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=F.positive_int, default=4, help="LoRA rank r (4)")
+    p.add_argument("--alpha", type=F.positive_float, help="LoRA alpha (default: the rank)")
+    p.add_argument("--dropout", type=F.finite_float(0, 1, hi_open=True), default=0.0)
+    p.add_argument("--epochs", type=F.positive_int, default=10)
+    p.add_argument("--max-steps", type=F.positive_int)
+    p.add_argument("--batch-size", type=F.positive_int)
+    p.add_argument("--lr", type=F.positive_float, default=1e-3)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=F.nonnegative_int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the adapter run in --out over (its adapters are replaced)",
+    )
     p.set_defaults(run=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import read_metadata
-    from unetkit.workflows.adapt import LoRAOptions, base_checkpoint, train_lora
+    from unetkit.formats.loading import base_checkpoint
+    from unetkit.workflows.adapt import LoRAOptions, train_lora
 
     options = LoRAOptions(
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
@@ -59,7 +72,9 @@ def run_train(args: argparse.Namespace) -> int:
         for k in ("data", "epochs", "max_steps", "batch_size", "lr", "precision", "seed")
         if getattr(args, k) is not None
     }
-    diffusion = "diffusion" in read_metadata(base_checkpoint(args.base))
+    base_file = base_checkpoint(args.base)
+    output_folder(args.out, flag="--out", inputs=[args.base, base_file, args.data, args.captions])
+    diffusion = "diffusion" in read_metadata(base_file)
     if diffusion:
         overrides.update(sample_every=max(1, args.epochs), warmup_steps=0)
         if args.captions:
@@ -71,8 +86,20 @@ def run_train(args: argparse.Namespace) -> int:
             overrides["exclude_digits"] = tuple(d for d in range(10) if d not in keep)
     elif args.digits or args.captions:
         raise ConfigError("--digits/--captions apply to diffusion bases only")
+    if not args.restart:
+        identity = {"data": args.data, "captions": args.captions, "lora.base": str(base_file)}
+        identity.update({"lora.targets": list(options.targets), "lora.r": options.r})
+        check_same_run(args.out, identity)
     start = time.time()
-    result = train_lora(args.base, args.out, options, progress=not args.no_progress, **overrides)
+    with run_lock(args.out):
+        result = train_lora(
+            args.base,
+            args.out,
+            options,
+            resume=not args.restart,
+            progress=not args.no_progress,
+            **overrides,
+        )
     print(
         f"trained adapters in {(time.time() - start) / 60:.1f} min; best {result.monitor} "
         f"{result.best_metric:.4f}; adapter: {Path(args.out) / 'checkpoints/best.safetensors'}"
@@ -100,27 +127,33 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base", metavar="BASE", help="run directory or checkpoint")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="LoRA files (any layout)")
     p.add_argument("--out", required=True, help="merged .safetensors checkpoint")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplier on every adapter")
+    p.add_argument("--scale", type=F.any_float, default=1.0, help="multiplier on every adapter")
     p.set_defaults(run=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
     from unetkit.formats.checkpoint import load, read_metadata, save
+    from unetkit.formats.loading import base_checkpoint, user_metadata
     from unetkit.formats.lora_files import load_adapter
     from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
-    from unetkit.workflows.adapt import base_checkpoint
 
     file = base_checkpoint(args.base)
+    output_file(args.out, flag="--out", inputs=[args.base, file, *args.adapters])
     model = load(file)
+    check_finite_tensors(model.state_dict(), source=str(file))
     touched = 0
     for i, adapter in enumerate(args.adapters):
-        touched += len(load_adapter(model, adapter, adapter_name=f"adapter{i}"))
+        layers = load_adapter(model, adapter, adapter_name=f"adapter{i}")
+        touched += len(layers)
+        lora = {k: v for k, v in model.state_dict().items() if f".adapter{i}" in k}
+        check_finite_tensors(lora, source=adapter, what="adapter weights")
     if args.scale != 1.0:
         set_lora_scale(model, args.scale)
     model = merge_and_unload(model)
+    # finite inputs can still overflow (a huge --scale): never write a NaN checkpoint
+    check_finite_tensors(model.state_dict(), source=f"--out {args.out}", what="merged weights")
     meta = read_metadata(file)
-    keep = ("format", "model", "config", "unetkit_version")
-    save(model, args.out, extra={k: v for k, v in meta.items() if k not in keep})
+    save(model, args.out, extra=user_metadata(meta))
     print(f"merged {len(args.adapters)} adapter(s) ({touched} layers) into {args.out}")
     return 0
 
@@ -141,6 +174,7 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from unetkit.formats.lora_files import convert_adapter, read_adapter
 
+    output_file(args.dest, flag="DEST", inputs=[args.source])
     convert_adapter(args.source, args.dest, format=args.fmt)
     n = len(read_adapter(args.dest).modules)
     print(f"wrote {args.dest} ({args.fmt} layout, {n} modules)")
@@ -157,7 +191,9 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("base", metavar="BASE", help="run directory or checkpoint")
     p.add_argument("adapter", metavar="ADAPTER")
-    p.add_argument("--size", type=int, default=32, help="spatial size of the probe input")
+    p.add_argument(
+        "--size", type=F.int_at_least(8), default=32, help="spatial size of the probe input"
+    )
     p.set_defaults(run=run_verify)
 
 
@@ -165,8 +201,8 @@ def run_verify(args: argparse.Namespace) -> int:
     import torch
 
     from unetkit.formats.checkpoint import load
+    from unetkit.formats.loading import base_checkpoint
     from unetkit.formats.lora_files import verify_adapter
-    from unetkit.workflows.adapt import base_checkpoint
 
     model = load(base_checkpoint(args.base)).eval()
     config = model.config
@@ -187,6 +223,18 @@ def run_verify(args: argparse.Namespace) -> int:
         f"output change with the adapter: relative {report['relative_change']:.3g}, "
         f"max abs {report['max_abs_change']:.3g}"
     )
+    unmatched = report["unmatched_modules"]
+    if unmatched:
+        total = len(unmatched) + report["modules_touched"]
+        raise CheckpointError(
+            f"{args.adapter}: {len(unmatched)} of {total} adapter modules match no layer of "
+            f"{args.base} (e.g. {unmatched[0]}); it was trained for another model"
+        )
+    if not math.isfinite(report["relative_change"]) or not math.isfinite(report["max_abs_change"]):
+        raise NonFiniteError(
+            f"{args.adapter}: the adapted model's output holds NaN or infinity; the adapter "
+            f"(or {args.base}) has non-finite weights"
+        )
     return 0
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
+import traceback
 
 from unetkit._version import __version__
 from unetkit.errors import UnetkitError
@@ -26,11 +28,39 @@ COMMANDS = [
     "convert",
     "export",
     "lora",  # lora-train, lora-merge, lora-convert, lora-verify
+    "serve",
 ]
 
 
+def one_line(message: str, limit: int = 400) -> str:
+    """``message`` on one line (newlines become '; '), shortened to ``limit`` characters."""
+    text = re.sub(r"\s*\n\s*", "; ", str(message).strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``unetkit <cmd>: error: ...`` and exit 2, no usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def describe(error: BaseException) -> str:
+    """One line for an exception that escaped the library (OSError names its file)."""
+    if isinstance(error, UnetkitError):
+        return one_line(str(error))
+    if isinstance(error, OSError) and error.filename is not None:
+        return one_line(f"{error.filename}: {error.strerror or error}")
+    if isinstance(error, MemoryError):
+        return "out of memory; use a smaller --tile/--batch-size or smaller inputs"
+    return (
+        one_line(f"unexpected {type(error).__name__}: {error}", limit=300)
+        + " (rerun with -v for the traceback)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unetkit",
         description="The U-Net family end to end: train, predict, evaluate, inspect models.",
     )
@@ -60,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.run(args) or 0)
-    except UnetkitError as e:
-        print(f"unetkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"unetkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # every failure is one line; the traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"unetkit {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

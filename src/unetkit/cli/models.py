@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unetkit import registry
+from unetkit.cli import flags as F
 from unetkit.errors import InputSizeError
 
 
@@ -18,13 +19,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", nargs="?", help="show only this model")
     p.add_argument(
         "--input-size",
-        type=int,
+        type=F.positive_int,
         nargs="+",
         metavar="N",
         help="spatial input size to check, e.g. 572 572",
     )
-    p.add_argument("--in-channels", type=int, default=None, help="override input channels")
-    p.add_argument("--out-channels", type=int, default=None, help="override output channels")
+    p.add_argument(
+        "--in-channels", type=F.positive_int, default=None, help="override input channels"
+    )
+    p.add_argument(
+        "--out-channels", type=F.positive_int, default=None, help="override output channels"
+    )
     p.set_defaults(run=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import time
 import tomllib
@@ -11,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from unetkit._atomic import atomic_write_text
+from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
+from unetkit.outputs import output_folder
+from unetkit.runlock import check_same_run, run_lock
 from unetkit.training import distributed
 from unetkit.workflows import segment_train as R
 
@@ -80,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target-scale",
-        type=float,
+        type=F.positive_float,
         help="regression: multiply integer target files, e.g. 1/256 for KITTI PNG",
     )
     p.add_argument(
@@ -100,7 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=[2, 3],
         help="3: volumes (multi-page TIFF, NIfTI) and a 3D model",
     )
-    p.add_argument("--num-classes", type=int, help="classes in the masks (default 2)")
+    p.add_argument("--num-classes", type=F.positive_int, help="classes in the masks (default 2)")
     p.add_argument("--mask-mode", choices=["auto", "index", "binary", "instances"])
     p.add_argument(
         "--target",
@@ -116,20 +120,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="model config override, e.g. channels=(16,32,64) (repeatable)",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=F.positive_int)
+    p.add_argument("--batch-size", type=F.positive_int)
     p.add_argument(
         "--steps-per-epoch",
-        type=int,
+        type=F.positive_int,
         help="optimiser steps per epoch, whatever the number of images (default 50)",
     )
     p.add_argument(
-        "--samples-per-epoch", type=int, help="older spelling: steps = samples / batch size"
+        "--samples-per-epoch",
+        type=F.positive_int,
+        help="older spelling: steps = samples / batch size",
     )
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--max-steps", type=F.positive_int, help="stop after this many optimiser steps")
     p.add_argument(
         "--early-stopping",
-        type=int,
+        type=F.positive_int,
         metavar="EPOCHS",
         help="stop when validation has not improved for EPOCHS epochs",
     )
@@ -139,7 +145,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="held out for validation without --val-data: whole images, or a strip of each "
         "image when there are fewer than 5 (default 0.2)",
     )
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=F.positive_float)
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
     p.add_argument("--scheduler", choices=["constant", "cosine", "warmup_cosine", "poly"])
     p.add_argument(
@@ -148,9 +154,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="segmentation: ce | dice | dice_ce | "
         "weighted_ce; regression: l1 | l2 | silog (scale-invariant log)",
     )
-    p.add_argument("--w0", type=float, help="border weight w0 (weighted_ce; paper 10)")
-    p.add_argument("--sigma", type=float, help="border weight sigma in px (paper 5)")
-    p.add_argument("--crop", type=int, help="training patch (output) size")
+    p.add_argument(
+        "--w0", type=F.nonnegative_float, help="border weight w0 (weighted_ce; paper 10)"
+    )
+    p.add_argument("--sigma", type=F.positive_float, help="border weight sigma in px (paper 5)")
+    p.add_argument("--crop", type=F.positive_int, help="training patch (output) size")
     p.add_argument("--normalize", choices=["zscore", "percentile", "none"])
     p.add_argument(
         "--norm-percentiles",
@@ -164,10 +172,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--no-affine", action="store_true", help="disable zoom and rotation augmentation"
     )
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--grad-accum", type=F.positive_int)
+    p.add_argument("--num-workers", type=F.nonnegative_int)
+    p.add_argument("--seed", type=F.nonnegative_int)
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an old run")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the run in --out over (its checkpoints are replaced), e.g. with new data",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -176,12 +189,19 @@ def parse_model_options(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--model-option {item!r}: expected KEY=VALUE")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"--model-option {item!r}: expected KEY=VALUE, e.g. channels=(16,32)")
         try:
             out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value  # a bare string such as norm=group
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            # a bare word such as norm=group is a string; anything that looks like a number,
+            # tuple or list but does not parse is a typo, not a string
+            if not value.strip() or value.strip()[0] in "([{'\"0123456789+-.":
+                raise ConfigError(
+                    f"--model-option {item!r}: {value!r} is not a valid value; write numbers, "
+                    f"tuples like (16,32,64), True/False, or a bare word"
+                ) from None
+            out[key.strip()] = value
     return out
 
 
@@ -193,8 +213,10 @@ def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
             values.update(tomllib.loads(path.read_text()))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: invalid TOML ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
     for name in _VALUE_FLAGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -213,15 +235,41 @@ def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
     return R.make_recipe(preset, **values)
 
 
+# recipe fields that define a run: a re-run that changes one of them is another run
+RUN_IDENTITY = (
+    "data",
+    "val_data",
+    "task",
+    "model",
+    "preset",
+    "model_options",
+    "num_classes",
+    "target",
+    "spatial_dims",
+    "output",
+    "synthetic_regression",
+)
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    output_folder(out, flag="--out", inputs=[recipe.data, recipe.val_data, args.config])
     if args.no_resume and (out / "checkpoints" / "state.safetensors").exists():
         raise ConfigError(
             f"{out}: holds a run already; remove --no-resume to continue it or choose another --out"
         )
+    if not args.restart:
+        saved = R.record(recipe)  # as config.json records it
+        check_same_run(out, {k: saved[k] for k in RUN_IDENTITY if k in saved})
     start = time.time()
-    result = R.train(recipe, out, resume=not args.no_resume, progress=not args.no_progress)
+    with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
+        result = R.train(
+            recipe,
+            out,
+            resume=not (args.no_resume or args.restart),
+            progress=not args.no_progress,
+        )
     minutes = (time.time() - start) / 60
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes
         return 0

@@ -93,10 +93,29 @@ def read_captions(file: str | os.PathLike) -> list[tuple[str, str]]:
     suffix = file.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json"):
         raise DataError(f"{file}: unknown captions format {suffix!r}; use .csv or .jsonl")
-    rows = _read_csv(file) if suffix == ".csv" else _read_jsonl(file)
+    try:
+        rows = _read_csv(file) if suffix == ".csv" else _read_jsonl(file)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{file}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    except csv.Error as e:  # NUL bytes, broken quoting
+        raise DataError(f"{file}: not a readable CSV file ({e})") from None
     if not rows:
         raise DataError(f"{file}: no captions in the file")
     return [(name, text) for name, text, _ in rows]
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether ``name`` is a relative path that stays in ``folder`` (symlinks resolved)."""
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or not name.strip():
+        return False
+    try:
+        (folder / path).resolve().relative_to(folder.resolve())
+    except (ValueError, OSError, RuntimeError):  # outside, or a symlink loop
+        return False
+    return True
 
 
 def find_captions_file(folder: Path) -> Path:
@@ -172,6 +191,12 @@ class CaptionFolderDataset(Dataset):
             raise ConfigError(f"size={size}: must be a positive number of pixels")
         file = Path(captions) if captions is not None else find_captions_file(folder)
         rows = read_captions(file)
+        outside = sorted({n for n, _ in rows if not _inside(folder, n)})
+        if outside:  # never read files the data folder does not hold (../secret.png, /etc/x)
+            raise DataError(
+                f"{file}: {len(outside)} file_name entries point outside {folder}: "
+                f"{_listing(outside)}; file_name must be a path inside the folder"
+            )
         missing = sorted({n for n, _ in rows if not (folder / n).is_file()})
         if missing:
             raise DataError(

@@ -1,5 +1,8 @@
 """Image and mask files: read/write PNG and TIFF, convert to float, decode label masks.
 
+TIFF files are read axis-aware (OME-TIFF, ImageJ hyperstacks: :mod:`unetkit.data.tiff`), with
+any number of channels and their physical pixel size; :func:`load_image` returns both.
+
 Every failure on a file raises :class:`~unetkit.errors.DataError` naming the file, what was
 found and how to fix it, so a user with a folder of microscopy images learns which file is
 broken rather than reading a traceback from Pillow.
@@ -7,6 +10,7 @@ broken rather than reading a traceback from Pillow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -15,17 +19,25 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+from scipy import ndimage
 
 from unetkit._atomic import atomic_path
+from unetkit.data.tiff import PixelSize, read_tiff
 from unetkit.errors import ConfigError, DataError, did_you_mean
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LOSSY_EXTENSIONS",
     "MASK_MODES",
+    "MAX_CHANNELS",
+    "LoadedImage",
     "check_mask_options",
     "decode_mask",
     "list_images",
+    "load_image",
+    "parse_channels",
     "read_image",
+    "read_pixel_size",
     "to_float_image",
     "write_image",
 ]
@@ -34,6 +46,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 MASK_MODES = ("auto", "index", "binary", "instances")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+# More channels than this in the last axis of an H×W×C array reads as a volume, not channels.
+MAX_CHANNELS = 64
 _TIFF = (".tif", ".tiff")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pillow modes whose pixel values numpy reads as they are (plus the 16-bit "I;16*" modes).
@@ -49,12 +64,77 @@ def read_image(path: str | os.PathLike, *, palette_to_rgb: bool = False) -> np.n
             is what label masks stored with a colour palette mean; set True for images.
 
     Returns:
-        H×W (grey), H×W×C (RGB/RGBA, channels last) or D×H×W[×C] (multi-page TIFF), with the
-        file's dtype kept (uint8, uint16, float32, ...). 1-bit images become uint8 0/255.
+        H×W (grey), H×W×C (colour or any number of channels, channels last) or D×H×W[×C]
+        (multi-page TIFF, Z-stack), with the file's dtype kept (uint8, uint16, float32, ...).
+        TIFF axes are read from the file (OME, ImageJ: see :mod:`unetkit.data.tiff`); alpha
+        (PNG grey+alpha and RGBA, TIFF alpha samples) is dropped. 1-bit images become uint8
+        0/255.
 
     Example:
         >>> img = read_image("images/cell_000.png")   # doctest: +SKIP
     """
+    return _read_any(Path(path), palette_to_rgb)[0]
+
+
+@dataclasses.dataclass
+class LoadedImage:
+    """An image as :func:`load_image` returns it.
+
+    image: float32 C×H×W (C×D×H×W for volumes), scaled by dtype as in training.
+    pixel_size: the physical pixel size the file states (µm), or None.
+    axes: the axes of the raw array before conversion, e.g. ``"YXC"``, ``"ZYXC"``.
+    """
+
+    image: np.ndarray
+    pixel_size: PixelSize | None
+    axes: str
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    spatial_dims: int = 2,
+    channels: Sequence[int] | None = None,
+) -> LoadedImage:
+    """Read an image file as float C×H×W (or C×D×H×W) with its pixel size: what predict
+    and the folder data sets read.
+
+    Args:
+        path: PNG/JPEG/TIFF (OME-TIFF and ImageJ hyperstacks included).
+        spatial_dims: 2 for images, 3 for volumes (Z-stacks).
+        channels: channel indices to keep, in this order (``--channels 1,0``); None keeps
+            all. Planes of a multi-page TIFF without axis metadata are read as channels
+            when ``channels`` is given for a 2-D model, else refused as ambiguous.
+
+    Example:
+        >>> img = load_image("cells.ome.tif", channels=(1, 0))   # doctest: +SKIP
+        >>> img.image.shape, img.pixel_size                      # doctest: +SKIP
+        ((2, 512, 512), PixelSize(y=0.325, x=0.325, z=None))
+    """
+    path = Path(path)
+    raw, axes, pixel_size = _read_any(path, palette_to_rgb=True)
+    if axes.startswith("Q"):
+        if spatial_dims == 3:
+            axes = "Z" + axes[1:]
+        elif channels is not None and not axes.endswith("C"):
+            raw, axes = np.moveaxis(raw, 0, -1), axes[1:] + "C"
+        else:
+            raise DataError(
+                f"{path}: TIFF holds {raw.shape[0]} planes of {raw.shape[1]}×{raw.shape[2]} "
+                "without axis metadata (channels or a Z-stack?); pass --channels (e.g. "
+                "0,1) to read them as channels, or save with axes (ImageJ hyperstack, OME)"
+            )
+    image = to_float_image(raw, path=path, spatial_dims=spatial_dims, channels=channels)
+    return LoadedImage(image, pixel_size, axes)
+
+
+def read_pixel_size(path: str | os.PathLike) -> PixelSize | None:
+    """The physical pixel size an image file states (OME, ImageJ, TIFF/PNG resolution)."""
+    return _read_any(Path(path), palette_to_rgb=False)[2]
+
+
+def _read_any(path: Path, palette_to_rgb: bool) -> tuple[np.ndarray, str, PixelSize | None]:
+    """(array, axes, pixel size) of an existing image file; every failure is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -64,7 +144,11 @@ def read_image(path: str | os.PathLike, *, palette_to_rgb: bool = False) -> np.n
             f"{path}: unsupported image type {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}"
         )
     try:
-        arr = _read_tiff(path) if suffix in _TIFF else _read_pillow(path, palette_to_rgb)
+        if suffix in _TIFF:
+            arr, axes, pixel_size = read_tiff(path)
+        else:
+            arr, pixel_size = _read_pillow(path, palette_to_rgb)
+            axes = "YXC"[: arr.ndim]
     except DataError:
         raise
     except Exception as e:  # Pillow/tifffile raise OSError, ValueError, struct.error, ...
@@ -74,34 +158,27 @@ def read_image(path: str | os.PathLike, *, palette_to_rgb: bool = False) -> np.n
         ) from None
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
-    return arr
+    return arr, axes, pixel_size
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series
-        # Pages written one by one form one series each: stack them if they are alike.
-        alike = len({(s.shape, s.dtype) for s in series}) == 1
-        if len(series) > 1 and alike:
-            arr = np.stack([s.asarray() for s in series])
-        else:
-            arr = np.asarray(tif.asarray())
-    if arr.size == 0:
-        raise DataError(f"{path}: TIFF file holds no pixels (shape {arr.shape})")
-    return arr
-
-
-def _read_pillow(path: Path, palette_to_rgb: bool) -> np.ndarray:
+def _read_pillow(path: Path, palette_to_rgb: bool) -> tuple[np.ndarray, PixelSize | None]:
     with Image.open(path) as img:
         img.load()  # decode now, so truncated data raises here and not later
         if path.suffix.lower() == ".png" and img.mode in ("RGB", "RGBA") and _png_is_16bit(path):
             log.warning("%s: 16-bit RGB PNG is read as 8-bit by Pillow; save as TIFF", path)
         if img.mode == "P" and palette_to_rgb:
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            img = img.convert("RGB")
         elif img.mode not in _NUMERIC_MODES and not img.mode.startswith("I;16"):
             img = img.convert("RGB")  # CMYK, YCbCr, ...: convert to something with meaning
+        dpi = img.info.get("dpi")
         arr = np.asarray(img)
-    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+    if img.mode in ("LA", "RGBA"):  # grey+alpha / RGBA: the alpha is not image content
+        arr = arr[..., :-1] if img.mode == "RGBA" else arr[..., 0]
+    pixel_size = None
+    if dpi and float(dpi[0]) > 0 and float(dpi[1]) > 0:
+        pixel_size = PixelSize(y=25400.0 / float(dpi[1]), x=25400.0 / float(dpi[0]))
+    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+    return arr, pixel_size
 
 
 def _png_is_16bit(path: Path) -> bool:
@@ -110,7 +187,9 @@ def _png_is_16bit(path: Path) -> bool:
     return head[:8] == _PNG_SIGNATURE and len(head) > 24 and head[24] == 16
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
+def write_image(
+    path: str | os.PathLike, array: np.ndarray, *, pixel_size: PixelSize | None = None
+) -> Path:
     """Write ``array`` to ``path`` atomically; the suffix picks the format.
 
     PNG holds uint8 grey/RGB/RGBA and uint16 grey; TIFF holds any dtype and multi-page
@@ -120,6 +199,8 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     Args:
         path: target file (``.png``, ``.tif``, ``.tiff``, ``.jpg``, ``.jpeg``).
         array: H×W, H×W×3/4 or (TIFF only) any shape.
+        pixel_size: TIFF only: stored as the resolution tags (pixels per centimetre), so
+            Fiji and :func:`load_image` read the physical size back.
 
     Returns:
         the path written.
@@ -134,8 +215,11 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     suffix = path.suffix.lower()
     if suffix in _TIFF:
         rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype in (np.uint8, np.uint16)
+        options = {}
+        if pixel_size is not None:  # pixels per centimetre (ResolutionUnit 3)
+            options = {"resolution": (1e4 / pixel_size.x, 1e4 / pixel_size.y), "resolutionunit": 3}
         with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, arr, photometric="rgb" if rgb else "minisblack")
+            tifffile.imwrite(tmp, arr, photometric="rgb" if rgb else "minisblack", **options)
         return path
     if suffix not in (".png", ".jpg", ".jpeg"):
         raise DataError(
@@ -180,33 +264,50 @@ def list_images(
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found (expected a folder of image files)")
     endings = tuple(e.lower() for e in extensions)  # whole endings, so ".nii.gz" matches
-    files = [
+    named = [
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(endings)
+        if not p.name.startswith(".") and p.name.lower().endswith(endings)
     ]
+    files = [p for p in named if p.is_file()]
+    skipped = sorted(p.name for p in named if not p.is_file())
+    if skipped:  # a folder named x.png, a dangling link or a symlink loop: say so, never guess
+        log.warning(
+            "%s: skipped %d entr%s named like images that are not readable files: %s",
+            folder,
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
+        )
     return sorted(files, key=lambda p: p.name)
 
 
 def to_float_image(
-    arr: np.ndarray, *, path: str | os.PathLike | None = None, spatial_dims: int = 2
+    arr: np.ndarray,
+    *,
+    path: str | os.PathLike | None = None,
+    spatial_dims: int = 2,
+    channels: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Convert a read image to float32, channels first, scaled by its dtype.
 
     Integer images are divided by their dtype's maximum (uint8 → /255, uint16 → /65535), so
-    the result is in [0, 1]; float images are kept as they are. Grey becomes one channel,
-    grey+alpha drops the alpha, RGB(A) becomes three channels.
+    the result is in [0, 1]; float images are kept as they are. Grey becomes one channel;
+    every channel of a channels-last array is kept (2-channel stains stay 2 channels; alpha
+    is dropped by the readers, not here).
 
     Args:
-        arr: H×W, H×W×C (C ≤ 4), or for ``spatial_dims=3`` D×H×W or D×H×W×C.
+        arr: H×W or H×W×C (C ≤ ``MAX_CHANNELS``), or for ``spatial_dims=3`` D×H×W or D×H×W×C.
         path: the source file, named in errors.
         spatial_dims: 2 for images, 3 for volumes.
+        channels: channel indices to keep, in this order (e.g. ``(1, 0)``); None keeps all.
 
     Returns:
         float32 C×H×W (or C×D×H×W).
 
     Raises:
-        DataError: NaN/inf values, or a shape that is not an image of ``spatial_dims`` dims.
+        DataError: NaN/inf values, a channel index the image lacks, or a shape that is not
+            an image of ``spatial_dims`` dims.
 
     Example:
         >>> to_float_image(np.full((4, 5), 255, np.uint8)).shape
@@ -216,14 +317,15 @@ def to_float_image(
     arr = np.asarray(arr)
     if arr.ndim == spatial_dims:
         arr = arr[..., None]
-    if arr.ndim != spatial_dims + 1 or arr.shape[-1] > 4:
-        hint = " (a volume? use spatial_dims=3)" if spatial_dims == 2 and arr.ndim == 3 else ""
+    if arr.ndim != spatial_dims + 1 or arr.shape[-1] > MAX_CHANNELS:
+        volume = spatial_dims == 2 and arr.ndim in (3, 4)
+        hint = " (a volume or Z-stack? use a 3-D model)" if volume else ""
         raise DataError(
-            f"{name}: image of shape {arr.shape} is not a {spatial_dims}D grey or RGB(A) "
-            f"image{hint}"
+            f"{name}: image of shape {arr.shape} is not a {spatial_dims}D image with channels "
+            f"last (at most {MAX_CHANNELS}){hint}"
         )
-    channels = arr.shape[-1]
-    arr = arr[..., :1] if channels == 2 else arr[..., :3]
+    if channels is not None:
+        arr = arr[..., _channel_indices(channels, arr.shape[-1], name)]
     if arr.dtype == bool:
         out = arr.astype(np.float32)
     elif np.issubdtype(arr.dtype, np.integer):
@@ -239,6 +341,41 @@ def to_float_image(
     else:
         raise DataError(f"{name}: unsupported image dtype {arr.dtype}")
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+
+def _channel_indices(channels: Sequence[int], available: int, name: str) -> list[int]:
+    picked = [int(c) for c in channels]
+    bad = [c for c in picked if not 0 <= c < available]
+    if not picked or bad:
+        raise DataError(
+            f"{name}: --channels {','.join(map(str, picked))}: the image has {available} "
+            f"channel(s), numbered 0..{available - 1}"
+        )
+    return picked
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """``"1,0"`` → ``(1, 0)`` (the ``--channels`` flag); None or "" → None (all channels).
+
+    Raises:
+        ConfigError: not a comma-separated list of distinct integers ≥ 0.
+
+    Example:
+        >>> parse_channels("1,0")
+        (1, 0)
+    """
+    if text is None or not str(text).strip():
+        return None
+    try:
+        picked = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        picked = ()
+    if not picked or min(picked) < 0 or len(set(picked)) != len(picked):
+        raise ConfigError(
+            f"--channels {text!r}: expected distinct channel numbers from 0, comma-separated "
+            "(e.g. 1,0 for cytoplasm then nucleus)"
+        )
+    return picked
 
 
 def decode_mask(
@@ -280,11 +417,22 @@ def decode_mask(
     """
     check_mask_options(num_classes, mode)
     name = str(path) if path is not None else "mask"
+    if path is not None and Path(path).suffix.lower() in LOSSY_EXTENSIONS:
+        raise DataError(
+            f"{name}: JPEG masks are lossy (compression changes label values at every "
+            "edge); save masks as PNG or TIFF"
+        )
     labels = _mask_to_integers(np.asarray(arr), name, spatial_dims)
     values = np.unique(labels)
     if mode == "instances":
         if values[0] < 0:
             raise DataError(f"{name}: instance labels must be ≥ 0, found {_fmt_values(values)}")
+        if values[-1] > 0 and _binary_scale(values) and ndimage.label(labels > 0)[1] > 1:
+            raise DataError(
+                f"{name}: mask is binary ({_fmt_values(values)}) with several separate regions, "
+                "so as instance labels they would be one object; use --mask-mode binary "
+                "(objects are then the connected components)"
+            )
         return labels
     binary = _binary_scale(values)
     if mode == "binary" or (mode == "auto" and num_classes == 2 and binary):

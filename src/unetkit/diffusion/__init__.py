@@ -12,18 +12,14 @@ Example:
 from unetkit.diffusion.dpm_solver import DPMSolverMultistepScheduler
 from unetkit.diffusion.euler import EulerDiscreteScheduler
 from unetkit.diffusion.objectives import diffusion_loss, min_snr_weights
-from unetkit.diffusion.schedulers import (
-    SCHEDULER_NAMES,
-    DDIMScheduler,
-    DDPMScheduler,
-    Scheduler,
-    build_scheduler,
-)
+from unetkit.diffusion.samplers import DEFAULT_SAMPLER, SCHEDULER_NAMES, build_scheduler
+from unetkit.diffusion.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from unetkit.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule
 
 __all__ = [
     "BETA_SCHEDULES",
     "PREDICTION_TYPES",
+    "DEFAULT_SAMPLER",
     "SCHEDULER_NAMES",
     "DDIMScheduler",
     "DDPMScheduler",

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from unetkit.diffusion.inpainting import InpaintingGuide
 from unetkit.errors import ConfigError
-from unetkit.inference.fastpath import model_device
+from unetkit.runtime import model_device
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 

@@ -15,12 +15,13 @@ steps_offset=1), ``"trailing"`` = round(T - k·T/n) - 1 (starts at t = T-1), ``"
 = round(linspace(0, T-1, n)). Each scheduler follows diffusers' definition, so that a run
 compares step by step with the reference library.
 
-This module holds the base class, DDPM (Ho et al. 2020), DDIM (Song et al. 2021) and
-``build_scheduler``; DPM-Solver++ 2M is in ``dpm_solver.py``, Euler in ``euler.py``.
+This module holds the base class, DDPM (Ho et al. 2020) and DDIM (Song et al. 2021);
+DPM-Solver++ 2M is in ``dpm_solver.py``, Euler in ``euler.py``, and ``samplers.py`` builds
+any of them by name (``build_scheduler``).
 
 Example:
-    >>> from unetkit.diffusion import NoiseSchedule, build_scheduler
-    >>> sched = build_scheduler("ddim", NoiseSchedule())
+    >>> from unetkit.diffusion import NoiseSchedule
+    >>> sched = DDIMScheduler(NoiseSchedule())
     >>> sched.set_timesteps(4)
     >>> sched.timesteps.tolist()
     [751, 501, 251, 1]
@@ -28,21 +29,16 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
 from unetkit import config as cfg
 from unetkit.diffusion.schedules import NoiseSchedule, Timesteps
-from unetkit.errors import ConfigError, did_you_mean
+from unetkit.errors import ConfigError
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpmpp-2m", "euler")
-
-
 def spaced_timesteps(num_train: int, n: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
     """The n descending sampling timesteps of a T-step process (float64; integral except
     for "linspace" before rounding, see callers)."""
@@ -310,42 +306,3 @@ class DDIMScheduler(Scheduler):
         if self.eta > 0:
             prev_sample = prev_sample + std * random_noise(model_output, generator)
         return prev_sample
-
-
-def build_scheduler(name: str, schedule: NoiseSchedule, **options: Any) -> Scheduler:
-    """Build a sampler by name: "ddpm", "ddim", "dpmpp-2m" (DPM-Solver++ 2M) or "euler".
-
-    Args:
-        name: the sampler's short name.
-        schedule: the training ``NoiseSchedule``.
-        **options: keyword options of that class (e.g. ``eta=0.5`` for "ddim",
-            ``timestep_spacing="trailing"``).
-
-    Example:
-        >>> build_scheduler("dpmpp-2m", NoiseSchedule())  # doctest: +ELLIPSIS
-        DPMSolverMultistepScheduler(...)
-    """
-    # the σ-space samplers live in their own modules, which import this one
-    from unetkit.diffusion.dpm_solver import DPMSolverMultistepScheduler
-    from unetkit.diffusion.euler import EulerDiscreteScheduler
-
-    classes: dict[str, type[Scheduler]] = {
-        "ddpm": DDPMScheduler,
-        "ddim": DDIMScheduler,
-        "dpmpp-2m": DPMSolverMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-    }
-    if name not in classes:
-        raise ConfigError(
-            f"sampler {name!r} is not known{did_you_mean(str(name), classes)}; "
-            f"choose one of: {', '.join(classes)}"
-        )
-    cls = classes[name]
-    valid = [p for p in inspect.signature(cls).parameters if p != "schedule"]
-    for key in options:
-        if key not in valid:
-            raise ConfigError(
-                f"sampler {name!r} has no option {key!r}{did_you_mean(key, valid)}; "
-                f"its options: {', '.join(valid)}"
-            )
-    return cls(schedule, **options)

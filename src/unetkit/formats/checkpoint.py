@@ -24,9 +24,12 @@ from unetkit import registry
 from unetkit._atomic import atomic_path
 from unetkit._version import __version__
 from unetkit.errors import CheckpointError, UnetkitError
+from unetkit.finite import check_finite_tensors
 
 FORMAT = "unetkit-checkpoint"
 STATE_FORMAT = "unetkit-state"
+# the metadata keys ``save`` writes itself (ONNX exports too): never user metadata
+RESERVED_METADATA_KEYS = ("format", "model", "config", "unetkit_version")
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
@@ -86,7 +89,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
         "config": cfg.to_json(model.config),
     }
     for k, v in (extra or {}).items():
-        if k in meta:
+        if k in RESERVED_METADATA_KEYS:
             raise CheckpointError(f"extra key {k!r} is reserved")
         meta[k] = json.dumps(v)
     return _write(path, model.state_dict(), meta)
@@ -107,6 +110,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     except UnetkitError as e:
         raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
     load_state_dict_strict(model, tensors, source=str(path))
+    check_finite_tensors(tensors, source=str(path))  # NaN weights predict silently wrong
     return model.to(map_location).eval()
 
 

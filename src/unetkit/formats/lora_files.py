@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from unetkit._atomic import atomic_path
 from unetkit.errors import CheckpointError, ConfigError
+from unetkit.finite import check_finite_tensors
 from unetkit.formats.lora_layouts import (
     DIFFUSERS_WEIGHT_NAME,
     FORMATS,
@@ -65,6 +66,7 @@ def read_adapter(
         raise CheckpointError(
             f"{path}: not a readable .safetensors file ({e}); unetkit never unpickles files"
         ) from None
+    check_finite_tensors(tensors, source=str(path), what="adapter weights")
     try:
         return parse_adapter(
             tensors, metadata, module_names=module_names, strict=strict, source=str(path)

@@ -38,7 +38,7 @@ from unetkit._atomic import atomic_write_bytes
 from unetkit._version import __version__
 from unetkit.config import check_choice
 from unetkit.errors import CheckpointError, ConfigError, InputSizeError
-from unetkit.formats.checkpoint import unwrap
+from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ INPUT, OUTPUT = "image", "logits"
 # next multiple, (-n) % stride, stays below n (reflect, not the tiny-input fallback) for
 # strides up to 64 (1D/2D) or 32 (3D)
 _EXAMPLE_EDGE = {1: 65, 2: 33, 3: 17}
-_RESERVED = ("format", "model", "config", "unetkit_version", "onnx")
+_RESERVED = (*RESERVED_METADATA_KEYS, "onnx")
 
 
 def _require(module: str) -> Any:

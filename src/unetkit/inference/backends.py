@@ -29,12 +29,12 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, UnetkitError
+from unetkit.formats.loading import load_model_file, load_with_metadata, user_metadata
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
 DEFAULT_COMPILE_BACKEND = "inductor"
-_CHECKPOINT_KEYS = ("format", "model", "config", "unetkit_version")
 
 
 class CompiledModel(nn.Module):
@@ -92,7 +92,6 @@ def onnx_cache_path(checkpoint: str | os.PathLike) -> Path:
 def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     """The ONNX export of ``checkpoint`` (dynamic spatial size), exported if not cached."""
     from unetkit.formats.onnx import read_onnx_metadata, sha256_file
-    from unetkit.workflows.adapt import load_with_metadata
 
     digest = sha256_file(checkpoint)
     cache = onnx_cache_path(checkpoint)
@@ -106,7 +105,7 @@ def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     from unetkit.formats.onnx import export_onnx
 
     model, meta = load_with_metadata(checkpoint)
-    extra = {k: v for k, v in meta.items() if k not in _CHECKPOINT_KEYS}
+    extra = user_metadata(meta)
     extra["source_sha256"] = digest
     logger.info("exporting %s to ONNX (cached as %s)", checkpoint, cache)
     try:
@@ -143,8 +142,6 @@ def load_inference_model(
                 f"{source}: an ONNX file runs with --backend onnx; for --backend torch pass "
                 "the .safetensors checkpoint it was exported from"
             )
-        from unetkit.workflows.adapt import load_with_metadata
-
         model, meta = load_with_metadata(source)  # a checkpoint, or a LoRA run's adapter
         if compile:
             how = DEFAULT_COMPILE_BACKEND if compile is True else compile
@@ -152,10 +149,7 @@ def load_inference_model(
         return model, meta
     if compile:
         raise ConfigError("--compile applies to --backend torch; onnxruntime optimises itself")
-    from unetkit.formats.onnx import OnnxModel
-
-    model = OnnxModel(source if is_onnx else cached_onnx(source))
-    return model, model.meta
+    return load_model_file(source if is_onnx else cached_onnx(source))
 
 
 def options_for(model: nn.Module, options: Any) -> Any:

@@ -15,9 +15,9 @@ product of per-axis sums and needs no full-size buffer. Peak memory: the output 
 tile batch (plus the image, which may be a numpy memmap). With ``reduce`` (e.g. "argmax")
 not even the ``K×*S`` float32 output exists: windows are blended in a band one tile high
 (``streaming.BandAccumulator``) and each finished slab is reduced (uint8 labels, one class,
-float16, ...) as soon as no later window can touch it. ``precision="bf16"`` runs the model
-in bf16: on CPUs a frozen copy with prepacked oneDNN weights (``fastpath.frozen_for``),
-elsewhere autocast with channels-last weights and tiles.
+float16, ...) as soon as no later window can touch it. Precision is decided once, by the
+caller: a ``runner`` from ``runtime.prepared(model, precision)`` (bf16: on CPUs a frozen copy
+with prepacked oneDNN weights, elsewhere autocast with channels-last weights and tiles).
 """
 
 from __future__ import annotations
@@ -35,16 +35,15 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, DataError, InputSizeError
-from unetkit.inference import fastpath
 from unetkit.inference.streaming import BandAccumulator, Reduce, resolve_reduce, write_reduced
 from unetkit.inference.tta import resolve_tta, tta_predict
+from unetkit.runtime import Runner, prepared
 
 logger = logging.getLogger(__name__)
 
 PAD_MODES = ("reflect", "replicate", "constant")
 BLEND_MODES = ("gaussian", "constant")
 ACTIVATIONS = ("probabilities", "logits")
-PRECISIONS = ("fp32", "bf16", "auto")
 DEFAULT_TILE_VOXELS = 2**18  # default tile: 512² in 2D, 64³ in 3D
 WHOLE_IMAGE_VOXELS = 2**20  # predict_tiled(tile=None) runs smaller inputs in one pass
 _WEIGHT_FLOOR = 1e-6  # per-axis floor of the Gaussian: border pixels keep a usable weight
@@ -202,54 +201,6 @@ def _profiles(tile: Sequence[int], blend: str, sigma_scale: float) -> list[torch
 
 
 # --- shared plumbing ---------------------------------------------------------------------
-@contextlib.contextmanager
-def _inference(
-    model: nn.Module, precision: str = "fp32"
-) -> Iterator[tuple[nn.Module, torch.memory_format | None]]:
-    """eval() + inference_mode (+ the bf16 fast path) for the call; yields the module to run
-    and the memory format tiles should use. On CPUs the fast path is a frozen bf16 copy
-    with prepacked weights (``fastpath.frozen_for``, cached per model); elsewhere bf16
-    autocast on channels-last weights. The model's train/eval flag and weight layout are
-    restored afterwards."""
-    check_choice("precision", precision, PRECISIONS)
-    device = fastpath.model_device(model)
-    dtype = None
-    if precision != "fp32":
-        from unetkit.training.trainer import resolve_precision  # heavy module: import late
-
-        dtype = resolve_precision(precision, device)
-    if fastpath.can_freeze(model, dtype):
-        frozen = fastpath.frozen_for(model, dtype)
-        with torch.inference_mode():
-            yield frozen, frozen.memory_format
-        return
-    fmt = fastpath.fast_memory_format(model) if dtype is not None else None
-    convert = fmt is not None and not _has_format(model, fmt)
-    was_training = model.training
-    model.eval()
-    if convert:
-        # oneDNN runs bf16 convolutions ~1.5x faster on NHWC data; values are unchanged
-        model.to(memory_format=fmt)
-    try:
-        autocast = (
-            torch.autocast(device.type, dtype=dtype)
-            if dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            yield model, fmt
-    finally:
-        model.train(was_training)
-        if convert:
-            model.to(memory_format=torch.contiguous_format)
-
-
-def _has_format(model: nn.Module, fmt: torch.memory_format) -> bool:
-    convs = (m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d))
-    first = next(convs, None)
-    return first is not None and first.weight.is_contiguous(memory_format=fmt)
-
-
 def _as_image(model: nn.Module, image: torch.Tensor | np.ndarray, where: str) -> torch.Tensor:
     """Check a single ``C×*S`` float image against the model; numpy arrays are wrapped."""
     if isinstance(image, np.ndarray):
@@ -293,30 +244,23 @@ def _expand(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]
 
 
 def _predictor(
-    model: nn.Module,
-    activation: Activation,
-    tta: bool | str | None,
-    dims: int,
-    fmt: torch.memory_format | None = None,
+    runner: Runner, activation: Activation, tta: bool | str | None, dims: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Batch (CPU) -> float32 prediction on the model's device: activation, then TTA mean.
-    Activations run in float32 also under bf16 autocast (the logits are upcast first)."""
-    param = next(iter(model.parameters()), None)
-    device = fastpath.model_device(model)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    if isinstance(model, fastpath.FrozenModel):
-        dtype = torch.float32  # it casts its input itself
+    """Batch (CPU) -> float32 prediction on the runner's device: activation, then TTA mean.
+    Activations run in float32 also under bf16 (the logits are upcast first)."""
     if activation is None or activation == "logits":
         act: Callable[[torch.Tensor], torch.Tensor] = lambda y: y  # noqa: E731
     elif callable(activation):
         act = activation
     else:
         check_choice("activation", activation, ACTIVATIONS)
-        act = getattr(model, "probabilities", None) or _probabilities
+        act = getattr(runner.module, "probabilities", None) or _probabilities
     transforms = resolve_tta(tta, dims)
-    fmt = fmt or torch.preserve_format
+    fmt = runner.memory_format or torch.preserve_format
     return lambda x: tta_predict(
-        lambda t: act(model(t).float()), x.to(device, dtype, memory_format=fmt), transforms
+        lambda t: act(runner(t).float()),
+        x.to(runner.runs_on, runner.input_dtype, memory_format=fmt),
+        transforms,
     )
 
 
@@ -339,16 +283,18 @@ def _stream(
     weighted predictions to ``band`` (bounded-memory blending).
 
     ``window`` = (offset, size) of each input tile relative to the tile's output start;
-    ``opts`` holds the engine's batch_size, pad_mode, activation, tta, precision, reduce
+    ``opts`` holds the engine's batch_size, pad_mode, activation, tta, runner, reduce
     and out arguments; without ``band``, a ``reduce`` applies to each written tile part.
+    Without a runner the model runs as it is, in fp32 (``runtime.prepared(model, "fp32")``).
     """
     if opts["batch_size"] < 1:
         raise ConfigError(f"batch_size={opts['batch_size']} must be >= 1")
     reduce = None if opts["reduce"] is None or band else resolve_reduce(opts["reduce"])
     positions = iter(grid)
     result = opts["out"] if reduce is not None else None
-    with _inference(model, opts["precision"]) as (runner, fmt):
-        predict = _predictor(runner, opts["activation"], opts["tta"], len(grid.tile), fmt)
+    with contextlib.ExitStack() as stack:
+        runner = opts["runner"] or stack.enter_context(prepared(model, "fp32"))
+        predict = _predictor(runner, opts["activation"], opts["tta"], len(grid.tile))
         while chunk := list(itertools.islice(positions, opts["batch_size"])):
             starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
             tiles = [extract_tile(image, s, window[1], opts["pad_mode"]) for s in starts]
@@ -401,7 +347,7 @@ def overlap_tile(
     activation: Activation = None,
     tta: bool | str = False,
     pad_mode: str = "reflect",
-    precision: str = "fp32",
+    runner: Runner | None = None,
     reduce: Reduce | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -419,8 +365,8 @@ def overlap_tile(
         tta: False, True/"flip" or "flip_rot90": per-tile augmentation, averaged after
             ``activation``.
         pad_mode: context beyond the border: reflect (mirror, the paper) | replicate | constant.
-        precision: "fp32" (default, exact), "bf16" (the fast path: a frozen bf16 copy on
-            CPUs, autocast elsewhere) or "auto" (bf16 where the hardware computes it).
+        runner: the model prepared by ``runtime.prepared(model, precision)`` (a frozen bf16
+            copy on CPUs, autocast elsewhere); None runs ``model`` as it is, in fp32 (exact).
         reduce: None, "argmax" (uint8 labels ``*S``) or a callable mapping each tile's
             ``K×*R`` float32 prediction to ``(...)×*R`` (e.g. one class, float16): only the
             reduced result is stored.
@@ -463,7 +409,7 @@ def overlap_tile(
         "overlap_tile: %d tiles, input %s -> output %s, step %s", len(grid), tile_in, tile_o, step
     )
     opts = dict(batch_size=batch_size, pad_mode=pad_mode, activation=activation, tta=tta)
-    opts.update(precision=precision, reduce=reduce, out=out)
+    opts.update(runner=runner, reduce=reduce, out=out)
     return _stream(model, image, grid, (before, tile_in), opts)
 
 
@@ -488,7 +434,7 @@ def sliding_window(
     pad_mode: str = "reflect",
     activation: Activation = "probabilities",
     tta: bool | str = False,
-    precision: str = "fp32",
+    runner: Runner | None = None,
     reduce: Reduce | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -512,8 +458,8 @@ def sliding_window(
         pad_mode: padding where a window leaves the image: reflect | replicate | constant.
         activation: "probabilities" (default), None/"logits", or a callable.
         tta: False, True/"flip" or "flip_rot90": per-window test-time augmentation.
-        precision: "fp32" (default, exact), "bf16" (the fast path: a frozen bf16 copy on
-            CPUs, autocast elsewhere) or "auto" (bf16 where the hardware computes it).
+        runner: the model prepared by ``runtime.prepared(model, precision)`` (a frozen bf16
+            copy on CPUs, autocast elsewhere); None runs ``model`` as it is, in fp32 (exact).
         reduce: None, "argmax" (uint8 labels ``*S``) or a callable mapping blended
             ``K×*R`` float32 slabs to ``(...)×*R``. Bounded memory: windows are blended in a
             band one tile high along the first axis and each finished slab is reduced and
@@ -544,7 +490,7 @@ def sliding_window(
     profiles = _profiles(tile, blend, sigma_scale)
     logger.debug("sliding_window: %d windows of %s over %s", len(grid), tile, size)
     opts = dict(batch_size=batch_size, pad_mode=pad_mode, activation=activation, tta=tta)
-    opts.update(precision=precision, reduce=reduce, out=out)
+    opts.update(runner=runner, reduce=reduce, out=out)
     weight = importance_map(tile, blend, sigma_scale) if blend == "gaussian" else None
     window = ((0,) * dims, tile)
     if reduce is not None:
@@ -570,7 +516,7 @@ def predict_tiled(
     tta: bool | str = False,
     device: str | torch.device | None = None,
     activation: Activation = "probabilities",
-    precision: str = "fp32",
+    runner: Runner | None = None,
     reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Predict a whole image of any size: overlap-tile for valid-padding models, Gaussian
@@ -589,8 +535,9 @@ def predict_tiled(
         device: run the model there (the model is moved with ``model.to(device)`` and stays);
             None uses the device the model is on.
         activation: "probabilities" (default), None/"logits", or a callable.
-        precision: "fp32" (default), "bf16" or "auto": bf16 (on CPUs a frozen copy with
-            prepacked weights), 3-5x faster on CPUs with native bf16 (AVX512-BF16/AMX).
+        runner: the model prepared by ``runtime.prepared(model, precision)``: with bf16
+            (on CPUs a frozen copy with prepacked weights) 3-5x faster on CPUs with native
+            bf16 (AVX512-BF16/AMX); None runs ``model`` as it is, in fp32 (exact).
         reduce: None, "argmax" (uint8 label map ``*S``) or a callable on ``K×*R``
             probabilities: store only that, in bounded memory (see ``sliding_window``).
 
@@ -605,6 +552,11 @@ def predict_tiled(
     """
     image = _as_image(model, image, "predict_tiled")
     if device is not None:
+        if runner is not None:
+            raise ConfigError(
+                "predict_tiled: pass device or runner, not both (prepare the model where it "
+                "runs: model.to(device), then runtime.prepared(model, precision))"
+            )
         model.to(device)
     size = tuple(image.shape[1:])
     dims = len(size)
@@ -617,8 +569,14 @@ def predict_tiled(
             edge = round(DEFAULT_TILE_VOXELS ** (1 / dims)) // 16 * 16
             margin = model.margin()[0] if valid else 0
             tile = tuple(min(max(edge - 2 * margin, 16), n) for n in size)
+    else:
+        # a tile beyond the image only adds padding: cap it (a 100000 tile would ask for 80 GB)
+        per_axis = (tile,) * dims if isinstance(tile, int) else tuple(tile)
+        if len(per_axis) != dims:
+            raise ConfigError(f"tile {tile}: give one size or {dims} (one per axis)")
+        tile = tuple(min(int(t), n) for t, n in zip(per_axis, size, strict=True))
     common = dict(batch_size=batch_size, activation=activation, tta=tta)
-    common.update(precision=precision, reduce=reduce)
+    common.update(runner=runner, reduce=reduce)
     if valid:
         return overlap_tile(model, image, tile_out=tile, **common)
     return sliding_window(model, image, tile=tile, overlap=overlap, **common)

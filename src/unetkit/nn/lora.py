@@ -342,34 +342,4 @@ def wrap_layer(
     )
 
 
-# The injection API lives in unetkit.nn.lora_inject (size budget), which imports the classes
-# above; re-export it lazily (PEP 562) so ``from unetkit.nn.lora import inject_lora`` works
-# without an import cycle.
-_INJECT_API = frozenset(
-    {
-        "PRESETS",
-        "inject_lora",
-        "load_lora_state_dict",
-        "lora_layers",
-        "lora_metadata",
-        "lora_state_dict",
-        "merge_and_unload",
-        "merge_lora",
-        "resolve_targets",
-        "set_active_adapters",
-        "set_lora_scale",
-        "trainable_summary",
-        "unmerge_lora",
-    }
-)
-
-
-def __getattr__(name: str) -> object:
-    if name in _INJECT_API:
-        from unetkit.nn import lora_inject
-
-        return getattr(lora_inject, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv", "wrap_layer", *sorted(_INJECT_API)]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv", "wrap_layer"]

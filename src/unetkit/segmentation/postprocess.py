@@ -274,13 +274,18 @@ def count_instances(instances: Any) -> int:
     return int(np.count_nonzero(np.unique(arr) > 0))
 
 
-def object_table(instances: Any, image: Any = None) -> list[dict[str, float | int]]:
+def object_table(
+    instances: Any, image: Any = None, *, pixel_size: Sequence[float] | None = None
+) -> list[dict[str, float | int]]:
     """One row per object: label, area (pixels), centroid and optional mean intensity.
 
     Centroid keys follow the array axes: ``centroid_x`` (1-D); ``centroid_y``,
     ``centroid_x`` (2-D, y = row); ``centroid_z``, ``centroid_y``, ``centroid_x`` (3-D),
     in pixel units. ``image`` of the instance shape adds ``mean_intensity``; a
     C×*spatial image adds ``mean_intensity_0`` … ``mean_intensity_<C-1>``.
+    ``pixel_size`` (µm per pixel along each axis, e.g. (0.5, 0.5)) adds the physical
+    columns ``area_um2`` (``volume_um3`` in 3-D, ``length_um`` in 1-D) and
+    ``centroid_<axis>_um``.
 
     Example:
         >>> object_table(np.array([[0, 3], [0, 3]]))
@@ -312,12 +317,32 @@ def object_table(instances: Any, image: Any = None) -> list[dict[str, float | in
         for chan, name in zip(channels, names, strict=True):
             sums = np.bincount(flat, weights=chan.ravel(), minlength=len(areas))
             columns[name] = sums[keep] / areas[keep]
+    if pixel_size is not None:
+        columns.update(_physical_columns(columns, areas[keep], pixel_size, labels.ndim))
     rows: list[dict[str, float | int]] = []
     for k, (label, area) in enumerate(zip(ids, areas[keep], strict=True)):
         row: dict[str, float | int] = {"label": int(label), "area": int(area)}
         row.update({name: float(col[k]) for name, col in columns.items()})
         rows.append(row)
     return rows
+
+
+_MEASURE = {1: "length_um", 2: "area_um2", 3: "volume_um3"}
+
+
+def _physical_columns(
+    columns: dict[str, np.ndarray], areas: np.ndarray, pixel_size: Sequence[float], ndim: int
+) -> dict[str, np.ndarray]:
+    """µm columns: the object's size (µm, µm², µm³) and its centroid in µm."""
+    sizes = [float(s) for s in pixel_size]
+    if len(sizes) != ndim or not all(np.isfinite(s) and s > 0 for s in sizes):
+        raise ConfigError(
+            f"object_table: pixel_size={tuple(pixel_size)}; expected {ndim} positive µm sizes"
+        )
+    out = {_MEASURE[ndim]: areas * float(np.prod(sizes))}
+    for axis, name in enumerate(_AXES[ndim]):
+        out[f"centroid_{name}_um"] = columns[f"centroid_{name}"] * sizes[axis]
+    return out
 
 
 def write_object_table_csv(

@@ -44,6 +44,13 @@ from unetkit import config as cfg
 from unetkit._version import __version__
 from unetkit.errors import CheckpointError, ConfigError, DataError, UnetkitError
 from unetkit.formats.checkpoint import load_state_dict_strict
+from unetkit.runtime import (
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    autocast,
+    fast_memory_format,
+    resolve_precision,
+)
 from unetkit.training import distributed
 from unetkit.training.ema import EMA
 from unetkit.training.ema import check_decay as check_ema_decay
@@ -62,7 +69,6 @@ from unetkit.training.optim import (
 from unetkit.training.tasks import Task, batch_size_of, reduce_sums, to_device
 
 logger = logging.getLogger(__name__)
-PRECISIONS = ("auto", "bf16", "fp32")
 STATE_VERSION = 1
 _PLOT_INTERVAL_S = 30.0  # redraw curves.png every this many seconds, and at the end
 EpochCallback = Callable[[int, dict[str, float], nn.Module], bool | None]
@@ -80,7 +86,7 @@ class FitConfig:
     momentum: float | None = None
     scheduler: str = "cosine"
     warmup_steps: int = 0
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     grad_accum: int = 1
     grad_clip: float | None = None
     num_workers: int = 0
@@ -129,48 +135,6 @@ class FitResult:
     monitor: str
     resumed_from: int
     step: int
-
-
-# --- precision --------------------------------------------------------------------------
-def cpu_supports_bf16() -> bool:
-    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX), per torch.cpu."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        if callable(fn) and fn():
-            return True
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32).
-
-    "auto" is bf16 on CUDA devices and CPUs with native bf16, else fp32; "bf16" forces
-    autocast (on a CPU without native bf16 it is emulated: it works, but slowly).
-    """
-    cfg.check_choice("precision", precision, PRECISIONS)
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        if precision == "bf16" and not ok:
-            raise ConfigError(f"precision='bf16' but {device} has no bf16; use 'fp32' or 'auto'")
-        return torch.bfloat16 if ok else None
-    if device.type == "cpu" and (precision == "bf16" or cpu_supports_bf16()):
-        return torch.bfloat16
-    if precision == "bf16":
-        raise ConfigError(f"precision='bf16' is not supported on {device}; use 'fp32'")
-    return None
-
-
-def _has_conv2d(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``dtype``, or a null context when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -393,7 +357,7 @@ def fit(
     momentum: float | None = None,
     scheduler: str = "cosine",
     warmup_steps: int = 0,
-    precision: str = "auto",
+    precision: str = DEFAULT_PRECISION,
     grad_accum: int = 1,
     grad_clip: float | None = None,
     num_workers: int = 0,
@@ -482,7 +446,7 @@ def fit(
         dtype = resolve_precision(fc.precision, dev)
         distributed.seed_everything(fc.seed + rank)
         model.to(dev)
-        if dtype is not None and _has_conv2d(model):
+        if dtype is not None and fast_memory_format(model) == torch.channels_last:
             # bf16 convolutions are ~1.5x faster in NHWC on CPU (oneDNN); values unchanged
             model.to(memory_format=torch.channels_last)
         named = trainable_parameters(model, trainable)

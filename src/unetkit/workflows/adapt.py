@@ -22,7 +22,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from unetkit.errors import CheckpointError, ConfigError
+from unetkit.errors import ConfigError
+from unetkit.formats.loading import base_checkpoint
 
 log = logging.getLogger(__name__)
 # noise-process fields a diffusion base's metadata fixes for its adapters
@@ -55,68 +56,6 @@ class LoRAOptions:
             raise ConfigError(f"LoRA rank r={self.r!r} must be an integer >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
-
-
-def base_checkpoint(path: str | os.PathLike) -> Path:
-    """The model file of a run directory (best, else last) or the file itself."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (p / "checkpoints" / name).is_file():
-                return (p / "checkpoints" / name).resolve()
-        raise CheckpointError(f"{p}: no checkpoints/best.safetensors or last.safetensors inside")
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such run directory or checkpoint file")
-    return p.resolve()
-
-
-def is_adapter_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a LoRA adapter file written by unetkit (not a model checkpoint)."""
-    from safetensors import safe_open
-
-    from unetkit.formats.lora_layouts import UNETKIT_FORMAT
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == UNETKIT_FORMAT
-
-
-def load_model_or_adapter(path: str | os.PathLike) -> tuple[nn.Module, Path]:
-    """A model from a checkpoint, or base + adapter from a LoRA run's adapter file.
-
-    Returns (model, the checkpoint whose metadata describes the model).
-    """
-    model, described, _ = _load(path)
-    return model, described
-
-
-def _load(path: str | os.PathLike) -> tuple[nn.Module, Path, dict[str, Any]]:
-    """(model, describing checkpoint, the adapter's inference settings; {} for a model)."""
-    from unetkit.formats.checkpoint import load
-    from unetkit.formats.lora_files import load_adapter, read_adapter
-
-    file = Path(path)
-    if not is_adapter_file(file):
-        return load(file), file, {}
-    adapter = read_adapter(file)
-    base = adapter.info.get("base_model")
-    if not base or not Path(base).is_file():
-        raise CheckpointError(
-            f"{file}: LoRA adapter whose base checkpoint {base!r} is not there; merge it "
-            f"onto its base with `unetkit lora-merge BASE {file}` or move the base back"
-        )
-    model = load(base)
-    load_adapter(model, adapter)
-    return model, Path(base), dict(adapter.info.get("inference") or {})
-
-
-def load_with_metadata(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """``load_model_or_adapter`` plus the metadata of the checkpoint describing the model
-    (normalisation, target, task) with an adapter's own ``inference`` settings (e.g. its
-    calibrated seed threshold) on top: what predict, evaluate and export need."""
-    from unetkit.formats.checkpoint import read_metadata
-
-    model, described, inference = _load(path)
-    return model, {**read_metadata(described), **inference}
 
 
 def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
@@ -197,7 +136,7 @@ def train_lora(
         )
     from unetkit.workflows import segment_train as S
 
-    known = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
+    known = S.checkpoint_recipe_fields(meta)
     recipe = S.make_recipe("modern", model=meta["model"], **{**known, **recipe_overrides})
     return S.train(
         recipe,

@@ -17,11 +17,11 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from unetkit.formats.checkpoint import read_metadata, save
+from unetkit.formats.loading import is_adapter_file, load_with_metadata, user_metadata
 from unetkit.formats.lora_files import read_adapter, write_adapter
 from unetkit.inference.tiling import predict_tiled
 from unetkit.segmentation.metrics import instance_ap
 from unetkit.segmentation.postprocess import instances_from_boundary
-from unetkit.workflows.adapt import is_adapter_file, load_with_metadata
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ def calibrate_seed_threshold(checkpoint: str | os.PathLike, val_data: Dataset) -
         write_adapter(adapter, checkpoint)
         return threshold
     meta = read_metadata(checkpoint)
-    extra = {
-        k: v for k, v in meta.items() if k not in ("format", "model", "config", "unetkit_version")
-    }
+    extra = user_metadata(meta)
     extra["seed_threshold"] = threshold
     save(model, checkpoint, extra=extra)
     return threshold

@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from unetkit import runtime
 from unetkit.data.io import write_image
+from unetkit.diffusion.samplers import build_scheduler
 from unetkit.errors import CheckpointError
-from unetkit.inference import fastpath
+from unetkit.formats.checkpoint import read_metadata
+from unetkit.formats.loading import base_checkpoint, load_model_or_adapter
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -64,7 +67,8 @@ class DiffusionPipeline:
             ``get``); None for unconditional models.
         size: image size; channels: image channels.
         sampler: default sampler name ("ddim", "ddpm", "dpmpp-2m", "euler").
-        precision: "auto" (bf16 on CPUs that support it), "bf16" or "fp32".
+        precision: one of ``runtime.PRECISIONS``; default "auto" (bf16 where the hardware
+            computes it natively: on CPUs a frozen copy, see ``runtime.prepared``).
         clip_sample: clip the x0 estimate to [-1, 1] in DDPM/DDIM steps (pixel data).
             None (default): only for ε-prediction, whose x0 estimate is ill-conditioned at
             high noise; clipping a v- or x0-model's (well-conditioned) estimate makes the
@@ -80,7 +84,7 @@ class DiffusionPipeline:
         size: int = 32,
         channels: int = 1,
         sampler: str = "ddim",
-        precision: str = "fp32",
+        precision: str = runtime.DEFAULT_PRECISION,
         clip_sample: bool | None = None,
     ) -> None:
         self.model = model
@@ -100,10 +104,7 @@ class DiffusionPipeline:
     ) -> DiffusionPipeline:
         """Load a run directory (its best checkpoint) or a checkpoint file."""
         from unetkit.diffusion.schedules import NoiseSchedule
-        from unetkit.formats.checkpoint import read_metadata
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-        from unetkit.workflows.adapt import base_checkpoint, load_model_or_adapter
-
         model, described = load_model_or_adapter(base_checkpoint(path))
         file = described
         meta = read_metadata(described).get("diffusion")
@@ -136,8 +137,6 @@ class DiffusionPipeline:
         return self.text.encode(prompts), self.text.encode([""])
 
     def _scheduler(self, sampler: str | None) -> Any:
-        from unetkit.diffusion.schedulers import build_scheduler
-
         name = sampler or self.sampler
         # pixel-space data lives in [-1, 1]: clipping the x0 estimate keeps an imperfect
         # model's trajectory in range (DDPM's own sampler does this; SD latents do not)
@@ -147,21 +146,16 @@ class DiffusionPipeline:
 
     def _run(self, prompts: list[str], **kwargs: Any) -> torch.Tensor:
         from unetkit.diffusion.sampling import generate
-        from unetkit.training.trainer import autocast, resolve_precision
 
-        device = fastpath.model_device(self.model)
+        device = runtime.model_device(self.model)
         context, null = self.encode(prompts)
         if context is not None:
             context, null = context.to(device), null.to(device)
         sampler = kwargs.pop("sampler", None)
         shape = kwargs.pop("shape", None) or (len(prompts), self.channels, self.size, self.size)
-        dtype = resolve_precision(self.precision, device)
-        model = self.model
-        if fastpath.can_freeze(model, dtype):  # CPU bf16: a frozen copy, no autocast
-            model, dtype = fastpath.frozen_for(model, dtype), None
-        with autocast(device, dtype):
+        with runtime.prepared(self.model, self.precision) as runner:
             return generate(
-                model,
+                runner,
                 self._scheduler(sampler),
                 context,
                 uncond_context=null,
@@ -201,12 +195,13 @@ class DiffusionPipeline:
         sampler: str | None = None,
         resample: int = 1,
         seed: int = 0,
+        callback: Any = None,
     ) -> torch.Tensor:
         """Fill ``mask`` (1, H, W; 1 = repaint) of ``image`` (C, H, W, in [-1, 1]).
 
         Models with 2C + 1 input channels get the SD-inpainting input layout, others
         known-region replacement (with RePaint resampling if ``resample > 1``).
-        Returns (n, C, H, W).
+        ``callback(i, t, x)`` runs after each step (progress, cancelling). Returns (n, C, H, W).
         """
         from unetkit.diffusion.inpainting import InpaintingGuide
 
@@ -227,6 +222,7 @@ class DiffusionPipeline:
             seed=seed,
             inpaint=guide,
             shape=(n, *image.shape),
+            callback=callback,
         )
 
     def sample_grid(

@@ -1,14 +1,17 @@
 """Files in, segmented and counted cells out: what `unetkit predict` / `evaluate` call.
 
 ``predict_image`` normalises an image as in training, runs the tiling engine, and turns
-probabilities into a class mask and labelled instances; ``predict_files`` writes masks,
-instance labels, overlays and per-object tables; ``evaluate_dataset`` scores predictions
-against labelled images.
+probabilities into a class mask and labelled instances (rescaled to the model's training
+scale when pixel sizes or object diameters say so); ``predict_files`` writes masks,
+instance labels, overlays, per-object tables and exports (:mod:`.segment_outputs`),
+resumably; ``evaluate_dataset`` scores predictions against labelled images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,13 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 from skimage.color import label2rgb
-from skimage.segmentation import find_boundaries
+from skimage.segmentation import find_boundaries, relabel_sequential
+from skimage.transform import resize
 
-from unetkit.data.io import list_images, read_image, to_float_image, write_image
+from unetkit import runtime
+from unetkit.data.datasets import TARGETS
+from unetkit.data.io import (
+    IMAGE_EXTENSIONS,
+    LoadedImage,
+    list_images,
+    load_image,
+    read_image,
+    read_pixel_size,
+    to_float_image,
+    write_image,
+)
+from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
-from unetkit.errors import ConfigError, DataError
+from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
+from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import OnnxModel
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
@@ -31,9 +48,15 @@ from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentatio
 from unetkit.segmentation.postprocess import (
     instances_from_boundary,
     instances_from_semantic,
-    object_table,
-    write_object_table_csv,
 )
+from unetkit.workflows.segment_outputs import (
+    OutputOptions,
+    PredictLedger,
+    unique_names,
+    write_outputs,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -48,24 +71,110 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """``precision``: "fp32" (exact), "bf16" or "auto" (bf16 where the hardware computes it
-    natively: a frozen copy with prepacked weights on CPUs); see
-    ``unetkit.inference.tiling.predict_tiled``."""
+    """``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
+    computes it natively, a frozen copy with prepacked weights on CPUs), "bf16" or "fp32"
+    (exact); applied once by ``runtime.prepared``.
+
+    ``channels``: input channels to use, in order (``--channels 1,0``); None: all.
+    ``pixel_size``: µm per pixel of the inputs, overriding what the files state.
+    ``object_diameter``: typical object diameter in the inputs (pixels). With the
+    checkpoint's ``pixel_size`` / ``object_diameter`` (the training scale), inputs are
+    rescaled to that scale, predicted, and the results mapped back to the input grid.
+    """
 
     tile: int | None = None
     overlap: float = 0.25
     tta: bool = False
     batch_size: int = 4
     min_size: int = 10
-    precision: str = "fp32"
+    precision: str = runtime.DEFAULT_PRECISION
+    channels: tuple[int, ...] | None = None
+    pixel_size: float | None = None
+    object_diameter: float | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--pixel-size", self.pixel_size),
+            ("--object-diameter", self.object_diameter),
+        ):
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} {value}: expected a positive number")
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and the facts predict needs (target, normalisation) from a checkpoint, or
     from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
-    from unetkit.workflows.adapt import load_with_metadata
+    model, meta = load_with_metadata(checkpoint)
+    check_inference_metadata(meta, source=str(checkpoint))
+    return model, meta
 
-    return load_with_metadata(checkpoint)
+
+def check_inference_metadata(meta: dict[str, Any], *, source: str) -> None:
+    """Refuse checkpoints predict/evaluate cannot use: a diffusion model, or metadata with
+    an unknown task/target/normalisation or a class count below 1 (CheckpointError)."""
+    if "diffusion" in meta:
+        raise CheckpointError(
+            f"{source}: a text-to-image diffusion checkpoint; predict/evaluate/export need a "
+            f"segmentation or regression model (use `unetkit generate` for this one)"
+        )
+    choices = {
+        "task": ("segmentation", "regression"),
+        "target": TARGETS,
+        "normalize": ("zscore", "percentile", "none"),
+    }
+    for key, allowed in choices.items():
+        if key in meta and meta[key] not in allowed:
+            raise CheckpointError(
+                f"{source}: metadata {key}={meta[key]!r} is not one of {', '.join(allowed)}; "
+                f"the file was edited or written by another tool"
+            )
+    n = meta.get("num_classes", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{source}: metadata num_classes={n!r} is not an integer >= 1")
+
+
+def scale_factor(
+    meta: dict[str, Any], options: InferenceOptions, pixel_size: PixelSize | None = None
+) -> float:
+    """How much to zoom an input so its objects appear at the model's training scale.
+
+    ``object_diameter`` in the options and the checkpoint: trained / given diameter;
+    else a known input pixel size (``options.pixel_size``, else the file's) and the
+    checkpoint's ``pixel_size``: input / trained pixel size; else 1.
+    """
+    for key in ("pixel_size", "object_diameter"):
+        value = meta.get(key)
+        if value is not None and not (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and bool(np.isfinite(value))
+            and value > 0
+        ):
+            raise CheckpointError(f"checkpoint metadata {key}={value!r} is not a positive number")
+    if options.object_diameter is not None:
+        trained = meta.get("object_diameter")
+        if not trained:
+            raise ConfigError(
+                "--object-diameter: the checkpoint does not state the object diameter it was "
+                "trained at (metadata 'object_diameter'); use --pixel-size, or leave it out"
+            )
+        return float(trained) / options.object_diameter
+    given = options.pixel_size or (pixel_size.x if pixel_size is not None else None)
+    trained = meta.get("pixel_size")
+    if given is None or not trained:
+        if options.pixel_size is not None:
+            log.info("the checkpoint states no training pixel size: inputs are not rescaled")
+        return 1.0
+    return float(given) / float(trained)
+
+
+def _rescaled(pred: Prediction, shape: tuple[int, ...]) -> Prediction:
+    """Probabilities (linear) and labels (nearest) mapped back to the input grid."""
+    probs = resize(pred.probabilities, (pred.probabilities.shape[0], *shape), order=1)
+    nearest = {"order": 0, "preserve_range": True, "anti_aliasing": False}
+    labels = resize(pred.labels, shape, **nearest).astype(pred.labels.dtype)
+    instances = resize(pred.instances, shape, **nearest).astype(np.int32)
+    return Prediction(probs.astype(np.float32), labels, relabel_sequential(instances)[0])
 
 
 def predict_image(
@@ -73,18 +182,30 @@ def predict_image(
     image: np.ndarray,
     meta: dict[str, Any],
     options: InferenceOptions = InferenceOptions(),
+    *,
+    scale: float = 1.0,
 ) -> Prediction:
-    """Segment one float image C×H×W (scaled as read, e.g. by ``to_float_image``)."""
+    """Segment one float image C×H×W (scaled as read, e.g. by ``to_float_image``).
+
+    ``scale`` (see :func:`scale_factor`): the image is zoomed by it before prediction
+    and the results are mapped back to its own grid (labels by nearest neighbour)."""
+    if abs(scale - 1.0) > 0.01:
+        shape = image.shape[1:]
+        zoomed = tuple(max(1, round(n * scale)) for n in shape)
+        small = scale < 1
+        image = resize(image, (image.shape[0], *zoomed), order=1, anti_aliasing=small)
+        return _rescaled(predict_image(model, image.astype(np.float32), meta, options), shape)
     x = _normalized(image, meta)
-    probs = predict_tiled(
-        model,
-        x,
-        tile=options.tile,
-        overlap=options.overlap,
-        tta=options.tta,
-        batch_size=options.batch_size,
-        precision=options.precision,
-    ).numpy()
+    with runtime.prepared(model, options.precision) as runner:
+        probs = predict_tiled(
+            model,
+            x,
+            tile=options.tile,
+            overlap=options.overlap,
+            tta=options.tta,
+            batch_size=options.batch_size,
+            runner=runner,
+        ).numpy()
     target = meta.get("target", "semantic")
     if target == "boundary":
         threshold = meta.get("seed_threshold", 0.5)  # calibrated on validation data
@@ -116,20 +237,25 @@ def predict_regression(
     from unetkit.regression import to_prediction
 
     output = meta.get("output", "depth")
-    return predict_tiled(
-        model,
-        _normalized(image, meta),
-        tile=options.tile,
-        overlap=options.overlap,
-        tta=options.tta,
-        batch_size=options.batch_size,
-        activation=lambda y: to_prediction(y, output),
-        precision=options.precision,
-    ).numpy()
+    with runtime.prepared(model, options.precision) as runner:
+        return predict_tiled(
+            model,
+            _normalized(image, meta),
+            tile=options.tile,
+            overlap=options.overlap,
+            tta=options.tta,
+            batch_size=options.batch_size,
+            activation=lambda y: to_prediction(y, output),
+            runner=runner,
+        ).numpy()
 
 
 def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
-    """RGB uint8 picture: the image in grey, objects tinted, their outlines in yellow."""
+    """RGB uint8 picture: the image in grey, objects tinted, their outlines in yellow.
+
+    Volumes (C×D×H×W image, D×H×W instances) are drawn as a maximum projection along D."""
+    if instances.ndim == 3:
+        image, instances = image.max(axis=1), instances.max(axis=0)
     grey = image.mean(0) if image.ndim == 3 else image
     lo, hi = np.percentile(grey, [1, 99.5])
     grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -138,12 +264,26 @@ def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def read_float_input(path: Path, *, volumes: bool = False) -> np.ndarray:
+def read_float_input(
+    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+) -> np.ndarray:
     """A float C×H×W image (C×D×H×W volume) scaled by dtype, as training reads it."""
-    if volumes:
-        raw, _ = read_volume(path)
-        return to_float_image(raw, path=path, spatial_dims=3)
-    return to_float_image(read_image(path), path=path)
+    return read_input(path, volumes=volumes, channels=channels).image
+
+
+def read_input(
+    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+) -> LoadedImage:
+    """An input image or volume as float C×[D×]H×W with the pixel size its file states."""
+    path = Path(path)
+    if not volumes:
+        return load_image(path, channels=channels)
+    raw, _ = read_volume(path)  # NIfTI too; a single 2-D page becomes one slice
+    image = to_float_image(raw, path=path, spatial_dims=3, channels=channels)
+    pixel_size = None
+    if path.suffix.lower() in (".tif", ".tiff"):
+        pixel_size = read_pixel_size(path)
+    return LoadedImage(image, pixel_size, "ZYXC")
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False) -> list[Path]:
@@ -156,6 +296,18 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False)
             if not found:
                 kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
                 raise DataError(f"{p}: folder has no images ({kinds})")
+            # entries named like images but unreadable are named by list_images itself
+            endings = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
+            skipped = sorted(
+                e.name
+                for e in p.iterdir()
+                if not e.name.startswith(".") and not e.name.lower().endswith(endings)
+            )
+            if skipped:
+                shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+                log.warning(
+                    "%s: skipped %d entries that are not images: %s", p, len(skipped), shown
+                )
             files += found
         elif p.is_file():
             files.append(p)
@@ -170,17 +322,29 @@ def predict_files(
     out_dir: str | os.PathLike,
     options: InferenceOptions = InferenceOptions(),
     *,
+    outputs: OutputOptions | None = None,
     attention_maps: bool = False,
     backend: str | None = None,
     compile: bool | str = False,
 ) -> list[dict[str, Any]]:
-    """Write ``<stem>_mask.png``, ``_instances.png`` (uint16), ``_overlay.png`` and
-    ``_objects.csv`` per image, and ``counts.csv``; returns one summary row per image.
-    ``attention_maps``: also ``<stem>_attention_level<l>.png`` heat maps (Attention U-Net);
+    """Segment files and folders into ``out_dir``, resumably; one ``counts.csv`` row each.
+
+    Per image ``<name>`` (the stem, made unique when stems collide): ``_mask``,
+    ``_instances`` (uint16 PNG, or uint32 TIFF above 65,535 objects), ``_labels_preview``,
+    ``_overlay``, ``_objects.csv`` and what ``outputs`` asks for (see
+    :mod:`unetkit.workflows.segment_outputs`). Images finished by an earlier run with the
+    same settings are skipped (``outputs.overwrite`` redoes them).
+    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net);
     regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
     ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
-    (``checkpoint`` may then be an ``.onnx`` file)."""
+    (``checkpoint`` may then be an ``.onnx`` file).
+
+    Returns:
+        the counts.csv rows of every image (finished earlier or now), in input order.
+    """
+    outputs = outputs or OutputOptions()
     model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
+    check_inference_metadata(meta, source=str(checkpoint))
     options = options_for(model, options)
     if attention_maps and isinstance(model, OnnxModel):
         raise ConfigError(f"{checkpoint}: --attention-maps needs --backend torch")
@@ -192,46 +356,91 @@ def predict_files(
     volumes = getattr(model, "dims", 2) == 3
     files = expand_inputs(inputs, volumes=volumes)
     out = Path(out_dir)
-    resolved_inputs = {f.resolve() for f in files}
-    rows = []
     if meta.get("task") == "regression":
         return _predict_regression_files(model, meta, files, out, options)
+    stem_of = volume_stem if volumes else (lambda p: p.stem)
+    _refuse_overwriting_inputs(files, unique_names(files, stem_of), out)
+    settings = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "inference": dataclasses.asdict(options),
+        "outputs": {k: v for k, v in dataclasses.asdict(outputs).items() if k != "overwrite"},
+    }
+    ledger = PredictLedger(out, json.loads(json.dumps(settings)), overwrite=outputs.overwrite)
+    names = unique_names(files, stem_of, previous=ledger.names())
+    _refuse_overwriting_inputs(files, names, out)
+    resumed = 0
     for f in files:
-        image = read_float_input(f, volumes=volumes)
-        pred = predict_image(model, image, meta, options)
-        stem = volume_stem(f) if volumes else f.stem
-        # volumes: masks and labels as (multi-page) TIFF, no 2D overlay picture
-        names = (
-            ("mask.tif", "instances.tif", "objects.csv")
-            if volumes
-            else ("mask.png", "instances.png", "overlay.png", "objects.csv")
-        )
-        targets = {k.split(".")[0]: out / f"{stem}_{k}" for k in names}
-        clash = [p for p in targets.values() if p.resolve() in resolved_inputs]
-        if clash:
-            raise DataError(
-                f"{clash[0]}: output would overwrite an input image; choose another --out folder"
+        if ledger.done(f, names[f]):
+            resumed += 1
+            continue
+        loaded = read_input(f, volumes=volumes, channels=options.channels)
+        _check_channels(f, loaded.image, model)
+        pixel_size = loaded.pixel_size
+        if options.pixel_size is not None:
+            pixel_size = PixelSize(
+                options.pixel_size, options.pixel_size, pixel_size and pixel_size.z
             )
-        mask = pred.labels.astype(np.uint8)
-        write_image(targets["mask"], mask * 255 if mask.max() <= 1 else mask)
-        write_image(targets["instances"], pred.instances.astype(np.uint16))
-        if not volumes:
-            write_image(targets["overlay"], overlay(image, pred.instances))
+        scale = scale_factor(meta, options, pixel_size)
+        pred = predict_image(model, loaded.image, meta, options, scale=scale)
         if attention_maps:
             from unetkit.inference.attention_maps import save_attention_heatmaps
 
-            save_attention_heatmaps(unwrap(model), _normalized(image, meta), out / stem)
-        table = object_table(pred.instances, image)
-        write_object_table_csv(table, targets["objects"])
-        rows.append(
-            {
-                "image": str(f),
-                "objects": len(table),
-                "foreground_fraction": float((pred.labels > 0).mean()),
-            }
+            save_attention_heatmaps(unwrap(model), _normalized(loaded.image, meta), out / names[f])
+        picture = overlay(loaded.image, pred.instances)
+        row = write_outputs(
+            out,
+            names[f],
+            loaded.image,
+            pred,
+            outputs,
+            pixel_size=pixel_size,
+            overlay_picture=picture,
         )
-    write_object_table_csv(rows, out / "counts.csv")
-    return rows
+        extra = {"scale": round(scale, 4)} if scale != 1 else {}
+        ledger.add({"image": str(f), **row, **extra})
+    if resumed:
+        log.warning(
+            "%s: %d image(s) finished by an earlier run were skipped (--overwrite redoes them)",
+            out,
+            resumed,
+        )
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted((r for r in ledger.rows if r["image"] in order), key=lambda r: order[r["image"]])
+
+
+def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> None:
+    """DataError naming the file when its channel count is not the model's."""
+    expected = getattr(model, "in_channels", None)
+    if expected is not None and image.shape[0] != expected:
+        raise DataError(
+            f"{path}: image has {image.shape[0]} channel(s), the model takes {expected}; "
+            "pick and order channels with --channels (e.g. --channels 0 or 1,0)"
+        )
+
+
+_OUTPUT_ENDINGS = (
+    "_mask.png",
+    "_mask.tif",
+    "_instances.png",
+    "_instances.tif",
+    "_labels_preview.png",
+    "_overlay.png",
+    "_objects.csv",
+    "_probabilities.tif",
+    ".geojson",
+    "_RoiSet.zip",
+)
+
+
+def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: Path) -> None:
+    """DataError when any output of any image would land on an input file."""
+    inputs = {f.resolve() for f in files}
+    fixed = [out / "counts.csv", out / "predict.json"]
+    for target in fixed + [out / f"{n}{e}" for n in names.values() for e in _OUTPUT_ENDINGS]:
+        if target.resolve() in inputs:
+            raise DataError(
+                f"{target}: output would overwrite an input image; choose another --out folder"
+            )
 
 
 def _predict_regression_files(
@@ -319,25 +528,40 @@ def evaluate_dataset(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Score predictions on samples with ``image`` (float C×H×W, unnormalised), ``mask``
     (semantic classes) and optionally ``instances``; returns (per-image rows, means).
+
+    Instance metrics (AP, Rand error) are computed for every image: against the
+    ``instances`` labels where the sample has them, else against the connected components
+    of the mask's foreground classes, as the ISBI 2012 challenge scores binary membrane
+    maps (cells are the regions between membranes). Each row's ``truth_objects`` says
+    which ("labels" or "components"). ``options.channels`` picks input channels.
     ``on_prediction(sample, prediction)`` sees each prediction (e.g. to draw overlays)."""
     acc = MetricAccumulator()
     rows = []
     for s in samples:
         image = s["image"].numpy() if isinstance(s["image"], torch.Tensor) else s["image"]
-        pred = predict_image(model, image, meta, options)
+        if options.channels is not None:
+            image = to_float_image(
+                np.moveaxis(image, 0, -1),
+                path=s.get("name"),
+                spatial_dims=image.ndim - 1,
+                channels=options.channels,
+            )
+        pred = predict_image(model, image, meta, options, scale=scale_factor(meta, options))
         if on_prediction is not None:
             on_prediction(s, pred)
+        mask = np.asarray(s["mask"])
         true_inst = s.get("instances")
-        true_inst = None if true_inst is None else np.asarray(true_inst)
+        source = "labels" if true_inst is not None else "components"
+        true_inst = instances_from_semantic(mask) if true_inst is None else np.asarray(true_inst)
         scores = evaluate_segmentation(
             pred.labels,
-            np.asarray(s["mask"]),
+            mask,
             num_classes=num_classes,
-            instances_pred=pred.instances if true_inst is not None else None,
+            instances_pred=pred.instances,
             instances_true=true_inst,
         )
         acc.add(scores)
-        rows.append({"image": s.get("name", len(rows)), **scores})
+        rows.append({"image": s.get("name", len(rows)), **scores, "truth_objects": source})
     return rows, acc.compute()
 
 

@@ -20,6 +20,7 @@ import torch
 from unetkit import config as cfg
 from unetkit import registry
 from unetkit.data import transforms as T
+from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError
 from unetkit.nn.sampling import center_crop
 from unetkit.segmentation.losses import build_loss
@@ -338,6 +339,15 @@ def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
     if recipe.normalize == "percentile":
         extra["normalize_percentiles"] = list(recipe.norm_percentiles)
     return extra
+
+
+def checkpoint_recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """Recipe fields that continue training a checkpoint the way it was trained (target,
+    classes, normalisation: older checkpoints without recorded percentiles used 1-99)."""
+    fields = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
+    if meta.get("normalize") == "percentile":
+        fields["norm_percentiles"] = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+    return fields
 
 
 def regression_task(recipe: SegmentationRecipe) -> Any:

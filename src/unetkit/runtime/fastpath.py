@@ -26,7 +26,6 @@ new one when the model's weights change (an optimizer step, an EMA swap).
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import weakref
 from typing import Any
@@ -36,7 +35,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from unetkit.errors import ConfigError
-from unetkit.inference.kernels import (
+from unetkit.nn.lora import LoRALayer
+from unetkit.nn.lora_inject import merge_and_unload
+from unetkit.runtime.fused_blocks import fuse_blocks
+from unetkit.runtime.kernels import (
     FusedConvAct,
     PackedConv,
     PackedLinear,
@@ -45,6 +47,7 @@ from unetkit.inference.kernels import (
     packing_available,
     post_op,
 )
+from unetkit.runtime.precision import fast_memory_format, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +111,6 @@ def _fold_sequentials(model: nn.Module) -> int:
 
 
 def _merge_lora(model: nn.Module) -> nn.Module:
-    from unetkit.nn.lora import LoRALayer
-    from unetkit.nn.lora_inject import merge_and_unload
-
     layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
     if layers and all(not parametrize.is_parametrized(m.base_layer) for m in layers):
         model = merge_and_unload(model)
@@ -214,16 +214,6 @@ def _to_float(out: Any) -> Any:
     return out
 
 
-def fast_memory_format(model: nn.Module) -> torch.memory_format | None:
-    """channels_last(_3d) for a model with 2-D (3-D) convolutions, else None."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
-            return torch.channels_last_3d
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            return torch.channels_last
-    return None
-
-
 def freeze(
     model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, pack: bool | None = None
 ) -> FrozenModel:
@@ -254,8 +244,6 @@ def freeze(
     if dtype != torch.float32:
         _cast(inner, dtype)
     if pack:
-        from unetkit.inference.fused_blocks import fuse_blocks
-
         fuse_blocks(inner, PackedConv)
     swapped = _replace(inner, pack)
     fmt = fast_memory_format(inner) if dtype != torch.float32 else None
@@ -302,23 +290,13 @@ def can_freeze(model: Any, dtype: torch.dtype | None) -> bool:
     )
 
 
-def model_device(model: Any) -> torch.device:
-    """The device of a model's first parameter or buffer (CPU if it has none)."""
-    if isinstance(model, nn.Module):
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            return t.device
-    return torch.device("cpu")
-
-
 __all__ = [
     "FrozenModel",
     "PackedConv",
     "PackedLinear",
     "fold_batchnorm",
     "can_freeze",
-    "fast_memory_format",
     "freeze",
     "frozen_for",
-    "model_device",
     "packing_available",
 ]

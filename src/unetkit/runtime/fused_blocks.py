@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unetkit.inference.kernels import PackedLinear
 from unetkit.nn.resblock import TimestepResBlock
 from unetkit.nn.transformer import Attention, BasicTransformerBlock, SpatialTransformer
+from unetkit.runtime.kernels import PackedLinear
 
 
 def _active(dropout: nn.Module) -> bool:

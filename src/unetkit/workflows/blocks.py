@@ -1,0 +1,341 @@
+"""Blocks of a huge image and the model's prediction of one block, bit for bit as a whole.
+
+* :func:`open_source` reads windows of an OME-Zarr image, of a TIFF through tifffile's Zarr
+  store (its tiles/strips, never the whole file) or of a small image file.
+* :func:`normalization_stats` gives the per-channel statistics ``Normalize`` would take
+  from the whole image (exactly, up to 2**24 pixels; above, float64 sums over blocks and a
+  strided sample for percentiles), so blocks are normalised as the whole image would be.
+* :func:`tile_plan` + :func:`region_probabilities`: the tile grid the single-process
+  engine (``inference.tiling.predict_tiled``) lays over the *whole* image, evaluated only
+  for the tiles that touch a region, blended in the same order with the same weights —
+  so each block's probabilities equal the same pixels of the whole-image prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unetkit.data.io import read_image, to_float_image
+from unetkit.errors import ConfigError, DataError
+from unetkit.formats import ome_zarr
+from unetkit.inference import tiling
+from unetkit.workflows.segment import InferenceOptions
+
+EXACT_STATS_PIXELS = 2**24  # up to this many pixels the statistics come from the whole image
+_SAMPLE_PIXELS = 2**22  # percentile sample size for larger images
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """How an image is cut: ``block_size``² pixels per task (also the output chunk),
+    ``label_halo`` extra pixels per side for the watershed of boundary targets (objects
+    up to about that size never split), ``level`` the OME-Zarr resolution level read."""
+
+    block_size: int = 1024
+    label_halo: int = 32
+    level: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Rows ``[y0, y1)`` and columns ``[x0, x1)`` of an image; ``row``, ``col`` its index."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    row: int = 0
+    col: int = 0
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+    def grown(self, halo: int, shape: Sequence[int]) -> Block:
+        """This block plus ``halo`` pixels per side, clipped to the image."""
+        return Block(
+            max(self.y0 - halo, 0), min(self.y1 + halo, shape[0]),
+            max(self.x0 - halo, 0), min(self.x1 + halo, shape[1]), self.row, self.col,
+        )
+
+    def within(self, outer: Block) -> tuple[slice, slice]:
+        """This block's pixels as slices of ``outer``'s array."""
+        return (
+            slice(self.y0 - outer.y0, self.y1 - outer.y0),
+            slice(self.x0 - outer.x0, self.x1 - outer.x0),
+        )
+
+
+def block_grid(shape: Sequence[int], size: int) -> list[Block]:
+    """Blocks of ``size``² covering an image row by row (the last ones may be smaller)."""
+    n_y, n_x = shape
+    return [
+        Block(y, min(y + size, n_y), x, min(x + size, n_x), r, c)
+        for r, y in enumerate(range(0, n_y, size))
+        for c, x in enumerate(range(0, n_x, size))
+    ]
+
+
+# --- sources -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Source:
+    """A readable image: ``window(ys, xs)`` gives ``Y×X×C`` pixels as stored."""
+
+    path: str
+    shape: tuple[int, int]
+    scale: tuple[float, float]
+    units: dict[str, str]
+    read: Any
+
+    def window(self, ys: slice, xs: slice) -> np.ndarray:
+        return self.read(ys, xs)
+
+
+@functools.lru_cache(maxsize=8)
+def open_source(path: str | os.PathLike, level: int = 0) -> Source:
+    """Open an image for block reads (cached: each worker opens a file once).
+
+    Args:
+        path: an OME-Zarr image group, a TIFF (read through tifffile's Zarr store, tile by
+            tile) or another image file (read whole: it must be small).
+        level: the OME-Zarr resolution level (0 = full resolution).
+    """
+    p = Path(path)
+    if ome_zarr.is_zarr(p):
+        img = ome_zarr.open_ngff(p)
+        return Source(
+            str(p), img.level_shape(level), img.scale(level), img.units(),
+            functools.partial(img.window, level=level),
+        )
+    if level:
+        raise ConfigError(f"{p}: --level {level} needs an OME-Zarr input with that level")
+    if p.suffix.lower() in (".tif", ".tiff"):
+        return _tiff_source(p)
+    whole = read_image(p)
+    arr = whole if whole.ndim == 3 else whole[..., None]
+    return Source(str(p), arr.shape[:2], (1.0, 1.0), {}, lambda ys, xs: arr[ys, xs])
+
+
+def _tiff_source(p: Path) -> Source:
+    import tifffile
+    import zarr
+
+    with tifffile.TiffFile(p) as tif:
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+    names = [a for a in axes if a not in "YXS"]
+    if any(shape[axes.index(a)] != 1 for a in names if a != "C"):
+        raise DataError(f"{p}: TIFF axes {axes} {shape}: block-wise predict reads 2D images")
+    store = tifffile.imread(p, aszarr=True)
+    arr = zarr.open_array(store, mode="r")
+    channel = "C" if "C" in axes else ("S" if "S" in axes else None)
+
+    def read(ys: slice, xs: slice) -> np.ndarray:
+        index = tuple(
+            {"Y": ys, "X": xs}.get(a, slice(None) if a == channel else 0) for a in axes
+        )
+        kept = [a for a in axes if a in "YX" or a == channel]
+        block = np.transpose(np.asarray(arr[index]), [kept.index(a) for a in "YX"] + (
+            [kept.index(channel)] if channel else []))
+        return block if block.ndim == 3 else block[..., None]
+
+    return Source(str(p), (shape[axes.index("Y")], shape[axes.index("X")]), (1.0, 1.0), {}, read)
+
+
+# --- normalisation -----------------------------------------------------------------------
+def normalization_stats(
+    source: Source, mode: str, block_size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(centre, scale) per channel as ``data.transforms.Normalize(mode)`` computes them on
+    the whole float image; None for ``mode="none"``."""
+    if mode == "none":
+        return None
+    n_y, n_x = source.shape
+    if n_y * n_x <= EXACT_STATS_PIXELS:
+        image = to_float_image(source.window(slice(None), slice(None)), path=source.path)
+        flat = image.reshape(image.shape[0], -1)
+        if mode == "zscore":
+            return flat.mean(axis=1), flat.std(axis=1)
+        low, high = np.percentile(flat, [1.0, 99.0], axis=1)
+        return low, high - low
+    stride = max(1, math.ceil(math.sqrt(n_y * n_x / _SAMPLE_PIXELS)))
+    total, squares, count, samples = 0.0, 0.0, 0, []
+    for block in block_grid(source.shape, block_size):
+        x = to_float_image(source.window(*block.slices), path=source.path)
+        flat = x.reshape(x.shape[0], -1).astype(np.float64)
+        total = total + flat.sum(1)
+        squares = squares + (flat**2).sum(1)
+        count += flat.shape[1]
+        samples.append(x[:, (-block.y0) % stride :: stride, (-block.x0) % stride :: stride])
+    if mode == "zscore":
+        mean = total / count
+        return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean**2, 0)).astype(
+            np.float32
+        )
+    sample = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
+    low, high = np.percentile(sample, [1.0, 99.0], axis=1)
+    return low, high - low
+
+
+def normalize(image: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """``Normalize``'s arithmetic with given statistics (same dtypes, same rounding)."""
+    if stats is None:
+        return image.astype(np.float32)
+    centre, scale = stats
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    scale = np.maximum(scale, 1e-6).reshape(shape)
+    return ((image.astype(np.float32) - centre.reshape(shape)) / scale).astype(np.float32)
+
+
+# --- the tile grid of the whole image, evaluated over one region -------------------------
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """The single-process engine's grid over the whole image: ``window`` = (offset, size)
+    of each input tile relative to its output start; ``weight`` the Gaussian importance
+    map (sliding window) or None (overlap-tile: each pixel written by one tile)."""
+
+    grid: tiling.TileGrid
+    window: tuple[tuple[int, ...], tuple[int, ...]]
+    weight: torch.Tensor | None
+    profiles: tuple[torch.Tensor, ...]
+
+    @property
+    def halo(self) -> int:
+        """How far a tile that touches a block can reach beyond it (pixels)."""
+        return max(self.window[1])
+
+
+def tile_plan(model: torch.nn.Module, shape: tuple[int, int], options: InferenceOptions) -> TilePlan:
+    """What ``predict_tiled(model, image, tile=options.tile, overlap=...)`` does for an
+    image of ``shape`` (a huge image never runs whole: ``tile=None`` means the engine's
+    default tile for large images)."""
+    valid = bool(getattr(model, "is_valid_padding", False))
+    tile = options.tile
+    if tile is None:
+        edge = round(tiling.DEFAULT_TILE_VOXELS ** 0.5) // 16 * 16
+        margin = model.margin()[0] if valid else 0
+        tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
+    tile = tiling._expand(tile, 2, "tile")
+    if not valid:
+        grid = tiling.TileGrid.sliding(shape, tile, options.overlap)
+        profiles = tuple(tiling.gaussian_profile(t) for t in tile)
+        return TilePlan(grid, ((0, 0), tile), tiling.importance_map(tile), profiles)
+    period = tiling._shift_period(model, 2)
+    want = [max(min(t, n), p) for t, n, p in zip(tile, shape, period, strict=True)]
+    tile_in = model.input_size_for(want)
+    tile_o = model.output_size_for(tile_in)
+    before = tuple((i - o) // 2 for i, o in zip(tile_in, tile_o, strict=True))
+    step = [o // p * p for o, p in zip(tile_o, period, strict=True)]
+    grid = tiling.TileGrid.stepped(shape, tile_o, step)
+    return TilePlan(grid, (before, tuple(tile_in)), None, ())
+
+
+def _touching(plan: TilePlan, region: Block) -> list[tuple[int, tuple[int, int]]]:
+    """(global index, start) of the grid's tiles whose written part meets the region."""
+    grid, per_axis = plan.grid, []
+    for axis, (lo, hi) in enumerate(((region.y0, region.y1), (region.x0, region.x1))):
+        keep = grid.keep[axis]
+        per_axis.append([(i, s) for i, s in enumerate(grid.starts[axis]) if s < hi and s + keep > lo])
+    n_x = len(grid.starts[1])
+    return [(iy * n_x + ix, (sy, sx)) for iy, sy in per_axis[0] for ix, sx in per_axis[1]]
+
+
+def _batches(
+    tiles: list[tuple[int, tuple[int, int]]], total: int, batch_size: int
+) -> list[tuple[list[tuple[int, tuple[int, int]]], bool]]:
+    """Tiles in global order, cut into forward passes: (tiles, run alone).
+
+    oneDNN takes another convolution kernel for a batch of one, whose rounding differs
+    (~1e-5) from batches of two or more (which agree with each other): a tile runs alone
+    exactly when the whole-image engine ran it alone (a last batch of one), else in a batch
+    of at least two (a lone leftover is run next to a copy of itself)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+
+    def alone(g: int) -> bool:
+        return min(batch_size, total - g // batch_size * batch_size) == 1
+
+    out: list[tuple[list[tuple[int, tuple[int, int]]], bool]] = []
+    shared = [t for t in tiles if not alone(t[0])]
+    for i in range(0, len(shared), batch_size):
+        out.append((shared[i : i + batch_size], False))
+    out += [([t], True) for t in tiles if alone(t[0])]
+    return out
+
+
+def region_probabilities(
+    model: torch.nn.Module,
+    source: Source,
+    plan: TilePlan,
+    region: Block,
+    options: InferenceOptions,
+    stats: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """Class probabilities ``K×h×w`` of a region, equal to the same pixels of
+    ``predict_tiled`` over the whole (normalised) image with the same tile options.
+
+    Reads only the pixels the touching tiles need (mirrored at the image's edges, as
+    ``tiling.extract_tile`` does), normalises them with the whole image's ``stats``.
+    """
+    tiles = _touching(plan, region)
+    size = plan.grid.image_size
+    (offset, extent) = plan.window
+    reads = [
+        [tiling.mirror_index(torch.arange(s[a] - offset[a], s[a] - offset[a] + extent[a]), size[a]) for a in (0, 1)]
+        for _, s in tiles
+    ]
+    lo = [min(int(r[a].min()) for r in reads) for a in (0, 1)]
+    hi = [max(int(r[a].max()) for r in reads) + 1 for a in (0, 1)]
+    raw = source.window(slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    image = torch.from_numpy(normalize(to_float_image(raw, path=source.path), stats))
+    here = region
+    out: torch.Tensor | None = None
+    position = {g: k for k, (g, _) in enumerate(tiles)}
+    with tiling._inference(model, options.precision) as (runner, fmt):
+        predict = tiling._predictor(runner, "probabilities", options.tta, 2, fmt)
+        for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
+            x = torch.stack(
+                [image.index_select(1, reads[position[g]][0] - lo[0]).index_select(2, reads[position[g]][1] - lo[1]) for g, _ in batch]
+            )
+            if len(batch) == 1 and not alone:
+                x = torch.cat([x, x])
+            y = predict(x)[: len(batch)]
+            if plan.weight is not None:
+                y = y.mul_(plan.weight.to(y.device))
+            y = y.cpu()
+            if out is None:
+                with torch.inference_mode(False):
+                    out = torch.zeros((y.shape[1], here.y1 - here.y0, here.x1 - here.x0))
+            for i, (_, s) in enumerate(batch):
+                _write(out, y[i], plan, s, here)
+    if out is None:  # cannot happen: every region is covered by the grid
+        raise DataError(f"{source.path}: no tile covers block {region}")
+    if plan.weight is not None:
+        for axis, profile in enumerate(plan.profiles):
+            lo_a, hi_a = (here.y0, here.y1) if axis == 0 else (here.x0, here.x1)
+            w = plan.grid.axis_weights(axis, profile).float()[lo_a:hi_a]
+            out.div_(w.view((1, -1, 1) if axis == 0 else (1, 1, -1)))
+    return out.numpy()
+
+
+def _write(out: torch.Tensor, y: torch.Tensor, plan: TilePlan, start: tuple[int, int], here: Block) -> None:
+    """Add (blend) or copy (overlap-tile) the part of a tile's prediction inside ``here``."""
+    dst, src = plan.grid.regions(start)
+    a, b = [], []
+    for d, s, lo, hi in zip(dst, src, (here.y0, here.x0), (here.y1, here.x1), strict=True):
+        lo_c, hi_c = max(d.start, lo), min(d.stop, hi)
+        if lo_c >= hi_c:
+            return
+        a.append(slice(lo_c - lo, hi_c - lo))
+        b.append(slice(s.start + lo_c - d.start, s.start + hi_c - d.start))
+    target, part = out[(slice(None), *a)], y[(slice(None), *b)]
+    target.add_(part) if plan.weight is not None else target.copy_(part)

@@ -1,0 +1,410 @@
+"""Huge images and many images: block-wise prediction on Dask workers (``distributed``).
+
+An image (OME-Zarr, TIFF read through its tiles, or any image file) is cut into blocks of
+``block_size``². Each block is one task: its worker reads the block plus a halo (the tiles
+of the model's sliding window / overlap-tile grid that touch it, and ``label_halo`` pixels
+for the watershed), runs the model, and writes its part of an OME-Zarr prediction. The
+probabilities of a block are computed from the *same global tile grid*, in the same order
+and with the same weights as the single-process engine (``inference.tiling``), so the
+stitched class mask equals ``workflows.segment.predict_image`` exactly. Instances are
+labelled per block and stitched across borders (``segmentation.stitching``); a second pass
+writes the final ids, a third builds the pyramids.
+
+Resumable: each finished block leaves a marker in ``<out>.zarr/.unetkit/``; a rerun skips
+them. Many images share one client: all their blocks go to the same workers.
+
+Example:
+    >>> with dask_client("local:2") as client:  # doctest: +SKIP
+    ...     predict_blocks("best.safetensors", ["cells.ome.zarr"], "out", client=client)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unetkit._atomic import atomic_write_bytes, atomic_write_text
+from unetkit.data.io import list_images
+from unetkit.errors import ConfigError, DataError
+from unetkit.formats import ome_zarr
+
+from unetkit.inference.backends import load_inference_model, options_for
+from unetkit.segmentation.postprocess import instances_from_boundary
+from unetkit.segmentation.stitching import face_pairs, merge_labels, overlap_pairs
+from unetkit.workflows.blocks import (
+    Block,
+    BlockOptions,
+    block_grid,
+    normalization_stats,
+    open_source,
+    region_probabilities,
+    tile_plan,
+)
+from unetkit.workflows.segment import InferenceOptions
+
+__all__ = ["BlockOptions", "dask_client", "predict_blocks"]
+
+_MARKERS = ".unetkit"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs for one image (small, picklable)."""
+
+    checkpoint: str
+    source: str
+    out: str
+    shape: tuple[int, int]
+    options: InferenceOptions
+    blocks: BlockOptions
+    stats: tuple[np.ndarray, np.ndarray] | None
+    probabilities: bool
+    num_classes: int
+
+
+# --- cluster -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def dask_client(
+    cluster: str | None, *, timeout: float = 10.0, processes: bool = True,
+    dashboard: str | None = "127.0.0.1:0",
+) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``--cluster`` (None: yields None, run in-process).
+
+    Args:
+        cluster: ``local:N`` (a ``LocalCluster`` on 127.0.0.1, N workers, one thread each)
+            or ``tcp://HOST:PORT`` (an existing ``dask scheduler``).
+        timeout: seconds to wait for the scheduler.
+        processes: local workers as processes (True) or threads of this process.
+        dashboard: the local cluster's dashboard address (None: no dashboard).
+    """
+    if cluster is None:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if cluster.startswith("local:"):
+        n = cluster.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--cluster {cluster}: expected local:N with N >= 1 workers")
+        with LocalCluster(
+            n_workers=int(n), threads_per_worker=1, host="127.0.0.1", processes=processes,
+            dashboard_address=dashboard,
+        ) as lc, Client(lc) as client:
+            yield client
+        return
+    if not cluster.startswith("tcp://"):
+        raise ConfigError(f"--cluster {cluster}: expected local:N or tcp://HOST:PORT")
+    try:
+        client = Client(cluster, timeout=timeout)
+    except (OSError, TimeoutError) as e:
+        raise DataError(
+            f"--cluster {cluster}: no Dask scheduler answered within {timeout:g} s "
+            "(start one with `dask scheduler` and workers with `dask worker ADDRESS`)"
+        ) from e
+    with client:
+        yield client
+
+
+def _map(client: Any, fn: Callable, items: list, stage: str, progress: Progress | None) -> list:
+    """fn over items on the client's workers (or here), results in order."""
+    if progress:
+        progress(stage, 0, len(items))
+    if client is None:
+        results = []
+        for i, item in enumerate(items):
+            results.append(fn(*item))
+            if progress:
+                progress(stage, i + 1, len(items))
+        return results
+    from distributed import as_completed
+
+    futures = [client.submit(fn, *item, pure=False) for item in items]
+    for done, _ in enumerate(as_completed(futures), 1):
+        if progress:
+            progress(stage, done, len(items))
+    return client.gather(futures)
+
+
+# --- worker side -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _worker_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Loaded once per worker process (and checkpoint), then reused by every block."""
+    with contextlib.suppress(ImportError, ValueError):
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    return load_inference_model(checkpoint)
+
+
+def _marker(job: _Job, kind: str, block: Block) -> Path:
+    return Path(job.out) / _MARKERS / f"{kind}_{block.row}_{block.col}.npz"
+
+
+def _predict_block(job: _Job, block: Block) -> str:
+    """Pass 1: probabilities, class mask, local instance labels and border data of a block."""
+    marker = _marker(job, "block", block)
+    if marker.is_file():
+        return str(marker)  # resumed: done in an earlier run
+    model, meta = _worker_model(job.checkpoint)
+    options = options_for(model, job.options)
+    source = open_source(job.source, job.blocks.level)
+    boundary = meta.get("target", "semantic") == "boundary"
+    halo = job.blocks.label_halo if boundary else 0
+    region = block.grown(halo, job.shape)
+    plan = tile_plan(model, job.shape, options)
+    probs = region_probabilities(model, source, plan, region, options, job.stats)
+    core = block.within(region)
+    arrays = ome_zarr.open_prediction(job.out)
+    if boundary:
+        raw = instances_from_boundary(
+            probs, interior_threshold=meta.get("seed_threshold", 0.5), min_seed_size=5
+        )
+        classes = (raw > 0).astype(np.uint8)
+    else:
+        classes = (probs[0] > 0.5) if probs.shape[0] == 1 else probs.argmax(0)
+        classes = classes.astype(np.uint8)
+        raw = _components(classes)
+    local, raw_to_local = _relabel(raw, core)
+    arrays["mask"][0][block.slices] = classes[core]
+    if job.probabilities:
+        arrays["probabilities"][0][(slice(None), *block.slices)] = probs[(slice(None), *core)]
+    _scratch(job, "a")[block.slices] = local
+    data = {"count": np.int64(local.max(initial=0)), "areas": np.bincount(local.ravel())}
+    if boundary:
+        data.update(_strips(raw_to_local[raw], region, block, job))
+    else:
+        for side, index in _SIDES.items():
+            data[f"edge_{side}"] = local[index]
+            data[f"class_{side}"] = classes[core][index]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **data)
+    atomic_write_bytes(marker, buf.getvalue())
+    return str(marker)
+
+
+_SIDES = {
+    "top": (0, slice(None)), "bottom": (-1, slice(None)),
+    "left": (slice(None), 0), "right": (slice(None), -1),
+}
+
+
+def _components(classes: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    out = np.zeros(classes.shape, np.int64)
+    offset = 0
+    for c in np.unique(classes[classes > 0]):  # classes never merge (instances_from_semantic)
+        comp, n = ndimage.label(classes == c)
+        out[comp > 0] = comp[comp > 0] + offset
+        offset += n
+    return out
+
+
+def _relabel(raw: np.ndarray, core: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """Local ids 1..n for the labels present in the core; the raw -> local table."""
+    present = np.unique(raw[core])
+    present = present[present > 0]
+    table = np.zeros(int(raw.max(initial=0)) + 1, np.uint32)
+    table[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
+    return table[raw[core]], table
+
+
+def _strips(labels: np.ndarray, region: Block, block: Block, job: _Job) -> dict[str, np.ndarray]:
+    """The region's local labels in the strips around the block's bottom and right faces
+    and its top and left faces (``label_halo`` each side), for overlap matching."""
+    h, (n_y, n_x) = job.blocks.label_halo, job.shape
+    out = {}
+    for side, axis, face in (
+        ("top", 0, block.y0), ("bottom", 0, block.y1), ("left", 1, block.x0),
+        ("right", 1, block.x1),
+    ):
+        lo, hi = max(face - h, 0), min(face + h, (n_y, n_x)[axis])
+        if axis == 0:
+            strip = (slice(lo - region.y0, hi - region.y0), slice(block.x0 - region.x0, block.x1 - region.x0))
+        else:
+            strip = (slice(block.y0 - region.y0, block.y1 - region.y0), slice(lo - region.x0, hi - region.x0))
+        out[f"strip_{side}"] = labels[strip]
+    return out
+
+
+def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> None:
+    """Pass 2: local ids -> final ids (and, for watershed targets, the mask of kept objects)."""
+    marker = _marker(job, "final", block).with_suffix(".done")
+    if marker.is_file():
+        return
+    arrays = ome_zarr.open_prediction(job.out)
+    final = lut[np.asarray(_scratch(job, "r")[block.slices])]
+    arrays["instances"][0][block.slices] = final
+    if boundary:  # predict_image: the mask of a watershed target is its kept objects
+        arrays["mask"][0][block.slices] = (final > 0).astype(np.uint8)
+    atomic_write_text(marker, "")
+
+
+def _scratch(job: _Job, mode: str) -> Any:
+    import zarr
+
+    size = job.blocks.block_size
+    return zarr.open_array(
+        str(Path(job.out) / _MARKERS / "local"), mode=mode, shape=job.shape,
+        chunks=(size, size), dtype="uint32", fill_value=0, zarr_format=3,
+    )
+
+
+
+
+# --- client side -------------------------------------------------------------------------
+def block_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Inputs for block-wise predict: OME-Zarr groups and image files as given, folders
+    expanded to the OME-Zarr groups and images inside them."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if ome_zarr.is_zarr(p) or p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(q for q in p.iterdir() if ome_zarr.is_zarr(q)) + list_images(p)
+            if not found:
+                raise DataError(f"{p}: folder has no OME-Zarr images or image files")
+            files += found
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _stitch(job: _Job, grid: list[Block], boundary: bool, min_size: int) -> list[np.ndarray]:
+    """Per block, the look-up table local id -> final id, from the pass-1 markers."""
+    data = [dict(np.load(_marker(job, "block", b))) for b in grid]
+    index = {(b.row, b.col): i for i, b in enumerate(grid)}
+    links = []
+    for i, b in enumerate(grid):
+        for j, first, second in (
+            (index.get((b.row + 1, b.col)), "bottom", "top"),
+            (index.get((b.row, b.col + 1)), "right", "left"),
+        ):
+            if j is None:
+                continue
+            if boundary:
+                pairs = overlap_pairs(data[i][f"strip_{first}"], data[j][f"strip_{second}"])
+            else:
+                pairs = face_pairs(
+                    data[i][f"edge_{first}"], data[j][f"edge_{second}"],
+                    data[i][f"class_{first}"], data[j][f"class_{second}"],
+                )
+            links.append((i, j, pairs))
+    counts = [int(d["count"]) for d in data]
+    areas = [np.pad(d["areas"], (0, max(0, c + 1 - len(d["areas"])))) for d, c in zip(data, counts, strict=True)]
+    return merge_labels(counts, areas, links, min_size=min_size)
+
+
+def _prepare(
+    checkpoint: str, path: Path, out_dir: Path, options: InferenceOptions,
+    blocks: BlockOptions, probabilities: bool, model: torch.nn.Module, meta: dict[str, Any],
+) -> _Job:
+    source = open_source(str(path), blocks.level)
+    out = out_dir / f"{_stem(path)}.zarr"
+    if out.resolve() == path.resolve():
+        raise DataError(f"{out}: output would overwrite an input image; choose another --out")
+    plan = tile_plan(model, source.shape, options)
+    halo = plan.halo + (blocks.label_halo if meta.get("target") == "boundary" else 0)
+    if blocks.block_size < halo:
+        raise ConfigError(
+            f"--block-size {blocks.block_size} is smaller than the halo of {halo} px "
+            f"(tile {plan.window[1][0]} + label halo); use --block-size {halo} or more"
+        )
+    channels = int(getattr(model, "out_channels", 2))
+    stats = normalization_stats(source, meta.get("normalize", "zscore"), blocks.block_size)
+    job = _Job(
+        checkpoint, str(path), str(out), source.shape, options, blocks, stats,
+        probabilities, channels,
+    )
+    ome_zarr.create_prediction(
+        out, source.shape, chunk=blocks.block_size, scale=source.scale, units=source.units,
+        num_classes=channels, probabilities=probabilities,
+    )
+    return job
+
+
+def predict_blocks(
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    options: InferenceOptions = InferenceOptions(),
+    blocks: BlockOptions = BlockOptions(),
+    *,
+    probabilities: bool = False,
+    client: Any = None,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Segment huge images and many images block by block, on Dask workers or here.
+
+    Writes ``<out_dir>/<stem>.zarr`` per image (OME-Zarr 0.5): class mask, instance labels
+    (``labels/instances``, uint32) and optionally probabilities, each a pyramid with the
+    input's physical scale. The mask equals ``predict_image`` on the whole image with the
+    same options (``tile=None`` here means the engine's default tile for large images).
+
+    Args:
+        checkpoint: a ``.safetensors`` checkpoint (each worker loads it once).
+        inputs: OME-Zarr images, TIFFs, image files or folders of them.
+        out_dir: output folder (created).
+        options: the inference options of ``workflows.segment``.
+        blocks: block size, label halo and OME-Zarr level.
+        probabilities: also write the class probabilities.
+        client: a ``distributed.Client`` (see :func:`dask_client`); None runs here.
+        progress: called as ``progress(stage, done, total)``.
+
+    Returns:
+        one row per image: ``image``, ``output``, ``objects``, ``blocks``.
+    """
+    model, meta = load_inference_model(checkpoint)
+    if meta.get("task") == "regression" or getattr(model, "dims", 2) != 2:
+        raise ConfigError(f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)")
+    options = options_for(model, options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = block_inputs(inputs)
+    jobs = [
+        _prepare(str(checkpoint), f, out, options, blocks, probabilities, model, meta)
+        for f in files
+    ]
+    todo = [j for j in jobs if not (Path(j.out) / _MARKERS / "complete.json").is_file()]
+    grids = {j.out: block_grid(j.shape, blocks.block_size) for j in todo}
+    _map(client, _predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress)
+    boundary = meta.get("target", "semantic") == "boundary"
+    finals = []
+    for j in todo:
+        luts = _stitch(j, grids[j.out], boundary, options.min_size)
+        finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
+    _map(client, _finish_block, finals, "stitch", progress)
+    for j in todo:
+        for levels in ome_zarr.open_prediction(j.out).values():
+            ome_zarr.build_pyramid(levels)
+        count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
+        summary = {"objects": count, "blocks": len(grids[j.out])}
+        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
+        atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
+    rows = []
+    for j in jobs:
+        summary = json.loads((Path(j.out) / _MARKERS / "complete.json").read_text())
+        rows.append({"image": j.source, "output": j.out, **summary})
+    return rows
