@@ -31,13 +31,13 @@ from unetkit.training.trainer import fit
 from unetkit.workflows import segment_train as S
 from unetkit.workflows.adapt import LoRAOptions, adapter_saver, attach
 from unetkit.workflows.calibrate import calibrate_seed_threshold
-from unetkit.workflows.segment_data import build_datasets
 from unetkit.workflows.segment import (
     InferenceOptions,
     load_for_inference,
     overlay,
     predict_image,
 )
+from unetkit.workflows.segment_data import build_datasets
 
 ProgressFn = Callable[[int, int], None]
 StepFn = Callable[[int, int, float], None]
