@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=4)
     ap.add_argument("--epochs", type=int, help="passed to unetkit train (default: its own)")
     ap.add_argument("--steps-per-epoch", type=int, help="passed to unetkit train")
+    ap.add_argument(
+        "--score-only", action="store_true", help="score the run already in --out (no training)"
+    )
     args = ap.parse_args()
     train_dir = write_folder(args.out / "train", range(0, 1))
     test_dir = write_folder(args.out / "test", range(100, 100 + args.test_images))
@@ -101,9 +104,10 @@ def main() -> None:
     for flag, value in (("--epochs", args.epochs), ("--steps-per-epoch", args.steps_per_epoch)):
         if value is not None:
             cmd += [flag, str(value)]
-    print(" ".join(cmd[1:]), flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if not args.score_only:
+        print(" ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     minutes = (time.time() - start) / 60
     model, meta = load_for_inference(args.out / "run" / "checkpoints" / "best.safetensors")
     train = FolderSegmentationDataset(train_dir, mask_mode="instances").sample(0, None)
@@ -118,6 +122,7 @@ def main() -> None:
         base = otsu_watershed(s["image"][0].numpy(), *params)
         rows[f"Otsu + watershed {params}"].append(score(base, truth))
     print(f"\ntrained on 1 image in {minutes:.1f} min; {len(test)} test images")
+    print(f"checkpoint {args.out / 'run' / 'checkpoints' / 'best.safetensors'}")
     print("| method | Dice (fg) | AP@0.5 |\n|---|---|---|")
     for name, values in rows.items():
         d, a = np.mean(values, axis=0)
