@@ -141,7 +141,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=F.finite_float(0, 1, lo_open=True, hi_open=True),
         help="held out for validation without --val-data: whole images, or a strip of each "
         "image when there are fewer than 5 (default 0.2)",
     )
@@ -162,7 +162,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=["zscore", "percentile", "none"])
     p.add_argument(
         "--norm-percentiles",
-        type=float,
+        type=F.finite_float(0, 100),
         nargs=2,
         metavar=("LOW", "HIGH"),
         help="percentile normalisation: these percentiles map to 0 and 1 (default 1 99.8)",
