@@ -26,7 +26,6 @@ from unetkit.errors import DataError, UnetkitError
 from unetkit.formats.loading import base_checkpoint, is_adapter_file
 from unetkit.formats.lora_files import read_adapter
 from unetkit.segmentation.postprocess import object_table
-from unetkit.training.tasks import SupervisedTask
 from unetkit.training.trainer import fit
 from unetkit.workflows import segment_train as S
 from unetkit.workflows.adapt import LoRAOptions, adapter_saver, attach
@@ -38,6 +37,7 @@ from unetkit.workflows.segment import (
     predict_image,
 )
 from unetkit.workflows.segment_data import build_datasets
+from unetkit.workflows.segment_task import segmentation_task
 
 ProgressFn = Callable[[int, int], None]
 StepFn = Callable[[int, int, float], None]
@@ -212,9 +212,7 @@ def finetune_on_labels(
         crop = S.input_crop(model, min(recipe.crop, side))
         data = build_datasets(recipe, crop)
         train_ds, val_ds = data.train, data.val
-        loss = S.SegmentationLoss(recipe)
-        metrics = S.SegmentationMetrics(S.target_channels(recipe))
-        task = SupervisedTask(loss, metrics, monitor="val/fg_dice", mode="max")
+        task = segmentation_task(recipe)
         fit(
             model, _Reporting(task, steps, progress, should_stop), train_ds, val_ds,
             run_dir=Path(run_dir), epochs=1,

@@ -22,11 +22,9 @@ from unetkit import registry
 from unetkit.data import transforms as T
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError
-from unetkit.nn.sampling import center_crop
-from unetkit.segmentation.losses import build_loss
-from unetkit.segmentation.metrics import dice, pixel_error
 from unetkit.training.logging import RunDirectory
 from unetkit.workflows.segment_data import TrainingData, build_datasets
+from unetkit.workflows.segment_task import regression_task, segmentation_task, target_channels
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +231,6 @@ def record(recipe: SegmentationRecipe) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict(recipe).items() if k not in skip}
 
 
-def target_channels(recipe: SegmentationRecipe) -> int:
-    if recipe.task == "regression":
-        return 1  # overridden by the data's target channels in build_model's caller
-    return {"semantic": recipe.num_classes, "separated": 2, "boundary": 3}[recipe.target]
-
-
 def build_model(
     recipe: SegmentationRecipe, in_channels: int, out_channels: int | None = None
 ) -> torch.nn.Module:
@@ -264,60 +256,6 @@ def _largest_valid_input(model: torch.nn.Module) -> T.CenterCrop:
         return tuple(model._nearest_valid_lengths(s)[0] or s for s in shape)
 
     return T.CenterCrop(size)
-
-
-def crop_targets(logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
-    """Centre-crop the targets to a valid-padding model's (smaller) output."""
-    size = logits.shape[2:]
-    if batch["mask"].shape[1:] == size:
-        return batch
-    out = dict(batch)
-    for key in ("mask", "weight", "instances"):
-        if key in out:
-            out[key] = center_crop(out[key][:, None], size)[:, 0]
-    return out
-
-
-class SegmentationLoss:
-    """The recipe's loss on (logits, batch), valid-padding aware."""
-
-    def __init__(self, recipe: SegmentationRecipe) -> None:
-        self.loss = build_loss(recipe.loss)
-
-    def __call__(
-        self, logits: torch.Tensor | list[torch.Tensor], batch: dict[str, Any]
-    ) -> torch.Tensor:
-        # deep supervision (U-Net++ in training): a list of heads, the first at full size
-        first = logits[0] if isinstance(logits, (list, tuple)) else logits
-        return self.loss(logits, crop_targets(first, batch))
-
-
-class SegmentationMetrics:
-    """Per-batch validation sums: pixel error and mean foreground Dice (per image)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-
-    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        batch = crop_targets(logits, batch)
-        pred = (
-            logits.argmax(1).cpu().numpy()
-            if logits.shape[1] > 1
-            else (logits[:, 0] > 0).long().cpu().numpy()
-        )
-        target = batch["mask"].cpu().numpy()
-        # dice of "any foreground" as well as the mean over classes; one row per image
-        dices = [
-            dice(p, t, num_classes=max(2, self.num_classes)).mean
-            for p, t in zip(pred, target, strict=True)
-        ]
-        fg = [dice(p > 0, t > 0, num_classes=2).mean for p, t in zip(pred, target, strict=True)]
-        errs = [pixel_error(p > 0, t > 0) for p, t in zip(pred, target, strict=True)]
-        return {
-            "dice": float(np.sum(dices)),
-            "fg_dice": float(np.sum(fg)),
-            "pixel_error": float(np.sum(errs)),
-        }
 
 
 def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
@@ -348,16 +286,6 @@ def checkpoint_recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("normalize") == "percentile":
         fields["norm_percentiles"] = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
     return fields
-
-
-def regression_task(recipe: SegmentationRecipe) -> Any:
-    """Loss and metrics of a regression recipe (silog/L1/L2; AbsRel, RMSE, δ or PSNR)."""
-    from unetkit.regression import RegressionMetrics, build_regression_loss
-    from unetkit.training.tasks import SupervisedTask
-
-    metrics = RegressionMetrics(recipe.output)
-    loss = build_regression_loss(recipe.loss, output=recipe.output)
-    return SupervisedTask(loss, metrics, monitor=metrics.monitor, mode=metrics.mode)
 
 
 class _EpochEnd:
@@ -448,7 +376,6 @@ def train(
     adapters injected, only they train); ``save_model`` replaces the checkpoint writer
     (LoRA runs write adapter files); ``lora`` is recorded in the run's config.json.
     """
-    from unetkit.training.tasks import SupervisedTask
     from unetkit.training.trainer import fit
 
     torch.manual_seed(recipe.seed)
@@ -468,14 +395,7 @@ def train(
     else:
         model = build_model(recipe, in_channels) if in_channels != 1 else probe_model
     if recipe.task == "segmentation":
-        if recipe.target == "semantic" and recipe.num_classes < 2:
-            raise ConfigError("num_classes must be at least 2 (background + one class)")
-        task = SupervisedTask(
-            SegmentationLoss(recipe),
-            SegmentationMetrics(target_channels(recipe)),
-            monitor="val/fg_dice",
-            mode="max",
-        )
+        task = segmentation_task(recipe)
     _describe(recipe, data, model)
     run = RunDirectory(run_dir)
     if resume and run.has_state():  # a resumed run continues the draws where it stopped
