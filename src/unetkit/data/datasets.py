@@ -427,7 +427,7 @@ def validate_all(dataset: Any, root: Path, visit: Callable[[Any], None] | None =
     """Call ``dataset._load(i)`` for every file (``visit`` sees each result); one DataError
     lists every bad file."""
     problems = []
-    for index in range(dataset._count()):
+    for index in range(_files(dataset)):
         try:
             loaded = dataset._load(index)
         except DataError as e:
@@ -440,8 +440,14 @@ def validate_all(dataset: Any, root: Path, visit: Callable[[Any], None] | None =
         more = len(problems) - _MAX_LISTED
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise DataError(
-            f"{root}: {len(problems)} of {dataset._count()} samples are invalid:\n  {listed}{tail}"
+            f"{root}: {len(problems)} of {_files(dataset)} samples are invalid:\n  {listed}{tail}"
         )
+
+
+def _files(dataset: Any) -> int:
+    """Files behind a data set (its length unless it selects regions of them)."""
+    count = getattr(dataset, "_count", None)
+    return count() if count is not None else len(dataset)
 
 
 def fmt_size(shape: Sequence[int]) -> str:
