@@ -20,12 +20,15 @@ def _load_report():
     return module
 
 
+@pytest.mark.slow  # runs the harness in a subprocess: minutes on a shared 2-core runner
 def test_quick_harness_times_unetkit_and_monai_on_matched_models(tmp_path: Path) -> None:
     pytest.importorskip("monai")
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     cmd = [sys.executable, str(BENCH / "bench.py"), "--quick", "--only", "unet,smp"]
     cmd += ["--tasks", "forward", "--json", str(out_json), "--markdown", str(out_md)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    # no wall-clock timeout: on a busy runner the harness may take minutes, and how fast
+    # the machine is must never decide a test (timings belong in the benchmark report)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out_json.read_text())
     runs = {(r["lib"], r.get("precision")): r for r in payload["results"]}
@@ -114,14 +117,14 @@ def test_ratios_and_goals_are_computed_from_the_results() -> None:
     )
 
 
+@pytest.mark.slow  # runs the harness in a subprocess: minutes on a shared 2-core runner
 def test_quick_diffusion_cases_time_the_frozen_copy_and_both_diffusers_bf16_modes(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("diffusers")
     out_json = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH / "bench.py"), "--quick", "--only", "diffusion"]
-    proc = subprocess.run(cmd + ["--json", str(out_json)], capture_output=True, text=True,
-                          timeout=150)  # fmt: skip
+    proc = subprocess.run(cmd + ["--json", str(out_json)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = {(r["lib"], r["precision"], r.get("variant")): r
             for r in json.loads(out_json.read_text())["results"]}  # fmt: skip

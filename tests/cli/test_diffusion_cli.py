@@ -83,16 +83,17 @@ def test_inpaint_keeps_unmasked_pixels_exactly(run_dir, tmp_path):
     assert np.abs(filled[~keep].astype(int) - image[~keep]).mean() > 10
 
 
-def test_inpaint_rejects_wrong_size_and_empty_mask(run_dir, tmp_path, capsys):
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small.png")
+def test_inpaint_resizes_other_sizes_and_rejects_empty_mask(run_dir, tmp_path, capsys):
+    Image.fromarray(np.full((20, 24), 128, np.uint8)).save(tmp_path / "small.png")
+    mask = np.zeros((20, 24), np.uint8)
+    mask[5:15, 5:15] = 255
+    Image.fromarray(mask).save(tmp_path / "small_mask.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
-    assert (
-        main(
-            ["inpaint", str(run_dir), str(tmp_path / "small.png"), str(tmp_path / "empty.png"), "x"]
-        )
-        == 2
-    )
-    assert "small.png" in capsys.readouterr().err
+    args = ["inpaint", str(run_dir), str(tmp_path / "small.png"), str(tmp_path / "small_mask.png")]
+    out = tmp_path / "o.png"
+    assert main([*args, "x", "--steps", "2", "--output", str(out), "--no-progress"]) == 0
+    assert "small.png resized 24x20 -> 32x32" in capsys.readouterr().out
+    assert np.asarray(Image.open(out)).shape == (32, 32)
     assert (
         main(
             ["inpaint", str(run_dir), str(tmp_path / "empty.png"), str(tmp_path / "empty.png"), "x"]

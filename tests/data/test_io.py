@@ -5,7 +5,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unetkit.data.io import decode_mask, list_images, read_image, to_float_image, write_image
+from unetkit.data.io import list_images, read_image, to_float_image, write_image
+from unetkit.data.masks import decode_mask
 from unetkit.errors import ConfigError, DataError
 
 
@@ -237,7 +238,7 @@ def test_decode_mask_from_16bit_file(tmp_path):
 
 
 def test_auto_mode_reads_label_images_as_instances():
-    from unetkit.data.io import looks_like_instances
+    from unetkit.data.masks import looks_like_instances
 
     labels16 = np.array([[0, 1, 2], [3, 3, 0]], np.uint16)
     assert looks_like_instances(labels16, 2)

@@ -7,7 +7,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unetkit.data.io import decode_mask, load_image, parse_channels, read_image, write_image
+from unetkit.data.io import load_image, parse_channels, read_image, write_image
+from unetkit.data.masks import decode_mask
 from unetkit.data.tiff import PixelSize
 from unetkit.errors import ConfigError, DataError
 
@@ -81,7 +82,7 @@ def test_ome_tczyx_with_one_time_point(tmp_path, rng):
     assert volume.axes == "ZYXC" and volume.image.shape == (2, 3, 8, 9)  # C×Z×Y×X
     np.testing.assert_allclose(volume.image, data[0] / 65535.0, rtol=1e-6)
     assert volume.pixel_size.z == pytest.approx(1.5)
-    with pytest.raises(DataError, match=r"stack.ome.tif: image of shape \(3, 8, 9, 2\).*3-D"):
+    with pytest.raises(DataError, match=r"stack.ome.tif: image of shape .*a volume\? use"):
         load_image(path)  # a 2-D model cannot take a Z-stack
 
 
@@ -162,3 +163,12 @@ def test_jpeg_masks_are_refused(tmp_path):
     path = write_image(tmp_path / "m.jpg", mask)
     with pytest.raises(DataError, match=r"m.jpg: JPEG masks are lossy"):
         decode_mask(read_image(path), 2, path=path)
+
+
+def test_planes_first_arrays_are_not_mistaken_for_channels_last(tmp_path, stains):
+    from unetkit.data.io import to_float_image
+
+    path = tmp_path / "planes.tif"
+    tifffile.imwrite(path, stains[:, :8, :10])  # 2 planes of 8×10, no axes
+    with pytest.raises(DataError, match=r"planes.tif: image of shape \(2, 8, 10\).*planes first"):
+        to_float_image(read_image(path), path=path)

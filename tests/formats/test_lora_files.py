@@ -23,7 +23,8 @@ from unetkit.formats.lora_files import (
     save_adapter,
     verify_adapter,
 )
-from unetkit.formats.lora_layouts import from_diffusers, to_kohya
+from unetkit.formats.lora_kohya import to_kohya
+from unetkit.formats.lora_layouts import from_diffusers
 from unetkit.nn.lora import LoRALayer
 from unetkit.nn.lora_inject import inject_lora, lora_layers
 from unetkit.registry import create_model
@@ -151,7 +152,11 @@ def test_diffusers_layout_reads_older_key_spellings_and_alpha_metadata() -> None
     assert parsed.alphas == {"x.attn1.to_out.0": 2.0, "x.attn2.to_k": 2.0}  # no metadata: = rank
     meta = {"unet.lora_alpha": 8, "unet.alpha_pattern": {"^x\\.attn2\\.to_k": 3}}
     assert from_diffusers(old, meta).alphas == {"x.attn1.to_out.0": 8.0, "x.attn2.to_k": 3.0}
-    with pytest.raises(CheckpointError, match="text_encoder.q.lora_A.weight"):
+    te = {"text_encoder.q.lora_A.weight": a, "text_encoder.q.lora_B.weight": b}
+    both = from_diffusers({**old, **te})  # text-encoder parts are kept apart, not dropped
+    assert sorted(both.modules) == sorted(parsed.modules)
+    assert list(both.others) == ["text_encoder"] and both.others["text_encoder"].modules == ["q"]
+    with pytest.raises(CheckpointError, match=r"\[text_encoder\]: .*q\.lora_B\.weight"):
         from_diffusers({**old, "text_encoder.q.lora_A.weight": a})
     with pytest.raises(CheckpointError, match="not a LoRA state dict"):
         detect_format({"conv.weight": a})

@@ -8,8 +8,10 @@ from pathlib import Path
 from unetkit.cli import flags as F
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_file
+from unetkit.regression import FolderRegressionDataset
 from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment import (
     evaluate_dataset,
@@ -35,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder with images/ and masks/ (targets/ for regression models)",
     )
     p.add_argument("--num-classes", type=F.positive_int, default=2)
-    p.add_argument("--mask-mode", default="auto", choices=["auto", "index", "binary", "instances"])
+    p.add_argument("--mask-mode", default="auto", choices=MASK_MODES)
     p.add_argument("--csv", help="also write per-image metrics to this CSV")
     add_inference_flags(p)
     p.set_defaults(run=run)
@@ -46,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.csv, flag="--csv", inputs=[args.checkpoint, args.data])
     model, meta = load_for_inference(args.checkpoint)
     if meta.get("task") == "regression":
-        from unetkit.regression import FolderRegressionDataset
-
         data = FolderRegressionDataset(
             args.data,
             target_scale=meta.get("target_scale", 1.0),

@@ -16,8 +16,9 @@ import math
 from collections.abc import Callable
 
 # a tile below this gives the network almost no context (and --tile 1 "works" but finds
-# one object instead of fifty); predict caps large tiles at the image size
-MIN_TILE = 16
+# one object instead of fifty); 8 still allows small 3D tiles (8³ voxels); predict caps
+# large tiles at the image size
+MIN_TILE = 8
 
 
 def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:

@@ -37,15 +37,8 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from unetkit.data.io import (
-    IMAGE_EXTENSIONS,
-    check_mask_options,
-    decode_mask,
-    list_images,
-    looks_like_instances,
-    read_image,
-    to_float_image,
-)
+from unetkit.data.io import IMAGE_EXTENSIONS, list_images, read_image, to_float_image
+from unetkit.data.masks import check_mask_options, decode_mask, looks_like_instances
 from unetkit.data.synthetic import STYLES, synth_cells
 from unetkit.data.transforms import Transform
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem

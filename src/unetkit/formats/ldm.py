@@ -197,11 +197,16 @@ def load_ldm_unet(
     return model.to(dtype).eval()
 
 
-def save_ldm_unet(model: DiffusionUNet, file: str | os.PathLike) -> Path:
+def save_ldm_unet(
+    model: DiffusionUNet,
+    file: str | os.PathLike,
+    *,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``model`` with LDM keys (``model.diffusion_model.*``) to a ``.safetensors`` file.
 
     The unetkit config is kept in the metadata (``unetkit_config``), so ``load_ldm_unet``
-    needs no config for files written here. Atomic.
+    needs no config for files written here; ``extra_metadata`` adds string entries. Atomic.
     """
     model = unwrap(model)
     path = Path(file)
@@ -210,7 +215,7 @@ def save_ldm_unet(model: DiffusionUNet, file: str | os.PathLike) -> Path:
         k: v.detach().cpu().contiguous().clone()
         for k, v in diffusers_to_ldm(model.state_dict(), model.config).items()
     }
-    meta = {"format": "pt", "unetkit_config": cfg.to_json(model.config)}
+    meta = {**(extra_metadata or {}), "format": "pt", "unetkit_config": cfg.to_json(model.config)}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -4,6 +4,9 @@ Every supported layout (``"unetkit"``, ``"diffusers"``, ``"kohya"``; see
 ``unetkit.formats.lora_layouts``) is read into one ``Adapter`` and loaded by module name, so
 a file made by diffusers/PEFT or Kohya's scripts loads into any model with the same layer
 names, and ``convert_adapter`` rewrites a file in another layout with bit-equal tensors.
+A path may be a file, a diffusers LoRA folder (``pytorch_lora_weights.safetensors``) or a
+PEFT ``save_pretrained`` folder (``adapter_model.safetensors`` + ``adapter_config.json``,
+also one level down, where PEFT puts adapters not named "default").
 Files are ``.safetensors`` only (never unpickled) and written atomically.
 """
 
@@ -23,13 +26,16 @@ import torch.nn as nn
 from unetkit._atomic import atomic_path
 from unetkit.errors import CheckpointError, ConfigError
 from unetkit.finite import check_finite_tensors
+from unetkit.formats.lora_adapter import Adapter
+from unetkit.formats.lora_kohya import flatten_name
 from unetkit.formats.lora_layouts import (
+    DIFFUSERS_METADATA_KEY,
     DIFFUSERS_WEIGHT_NAME,
     FORMATS,
-    Adapter,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHT_NAME,
     convert,
     detect_format,
-    flatten_name,
     parse_adapter,
 )
 from unetkit.nn.lora import LoRALayer
@@ -45,18 +51,40 @@ log = logging.getLogger(__name__)
 
 
 def _file(path: str | os.PathLike) -> Path:
+    """The weights file of ``path``: itself, or the LoRA file inside a diffusers/PEFT folder."""
     path = Path(path)
-    if path.is_dir():  # a diffusers LoRA folder
-        path = path / DIFFUSERS_WEIGHT_NAME
+    if path.is_dir():
+        names = (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME)
+        found = [path / n for n in names if (path / n).is_file()]
+        if not found:  # PEFT saves adapter "x" (not "default") in the subfolder x/
+            found = sorted(path.glob(f"*/{PEFT_WEIGHT_NAME}"))
+        if len(found) > 1:
+            raise CheckpointError(
+                f"{path}: holds several LoRA files {[str(f.relative_to(path)) for f in found]}; "
+                f"name one of them"
+            )
+        if not found:
+            bins = sorted(p.name for p in path.glob("**/*.bin"))
+            hint = f" (pickled {bins[0]} is never read; save with safetensors)" if bins else ""
+            raise CheckpointError(
+                f"{path}: a folder without {DIFFUSERS_WEIGHT_NAME} or {PEFT_WEIGHT_NAME}{hint}"
+            )
+        path = found[0]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such LoRA file")
     return path
 
 
+def _peft_config(path: Path) -> str | None:
+    """The ``adapter_config.json`` text beside a PEFT ``adapter_model.safetensors``."""
+    config = path.with_name(PEFT_CONFIG_NAME)
+    return config.read_text() if config.is_file() else None
+
+
 def read_adapter(
     path: str | os.PathLike, *, module_names: Sequence[str] | None = None, strict: bool = True
 ) -> Adapter:
-    """Read a LoRA ``.safetensors`` file (or a diffusers LoRA folder) of any supported layout."""
+    """Read a LoRA ``.safetensors`` file or a diffusers/PEFT LoRA folder of any layout."""
     path = _file(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
@@ -67,6 +95,9 @@ def read_adapter(
             f"{path}: not a readable .safetensors file ({e}); unetkit never unpickles files"
         ) from None
     check_finite_tensors(tensors, source=str(path), what="adapter weights")
+    config = _peft_config(path)
+    if config is not None and DIFFUSERS_METADATA_KEY not in metadata:
+        metadata[DIFFUSERS_METADATA_KEY] = config  # PEFT keeps the LoraConfig beside the file
     try:
         return parse_adapter(
             tensors, metadata, module_names=module_names, strict=strict, source=str(path)
@@ -74,6 +105,13 @@ def read_adapter(
     except CheckpointError as e:
         msg = str(e)
         raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        # tensors of impossible shapes (0-d, rank 0, A/B that do not multiply): found by
+        # fuzzing; a damaged or hand-made file, never one a LoRA trainer writes
+        raise CheckpointError(
+            f"{path}: malformed LoRA tensors ({type(e).__name__}: {e}); the file is damaged "
+            f"or not a LoRA adapter"
+        ) from None
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike, *, format: str = "unetkit") -> Path:
@@ -141,19 +179,24 @@ def load_adapter(
     *,
     adapter_name: str = "default",
     strict: bool = True,
+    scale: float = 1.0,
+    text_encoders: Mapping[str, nn.Module] | None = None,
 ) -> list[str]:
     """Load a LoRA file (any layout) or state dict into ``model`` as ``adapter_name``.
 
     Args:
         model: the model to adapt (in place); its layer names resolve Kohya names.
-        path_or_state: a file, a diffusers LoRA folder, a state dict (layout detected), or
-            an ``Adapter``.
+        path_or_state: a file, a diffusers/PEFT LoRA folder, a state dict (layout
+            detected), or an ``Adapter``.
         adapter_name: name of the new adapter (must not exist yet).
         strict: keys naming no layer raise ``CheckpointError`` listing them; with False they
             are logged and skipped. A file matching no layer at all always raises.
+        scale: runtime multiplier of the adapter (``--lora file:0.8``).
+        text_encoders: ``{"text_encoder": module, ...}`` to receive the file's text-encoder
+            parts; parts without a module are listed in one warning and not applied.
 
     Returns:
-        The module names that received the adapter.
+        The module names of ``model`` that received the adapter.
 
     Example:
         >>> load_adapter(unet, "lora.safetensors", adapter_name="style")  # doctest: +SKIP
@@ -169,14 +212,36 @@ def load_adapter(
     else:
         adapter = read_adapter(path_or_state, module_names=names, strict=strict)
         source = str(_file(path_or_state))
-    return load_lora_state_dict(
-        model,
-        adapter.tensors,
-        alphas=adapter.alphas,
-        adapter_name=adapter_name,
-        strict=strict,
-        source=source,
-    )
+    targets = {"unet": (model, adapter)}
+    skipped = []
+    for component, part in adapter.others.items():
+        if text_encoders and text_encoders.get(component) is not None:
+            targets[component] = (text_encoders[component], part)
+        else:
+            skipped.append(f"{component} ({len(part.modules)} layers, e.g. {part.modules[0]})")
+    if skipped:
+        log.warning(
+            "%s: text-encoder LoRA parts not applied (no text encoder loaded): %s",
+            source,
+            "; ".join(skipped),
+        )
+    loaded: list[str] = []
+    for component, (module, part) in targets.items():
+        if component == "unet" and not part.tensors and adapter.others:
+            continue  # a text-encoder-only file
+        done = load_lora_state_dict(
+            module,
+            part.tensors,
+            alphas=part.alphas,
+            adapter_name=adapter_name,
+            strict=strict,
+            source=source if component == "unet" else f"{source} [{component}]",
+        )
+        for name in done:
+            module.get_submodule(name).set_scale(scale, adapter_name)
+        if component == "unet":
+            loaded = done
+    return loaded
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

@@ -29,7 +29,14 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, UnetkitError
-from unetkit.formats.loading import load_model_file, load_with_metadata, user_metadata
+from unetkit.formats.bioimageio import load_package
+from unetkit.formats.loading import (
+    PACKAGE_SUFFIX,
+    load_model_file,
+    load_with_metadata,
+    user_metadata,
+)
+from unetkit.formats.onnx import OnnxModel, export_onnx, read_onnx_metadata, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,6 @@ def onnx_cache_path(checkpoint: str | os.PathLike) -> Path:
 
 def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     """The ONNX export of ``checkpoint`` (dynamic spatial size), exported if not cached."""
-    from unetkit.formats.onnx import read_onnx_metadata, sha256_file
 
     digest = sha256_file(checkpoint)
     cache = onnx_cache_path(checkpoint)
@@ -102,7 +108,6 @@ def cached_onnx(checkpoint: str | os.PathLike) -> Path:
                 return cache
         except UnetkitError:
             pass  # unreadable cache: export again
-    from unetkit.formats.onnx import export_onnx
 
     model, meta = load_with_metadata(checkpoint)
     extra = user_metadata(meta)
@@ -125,7 +130,8 @@ def load_inference_model(
     """The model predict runs and the metadata it needs (normalisation, target, task).
 
     Args:
-        source: a ``.safetensors`` checkpoint or an ``.onnx`` file exported by unetkit.
+        source: a ``.safetensors`` checkpoint, an ``.onnx`` file exported by unetkit, or
+            a bioimage.io package ``.zip`` of a unetkit model.
         backend: "torch" or "onnx"; None picks by file type (``.onnx`` -> onnx).
         compile: torch backend only: True (inductor), a torch.compile backend name or
             callable; falls back to eager with a warning if compilation fails.
@@ -136,13 +142,15 @@ def load_inference_model(
     is_onnx = Path(source).suffix.lower() == ".onnx"
     backend = backend or ("onnx" if is_onnx else "torch")
     check_choice("backend", backend, BACKENDS)
+    if Path(source).suffix.lower() == PACKAGE_SUFFIX and backend == "onnx":
+        return load_package(source, backend="onnx")  # the package's own ONNX weights
     if backend == "torch":
         if is_onnx:
             raise ConfigError(
                 f"{source}: an ONNX file runs with --backend onnx; for --backend torch pass "
                 "the .safetensors checkpoint it was exported from"
             )
-        model, meta = load_with_metadata(source)  # a checkpoint, or a LoRA run's adapter
+        model, meta = load_model_file(source)  # a checkpoint, LoRA adapter or bioimage.io zip
         if compile:
             how = DEFAULT_COMPILE_BACKEND if compile is True else compile
             model = CompiledModel(model, backend=how)
@@ -155,7 +163,6 @@ def load_inference_model(
 def options_for(model: nn.Module, options: Any) -> Any:
     """``options`` (an ``InferenceOptions``) adapted to the backend: a fixed-size ONNX graph
     sets the tile size; onnxruntime runs float32 ("auto" precision becomes "fp32")."""
-    from unetkit.formats.onnx import OnnxModel
 
     if not isinstance(model, OnnxModel):
         return options

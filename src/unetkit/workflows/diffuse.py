@@ -105,13 +105,16 @@ class DiffusionPipeline:
         """Load a run directory (its best checkpoint) or a checkpoint file."""
         from unetkit.diffusion.schedules import NoiseSchedule
         from unetkit.text import CaptionEmbeddingCache, load_text_encoder
+
         model, described = load_model_or_adapter(base_checkpoint(path))
         file = described
         meta = read_metadata(described).get("diffusion")
         if meta is None:
             raise CheckpointError(
-                f"{file}: not a diffusion checkpoint (no 'diffusion' metadata); train one with "
-                f"`unetkit diffusion-train` or convert diffusers weights with `unetkit convert`"
+                f"{file}: a U-Net without unetkit diffusion metadata (no noise schedule or text "
+                f"encoder; e.g. converted from another tool's bare U-Net); generate needs a "
+                f"`unetkit diffusion-train` run, or a Stable Diffusion pipeline folder or "
+                f"single-file checkpoint"
             )
         model.eval()
         encoder = load_text_encoder(
@@ -226,13 +229,28 @@ class DiffusionPipeline:
         )
 
     def sample_grid(
-        self, prompts: list[str], path: str | os.PathLike, *, per_prompt: int = 8, **kwargs: Any
+        self,
+        prompts: list[str],
+        path: str | os.PathLike,
+        *,
+        per_prompt: int = 8,
+        progress: bool = False,
+        **kwargs: Any,
     ) -> Path:
-        """A PNG grid with one row of ``per_prompt`` samples for each prompt."""
+        """A PNG grid with one row of ``per_prompt`` samples for each prompt
+        (``progress``: a bar over the sampler steps on stderr)."""
         was_training = self.model.training
         self.model.eval()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=kwargs.get("steps", 50), desc="sample grid", leave=False)
+            kwargs["callback"] = lambda i, t, x: bar.update(1)
         try:
             images = self.generate([p for p in prompts for _ in range(per_prompt)], **kwargs)
         finally:
             self.model.train(was_training)
+            if bar is not None:
+                bar.close()
         return save_grid(images, path, nrow=per_prompt)

@@ -10,14 +10,15 @@ import torch
 
 from unetkit.data.datasets import SyntheticCellsDataset
 from unetkit.data.io import write_image
+from unetkit.regression import SyntheticDenoiseDataset, SyntheticDepthDataset
+from unetkit.segmentation.postprocess import instances_from_semantic, write_object_table_csv
+from unetkit.workflows.pictures import comparison, grey_picture, map_with_colorbar, side_by_side
 from unetkit.workflows.segment import (
     Prediction,
     evaluate_dataset,
     evaluate_regression,
     load_for_inference,
-    overlay,
 )
-from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment_train import SegmentationRecipe
 
 HELDOUT_SEED_OFFSET = 20_000  # train uses seed, validation seed + 10_000
@@ -28,8 +29,9 @@ SAMPLE_PICTURES = 3  # overlays written to samples/
 def heldout_report(recipe: SegmentationRecipe, run_dir: str | os.PathLike) -> dict[str, float]:
     """Evaluate ``best.safetensors`` on freshly generated images no run has seen.
 
-    Writes ``heldout.csv`` (per image) and ``samples/*_overlay.png``; returns mean
-    foreground Dice, IoU, instance AP at IoU 0.5 and the relative cell-count error.
+    Writes ``heldout.csv`` (per image) and ``samples/*_overlay.png`` (input | prediction |
+    truth side by side); returns mean foreground Dice, IoU, instance AP at IoU 0.5 and the
+    relative cell-count error.
     """
     run = Path(run_dir)
     model, meta = load_for_inference(run / "checkpoints" / "best.safetensors")
@@ -48,7 +50,10 @@ def heldout_report(recipe: SegmentationRecipe, run_dir: str | os.PathLike) -> di
     def draw(sample: dict, pred: Prediction) -> None:
         if len(drawn) < SAMPLE_PICTURES:
             drawn.append(sample["name"])
-            picture = overlay(sample["image"].numpy(), pred.instances)
+            truth = sample.get("instances")
+            if truth is None:
+                truth = instances_from_semantic(np.asarray(sample["mask"]))
+            picture = comparison(sample["image"].numpy(), pred.instances, np.asarray(truth))
             write_image(run / "samples" / f"{sample['name']}_overlay.png", picture)
 
     rows, means = evaluate_dataset(
@@ -71,9 +76,8 @@ def _heldout_regression(
     recipe: SegmentationRecipe, run: Path, model: torch.nn.Module, meta: dict
 ) -> dict[str, float]:
     """Depth (AbsRel, RMSE, δ<1.25) or restoration (MAE, PSNR) metrics on unseen scenes,
-    ``heldout.csv`` and colour pictures of the first predictions in ``samples/``."""
-    from unetkit.regression import SyntheticDenoiseDataset, SyntheticDepthDataset
-    from unetkit.regression.io import colorize
+    ``heldout.csv`` and pictures of the first predictions in ``samples/``: input |
+    prediction | truth, depth maps with a colour bar in metres on one shared scale."""
 
     cls = (
         SyntheticDepthDataset if recipe.synthetic_regression == "depth" else SyntheticDenoiseDataset
@@ -85,10 +89,17 @@ def _heldout_regression(
 
     def draw(sample: dict, pred: np.ndarray) -> None:
         if len(drawn) < SAMPLE_PICTURES:
-            depth = recipe.output == "depth"
-            picture = (
-                colorize(pred[0]) if depth else (np.clip(pred[0], 0, 1) * 255).astype(np.uint8)
-            )
+            image, target = np.asarray(sample["image"]), np.asarray(sample["target"])
+            if recipe.output == "depth":
+                lo, hi = float(target.min()), float(target.max())
+                maps = [
+                    map_with_colorbar(m[0], label="depth (m)", cmap="magma_r", vmin=lo, vmax=hi)
+                    for m in (pred, target)
+                ]
+                picture = side_by_side([grey_picture(image), *maps])
+            else:
+                pictures = [grey_picture(np.clip(x, 0, 1)) for x in (image, pred, target)]
+                picture = side_by_side(pictures)
             drawn.append(sample["name"])
             write_image(run / "samples" / f"{sample['name']}_prediction.png", picture)
 

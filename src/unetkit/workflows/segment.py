@@ -2,19 +2,16 @@
 
 ``predict_image`` normalises an image as in training, runs the tiling engine, and turns
 probabilities into a class mask and labelled instances (rescaled to the model's training
-scale when pixel sizes or object diameters say so); ``predict_files`` writes masks,
-instance labels, overlays, per-object tables and exports (:mod:`.segment_outputs`),
-resumably; ``evaluate_dataset`` scores predictions against labelled images.
+scale when pixel sizes or object diameters say so); ``evaluate_dataset`` scores
+predictions against labelled images. Files and folders: :mod:`.segment_files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -25,35 +22,18 @@ from skimage.transform import resize
 
 from unetkit import runtime
 from unetkit.data.datasets import TARGETS
-from unetkit.data.io import (
-    IMAGE_EXTENSIONS,
-    LoadedImage,
-    list_images,
-    load_image,
-    read_image,
-    read_pixel_size,
-    to_float_image,
-    write_image,
-)
+from unetkit.data.io import load_image, to_float_image
 from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
-from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import CheckpointError, ConfigError, DataError
-from unetkit.formats.checkpoint import unwrap
-from unetkit.formats.loading import load_with_metadata
-from unetkit.formats.onnx import OnnxModel
+from unetkit.formats.loading import PACKAGE_SUFFIX, load_model_file, load_with_metadata
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
+from unetkit.regression import depth_metrics, psnr, to_prediction
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
 from unetkit.segmentation.postprocess import (
     instances_from_boundary,
     instances_from_semantic,
-)
-from unetkit.workflows.segment_outputs import (
-    OutputOptions,
-    PredictLedger,
-    unique_names,
-    write_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -103,8 +83,12 @@ class InferenceOptions:
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and the facts predict needs (target, normalisation) from a checkpoint, or
-    from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
-    model, meta = load_with_metadata(checkpoint)
+    from a LoRA run's adapter file (loaded onto the base checkpoint it names), or from a
+    bioimage.io package ``.zip`` of a unetkit model."""
+    if os.fspath(checkpoint).lower().endswith(PACKAGE_SUFFIX):
+        model, meta = load_model_file(checkpoint)
+    else:
+        model, meta = load_with_metadata(checkpoint)
     check_inference_metadata(meta, source=str(checkpoint))
     return model, meta
 
@@ -195,7 +179,7 @@ def predict_image(
         small = scale < 1
         image = resize(image, (image.shape[0], *zoomed), order=1, anti_aliasing=small)
         return _rescaled(predict_image(model, image.astype(np.float32), meta, options), shape)
-    x = _normalized(image, meta)
+    x = normalize_input(image, meta)
     with runtime.prepared(model, options.precision) as runner:
         probs = predict_tiled(
             model,
@@ -219,7 +203,8 @@ def predict_image(
     return Prediction(probs, labels, instances.astype(np.int32))
 
 
-def _normalized(image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+def normalize_input(image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+    """The float C×... image normalised as the checkpoint's training did, as a tensor."""
     mode = meta.get("normalize", "zscore")
     if mode != "none":
         percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
@@ -234,13 +219,11 @@ def predict_regression(
     options: InferenceOptions = InferenceOptions(),
 ) -> np.ndarray:
     """Dense regression of one float image C×H×W: depth in metres or restored values, K×H×W."""
-    from unetkit.regression import to_prediction
-
     output = meta.get("output", "depth")
     with runtime.prepared(model, options.precision) as runner:
         return predict_tiled(
             model,
-            _normalized(image, meta),
+            normalize_input(image, meta),
             tile=options.tile,
             overlap=options.overlap,
             tta=options.tta,
@@ -264,228 +247,6 @@ def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def read_float_input(
-    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
-) -> np.ndarray:
-    """A float C×H×W image (C×D×H×W volume) scaled by dtype, as training reads it."""
-    return read_input(path, volumes=volumes, channels=channels).image
-
-
-def read_input(
-    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
-) -> LoadedImage:
-    """An input image or volume as float C×[D×]H×W with the pixel size its file states."""
-    path = Path(path)
-    if not volumes:
-        return load_image(path, channels=channels)
-    raw, _ = read_volume(path)  # NIfTI too; a single 2-D page becomes one slice
-    image = to_float_image(raw, path=path, spatial_dims=3, channels=channels)
-    pixel_size = None
-    if path.suffix.lower() in (".tif", ".tiff"):
-        pixel_size = read_pixel_size(path)
-    return LoadedImage(image, pixel_size, "ZYXC")
-
-
-def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False) -> list[Path]:
-    """Files as given, folders expanded to their images; a missing path is a DataError."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p, extensions=VOLUME_EXTENSIONS) if volumes else list_images(p)
-            if not found:
-                kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
-                raise DataError(f"{p}: folder has no images ({kinds})")
-            # entries named like images but unreadable are named by list_images itself
-            endings = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
-            skipped = sorted(
-                e.name
-                for e in p.iterdir()
-                if not e.name.startswith(".") and not e.name.lower().endswith(endings)
-            )
-            if skipped:
-                shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-                log.warning(
-                    "%s: skipped %d entries that are not images: %s", p, len(skipped), shown
-                )
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    return files
-
-
-def predict_files(
-    checkpoint: str | os.PathLike,
-    inputs: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    options: InferenceOptions = InferenceOptions(),
-    *,
-    outputs: OutputOptions | None = None,
-    attention_maps: bool = False,
-    backend: str | None = None,
-    compile: bool | str = False,
-) -> list[dict[str, Any]]:
-    """Segment files and folders into ``out_dir``, resumably; one ``counts.csv`` row each.
-
-    Per image ``<name>`` (the stem, made unique when stems collide): ``_mask``,
-    ``_instances`` (uint16 PNG, or uint32 TIFF above 65,535 objects), ``_labels_preview``,
-    ``_overlay``, ``_objects.csv`` and what ``outputs`` asks for (see
-    :mod:`unetkit.workflows.segment_outputs`). Images finished by an earlier run with the
-    same settings are skipped (``outputs.overwrite`` redoes them).
-    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net);
-    regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
-    ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
-    (``checkpoint`` may then be an ``.onnx`` file).
-
-    Returns:
-        the counts.csv rows of every image (finished earlier or now), in input order.
-    """
-    outputs = outputs or OutputOptions()
-    model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
-    check_inference_metadata(meta, source=str(checkpoint))
-    options = options_for(model, options)
-    if attention_maps and isinstance(model, OnnxModel):
-        raise ConfigError(f"{checkpoint}: --attention-maps needs --backend torch")
-    if attention_maps and not hasattr(model, "gated_levels"):
-        raise ConfigError(
-            f"{checkpoint}: --attention-maps needs a model with attention gates "
-            f"(e.g. attention_unet); this is {meta['model']!r}"
-        )
-    volumes = getattr(model, "dims", 2) == 3
-    files = expand_inputs(inputs, volumes=volumes)
-    out = Path(out_dir)
-    if meta.get("task") == "regression":
-        return _predict_regression_files(model, meta, files, out, options)
-    stem_of = volume_stem if volumes else (lambda p: p.stem)
-    _refuse_overwriting_inputs(files, unique_names(files, stem_of), out)
-    settings = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "inference": dataclasses.asdict(options),
-        "outputs": {k: v for k, v in dataclasses.asdict(outputs).items() if k != "overwrite"},
-    }
-    ledger = PredictLedger(out, json.loads(json.dumps(settings)), overwrite=outputs.overwrite)
-    names = unique_names(files, stem_of, previous=ledger.names())
-    _refuse_overwriting_inputs(files, names, out)
-    resumed = 0
-    for f in files:
-        if ledger.done(f, names[f]):
-            resumed += 1
-            continue
-        loaded = read_input(f, volumes=volumes, channels=options.channels)
-        _check_channels(f, loaded.image, model)
-        pixel_size = loaded.pixel_size
-        if options.pixel_size is not None:
-            pixel_size = PixelSize(
-                options.pixel_size, options.pixel_size, pixel_size and pixel_size.z
-            )
-        scale = scale_factor(meta, options, pixel_size)
-        pred = predict_image(model, loaded.image, meta, options, scale=scale)
-        if attention_maps:
-            from unetkit.inference.attention_maps import save_attention_heatmaps
-
-            save_attention_heatmaps(unwrap(model), _normalized(loaded.image, meta), out / names[f])
-        picture = overlay(loaded.image, pred.instances)
-        row = write_outputs(
-            out,
-            names[f],
-            loaded.image,
-            pred,
-            outputs,
-            pixel_size=pixel_size,
-            overlay_picture=picture,
-        )
-        extra = {"scale": round(scale, 4)} if scale != 1 else {}
-        ledger.add({"image": str(f), **row, **extra})
-    if resumed:
-        log.warning(
-            "%s: %d image(s) finished by an earlier run were skipped (--overwrite redoes them)",
-            out,
-            resumed,
-        )
-    order = {str(f): i for i, f in enumerate(files)}
-    return sorted((r for r in ledger.rows if r["image"] in order), key=lambda r: order[r["image"]])
-
-
-def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> None:
-    """DataError naming the file when its channel count is not the model's."""
-    expected = getattr(model, "in_channels", None)
-    if expected is not None and image.shape[0] != expected:
-        raise DataError(
-            f"{path}: image has {image.shape[0]} channel(s), the model takes {expected}; "
-            "pick and order channels with --channels (e.g. --channels 0 or 1,0)"
-        )
-
-
-_OUTPUT_ENDINGS = (
-    "_mask.png",
-    "_mask.tif",
-    "_instances.png",
-    "_instances.tif",
-    "_labels_preview.png",
-    "_overlay.png",
-    "_objects.csv",
-    "_probabilities.tif",
-    ".geojson",
-    "_RoiSet.zip",
-)
-
-
-def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: Path) -> None:
-    """DataError when any output of any image would land on an input file."""
-    inputs = {f.resolve() for f in files}
-    fixed = [out / "counts.csv", out / "predict.json"]
-    for target in fixed + [out / f"{n}{e}" for n in names.values() for e in _OUTPUT_ENDINGS]:
-        if target.resolve() in inputs:
-            raise DataError(
-                f"{target}: output would overwrite an input image; choose another --out folder"
-            )
-
-
-def _predict_regression_files(
-    model: torch.nn.Module,
-    meta: dict[str, Any],
-    files: list[Path],
-    out: Path,
-    options: InferenceOptions,
-) -> list[dict[str, Any]]:
-    """``<stem>_depth.tif`` (float32 metres) + ``<stem>_depth.png`` (colour) per image, or
-    ``<stem>_restored.tif``/``.png`` for restoration models."""
-    from unetkit.regression.io import colorize, write_target
-
-    kind = "depth" if meta.get("output", "depth") == "depth" else "restored"
-    rows = []
-    for f in files:
-        image = to_float_image(read_image(f), path=f)
-        pred = predict_regression(model, image, meta, options)
-        write_target(out / f"{f.stem}_{kind}.tif", pred)
-        if kind == "depth":
-            picture = colorize(pred[0])
-        else:
-            picture = (
-                np.clip(
-                    np.moveaxis(pred, 0, -1).squeeze(-1)
-                    if pred.shape[0] == 1
-                    else np.moveaxis(pred, 0, -1),
-                    0,
-                    1,
-                )
-                * 255
-            ).astype(np.uint8)
-        write_image(out / f"{f.stem}_{kind}.png", picture)
-        rows.append(
-            {
-                "image": str(f),
-                "min": float(pred.min()),
-                "max": float(pred.max()),
-                "mean": float(pred.mean()),
-                "objects": 0,
-            }
-        )
-    return rows
-
-
 def evaluate_regression(
     model: torch.nn.Module,
     meta: dict[str, Any],
@@ -494,8 +255,6 @@ def evaluate_regression(
     on_prediction: Callable[[dict, np.ndarray], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Depth metrics (AbsRel, RMSE, δ<1.25, ...) or MAE/RMSE/PSNR per image, and their means."""
-    from unetkit.regression import depth_metrics, psnr
-
     acc = MetricAccumulator()
     rows = []
     for s in samples:
@@ -546,6 +305,12 @@ def evaluate_dataset(
                 spatial_dims=image.ndim - 1,
                 channels=options.channels,
             )
+        expected = getattr(model, "in_channels", None)
+        if expected is not None and image.shape[0] != expected:
+            raise DataError(
+                f"{s.get('name', 'image')}: image has {image.shape[0]} channel(s), the model "
+                f"takes {expected}; pick and order channels with --channels (e.g. 0 or 1,0)"
+            )
         pred = predict_image(model, image, meta, options, scale=scale_factor(meta, options))
         if on_prediction is not None:
             on_prediction(s, pred)
@@ -577,7 +342,9 @@ def predict(
             z-scored images, semantic).
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
         options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size,
-            precision).
+            precision, channels, pixel_size, object_diameter). A file is read axis-aware
+            (OME/ImageJ TIFF) and rescaled to the checkpoint's training scale when its
+            pixel size and the checkpoint's are known.
 
     Example:
         >>> pred = unetkit.predict("run/best.safetensors", "cells.png")  # doctest: +SKIP
@@ -587,7 +354,13 @@ def predict(
         model, meta = load_inference_model(model)
     else:
         meta = {"normalize": "zscore", "target": "semantic"}
-    path = image if isinstance(image, (str, os.PathLike)) else None
-    raw = read_image(path) if path is not None else np.asarray(image)
     opts = options_for(model, InferenceOptions(**options))
-    return predict_image(model, to_float_image(raw, path=path), meta, opts)
+    pixel_size = None
+    if isinstance(image, (str, os.PathLike)):
+        loaded = load_image(image, channels=opts.channels)
+        array, pixel_size = loaded.image, loaded.pixel_size
+    else:
+        array = to_float_image(np.asarray(image), channels=opts.channels)
+    if opts.pixel_size is not None:
+        pixel_size = PixelSize(opts.pixel_size, opts.pixel_size)
+    return predict_image(model, array, meta, opts, scale=scale_factor(meta, opts, pixel_size))

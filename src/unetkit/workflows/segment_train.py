@@ -22,6 +22,7 @@ from unetkit import registry
 from unetkit.data import transforms as T
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError
+from unetkit.training.fit_config import FitConfig
 from unetkit.training.logging import RunDirectory
 from unetkit.workflows.segment_data import TrainingData, build_datasets
 from unetkit.workflows.segment_task import regression_task, segmentation_task, target_channels
@@ -339,9 +340,9 @@ def _describe(recipe: SegmentationRecipe, data: TrainingData, model: torch.nn.Mo
     )
 
 
-def fit_options(recipe: SegmentationRecipe) -> dict[str, Any]:
-    """The recipe's optimisation settings as ``training.fit`` keywords."""
-    return dict(
+def fit_config(recipe: SegmentationRecipe) -> FitConfig:
+    """The recipe's optimisation settings as the trainer's typed config."""
+    return FitConfig(
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
@@ -405,8 +406,8 @@ def train(
         task,
         train_ds,
         val_ds,
+        fit_config(recipe),
         run_dir=Path(run_dir),
-        **fit_options(recipe),
         resume=resume,
         progress=progress,
         checkpoint_extra=checkpoint_extra(recipe),

@@ -1,0 +1,301 @@
+"""Files and folders in, results on disk out: what `unetkit predict` calls.
+
+``predict_files`` reads each input axis-aware (:func:`read_input`), segments it with
+:func:`~unetkit.workflows.segment.predict_image` at the model's training scale, and writes
+the results with :mod:`unetkit.workflows.segment_outputs`, resumably.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unetkit.data.io import (
+    IMAGE_EXTENSIONS,
+    LoadedImage,
+    list_images,
+    load_image,
+    read_image,
+    read_pixel_size,
+    to_float_image,
+    write_image,
+)
+from unetkit.data.tiff import PixelSize
+from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
+from unetkit.errors import ConfigError, DataError
+from unetkit.formats.checkpoint import unwrap
+from unetkit.formats.onnx import OnnxModel
+from unetkit.inference.attention_maps import save_attention_heatmaps
+from unetkit.inference.backends import load_inference_model, options_for
+from unetkit.regression.io import colorize, write_target
+from unetkit.workflows import segment
+from unetkit.workflows.pictures import map_with_colorbar
+from unetkit.workflows.segment import (
+    InferenceOptions,
+    check_inference_metadata,
+    normalize_input,
+    overlay,
+    predict_regression,
+    scale_factor,
+)
+from unetkit.workflows.segment_outputs import (
+    OutputOptions,
+    PredictLedger,
+    unique_names,
+    write_outputs,
+)
+
+__all__ = ["expand_inputs", "predict_files", "read_float_input", "read_input"]
+
+log = logging.getLogger(__name__)
+
+
+def read_float_input(
+    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+) -> np.ndarray:
+    """A float C×H×W image (C×D×H×W volume) scaled by dtype, as training reads it."""
+    return read_input(path, volumes=volumes, channels=channels).image
+
+
+def read_input(
+    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+) -> LoadedImage:
+    """An input image or volume as float C×[D×]H×W with the pixel size its file states."""
+    path = Path(path)
+    if not volumes:
+        return load_image(path, channels=channels)
+    raw, _ = read_volume(path)  # NIfTI too; a single 2-D page becomes one slice
+    image = to_float_image(raw, path=path, spatial_dims=3, channels=channels)
+    pixel_size = None
+    if path.suffix.lower() in (".tif", ".tiff"):
+        pixel_size = read_pixel_size(path)
+    return LoadedImage(image, pixel_size, "ZYXC")
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False) -> list[Path]:
+    """Files as given, folders expanded to their images; a missing path is a DataError."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p, extensions=VOLUME_EXTENSIONS) if volumes else list_images(p)
+            if not found:
+                kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
+                raise DataError(f"{p}: folder has no images ({kinds})")
+            # entries named like images but unreadable are named by list_images itself
+            endings = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
+            skipped = sorted(
+                e.name
+                for e in p.iterdir()
+                if not e.name.startswith(".") and not e.name.lower().endswith(endings)
+            )
+            if skipped:
+                shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+                log.warning(
+                    "%s: skipped %d entries that are not images: %s", p, len(skipped), shown
+                )
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def predict_files(
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    options: InferenceOptions | None = None,
+    *,
+    outputs: OutputOptions | None = None,
+    attention_maps: bool = False,
+    backend: str | None = None,
+    compile: bool | str = False,
+) -> list[dict[str, Any]]:
+    """Segment files and folders into ``out_dir``, resumably; one ``counts.csv`` row each.
+
+    Per image ``<name>`` (the stem, made unique when stems collide): ``_mask``,
+    ``_instances`` (uint16 PNG, or uint32 TIFF above 65,535 objects), ``_labels_preview``,
+    ``_overlay``, ``_objects.csv`` and what ``outputs`` asks for (see
+    :mod:`unetkit.workflows.segment_outputs`). Images finished by an earlier run with the
+    same settings are skipped (``outputs.overwrite`` redoes them).
+    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net);
+    regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
+    ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
+    (``checkpoint`` may then be an ``.onnx`` file).
+
+    Returns:
+        the counts.csv rows of every image (finished earlier or now), in input order.
+    """
+    options, outputs = options or InferenceOptions(), outputs or OutputOptions()
+    model, meta = load_inference_model(checkpoint, backend=backend, compile=compile)
+    check_inference_metadata(meta, source=str(checkpoint))
+    options = options_for(model, options)
+    if attention_maps and isinstance(model, OnnxModel):
+        raise ConfigError(f"{checkpoint}: --attention-maps needs --backend torch")
+    if attention_maps and not hasattr(model, "gated_levels"):
+        raise ConfigError(
+            f"{checkpoint}: --attention-maps needs a model with attention gates "
+            f"(e.g. attention_unet); this is {meta['model']!r}"
+        )
+    volumes = getattr(model, "dims", 2) == 3
+    files = expand_inputs(inputs, volumes=volumes)
+    out = Path(out_dir)
+    stem_of = volume_stem if volumes else (lambda p: p.stem)
+    names = unique_names(files, stem_of)
+    _refuse_overwriting_inputs(files, names, out)
+    if meta.get("task") == "regression":
+        return _predict_regression_files(model, meta, files, names, out, options)
+    settings = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "inference": dataclasses.asdict(options),
+        "outputs": {k: v for k, v in dataclasses.asdict(outputs).items() if k != "overwrite"},
+    }
+    ledger = PredictLedger(out, json.loads(json.dumps(settings)), overwrite=outputs.overwrite)
+    if ledger.names():  # names an earlier run gave stay, so its finished images are found
+        names = unique_names(files, stem_of, previous=ledger.names())
+        _refuse_overwriting_inputs(files, names, out)
+    resumed = 0
+    for f in files:
+        if ledger.done(f, names[f]):
+            resumed += 1
+            continue
+        row = _predict_one(model, meta, f, out / names[f], options, outputs, attention_maps)
+        ledger.add({"image": str(f), **row})
+    if resumed:
+        log.warning(
+            "%s: %d image(s) finished by an earlier run were skipped (--overwrite redoes them)",
+            out,
+            resumed,
+        )
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted((r for r in ledger.rows if r["image"] in order), key=lambda r: order[r["image"]])
+
+
+def _predict_one(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    path: Path,
+    prefix: Path,
+    options: InferenceOptions,
+    outputs: OutputOptions,
+    attention_maps: bool,
+) -> dict[str, Any]:
+    """Read, segment (at the training scale) and write one input; its counts.csv row.
+
+    ``prefix``: the output folder joined with the image's unique output name."""
+    volumes = getattr(model, "dims", 2) == 3
+    loaded = read_input(path, volumes=volumes, channels=options.channels)
+    _check_channels(path, loaded.image, model)
+    pixel_size = loaded.pixel_size
+    if options.pixel_size is not None:  # the user's size wins; a file's z spacing is kept
+        z = pixel_size.z if pixel_size is not None else None
+        pixel_size = PixelSize(options.pixel_size, options.pixel_size, z)
+    scale = scale_factor(meta, options, pixel_size)
+    pred = segment.predict_image(model, loaded.image, meta, options, scale=scale)
+    if attention_maps:
+        save_attention_heatmaps(unwrap(model), normalize_input(loaded.image, meta), prefix)
+    row = write_outputs(
+        prefix.parent,
+        prefix.name,
+        loaded.image,
+        pred,
+        outputs,
+        pixel_size=pixel_size,
+        overlay_picture=overlay(loaded.image, pred.instances),
+    )
+    return {**row, "scale": round(scale, 4)} if scale != 1 else row
+
+
+def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> None:
+    """DataError naming the file when its channel count is not the model's."""
+    expected = getattr(model, "in_channels", None)
+    if expected is not None and image.shape[0] != expected:
+        raise DataError(
+            f"{path}: image has {image.shape[0]} channel(s), the model takes {expected}; "
+            "pick and order channels with --channels (e.g. --channels 0 or 1,0)"
+        )
+
+
+_OUTPUT_ENDINGS = (
+    "_mask.png",
+    "_mask.tif",
+    "_instances.png",
+    "_instances.tif",
+    "_labels_preview.png",
+    "_overlay.png",
+    "_objects.csv",
+    "_probabilities.tif",
+    ".geojson",
+    "_RoiSet.zip",
+    "_depth.tif",
+    "_depth.png",
+    "_depth_preview.png",
+    "_restored.tif",
+    "_restored.png",
+)
+
+
+def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: Path) -> None:
+    """DataError when any output of any image would land on an input file."""
+    inputs = {f.resolve() for f in files}
+    fixed = [out / "counts.csv", out / "predict.json"]
+    for target in fixed + [out / f"{n}{e}" for n in names.values() for e in _OUTPUT_ENDINGS]:
+        if target.resolve() in inputs:
+            raise DataError(
+                f"{target}: output would overwrite an input image; choose another --out folder"
+            )
+
+
+def _predict_regression_files(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    files: list[Path],
+    names: dict[Path, str],
+    out: Path,
+    options: InferenceOptions,
+) -> list[dict[str, Any]]:
+    """``<stem>_depth.tif`` (float32 metres), ``<stem>_depth.png`` (colour, pixel for pixel)
+    and ``<stem>_depth_preview.png`` (with a colour bar in metres) per image, or
+    ``<stem>_restored.tif``/``.png`` for restoration models."""
+    kind = "depth" if meta.get("output", "depth") == "depth" else "restored"
+    rows = []
+    for f in files:
+        image = to_float_image(read_image(f), path=f)
+        pred = predict_regression(model, image, meta, options)
+        write_target(out / f"{names[f]}_{kind}.tif", pred)
+        if kind == "depth":
+            picture = colorize(pred[0])
+            preview = map_with_colorbar(pred[0], label="depth (m)", cmap="magma_r")
+            write_image(out / f"{names[f]}_depth_preview.png", preview)
+        else:
+            picture = (
+                np.clip(
+                    np.moveaxis(pred, 0, -1).squeeze(-1)
+                    if pred.shape[0] == 1
+                    else np.moveaxis(pred, 0, -1),
+                    0,
+                    1,
+                )
+                * 255
+            ).astype(np.uint8)
+        write_image(out / f"{names[f]}_{kind}.png", picture)
+        rows.append(
+            {
+                "image": str(f),
+                "min": float(pred.min()),
+                "max": float(pred.max()),
+                "mean": float(pred.mean()),
+                "objects": 0,
+            }
+        )
+    return rows
