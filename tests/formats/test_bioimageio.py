@@ -180,6 +180,7 @@ def test_evaluate_and_interactive_segmenter_open_a_package(
     assert "dice" in capsys.readouterr().out.lower()
 
 
+@pytest.mark.slow
 def test_lora_adapter_exports_merged(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
