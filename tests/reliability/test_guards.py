@@ -136,3 +136,15 @@ def test_lora_verify_fails_on_partly_unmatched_adapters_after_reporting(zoo, tmp
     out, err = capsys.readouterr()
     assert "layers touched: 32" in out  # the report comes first
     assert err.startswith(f"unetkit lora-verify: error: {odd}: 1 of 33 adapter modules match")
+
+
+def test_a_model_too_large_for_memory_is_one_line_and_leaves_no_run_folder(
+    zoo, tmp_path, capsys
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(zoo.data), "--out", str(run), "--no-progress"]
+    assert main([*argv, "--model-option", "channels=(200000,400000)"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unetkit train: error: out of memory (asked for ")
+    assert err.count("\n") == 1
+    assert not run.exists()
