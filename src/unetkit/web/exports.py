@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from unetkit._atomic import atomic_path
+from unetkit.data.io import write_image
+from unetkit.formats.geojson import write_geojson
+from unetkit.segmentation.postprocess import write_object_table_csv
 
 # name in the job folder -> what the page calls it
 RESULT_FILES = {
@@ -23,12 +27,6 @@ def write_result_files(
     folder: Path, instances: np.ndarray, labels: np.ndarray, table: list[dict], overlay: np.ndarray
 ) -> dict[str, str]:
     """Write every download of one segmented image into ``folder``; returns {file: title}."""
-    import tifffile
-
-    from unetkit.data.io import write_image
-    from unetkit.formats.geojson import write_geojson
-    from unetkit.segmentation.postprocess import write_object_table_csv
-
     folder.mkdir(parents=True, exist_ok=True)
     write_image(folder / "overlay.png", overlay)
     mask = labels.astype(np.uint8)
