@@ -197,7 +197,7 @@ def check_config_values(values: dict[str, Any], checks: dict[str, Any], path: Pa
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
             check(repr(value))
-        except argparse.ArgumentTypeError as e:
+        except (argparse.ArgumentTypeError, ValueError) as e:  # plain int/float parsers
             raise ConfigError(f"--config {path}: {key} = {value!r}: {e}") from None
 
 
