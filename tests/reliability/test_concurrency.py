@@ -153,7 +153,6 @@ def _rows(counts: Path) -> list[str]:
         return [r["image"] for r in csv.DictReader(f)]
 
 
-@pytest.mark.slow  # two fresh processes (torch imports): ~10 s idle, ~30 s on a busy runner
 @pytest.mark.xfail(
     not RESUMABLE, strict=True, reason="resumable predict is data-io's part of #14 (not merged)"
 )
