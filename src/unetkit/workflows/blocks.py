@@ -127,15 +127,23 @@ class Source:
         return self.read(ys, xs)
 
 
-@functools.lru_cache(maxsize=8)
 def open_source(path: str | os.PathLike, level: int = 0) -> Source:
-    """Open an image for block reads (cached: each worker opens a file once).
+    """Open an image for block reads (cached: each worker opens a file once per version).
 
     Args:
         path: an OME-Zarr image group, a TIFF (read through tifffile's Zarr store, tile by
             tile) or another image file (read whole: it must be small).
         level: the OME-Zarr resolution level (0 = full resolution).
     """
+    p = Path(path)
+    meta = p / "zarr.json" if (p / "zarr.json").is_file() else p
+    stamp = meta.stat().st_mtime_ns if meta.exists() else 0
+    return _open_source(str(p), level, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_source(path: str, level: int, stamp: int) -> Source:
+    """:func:`open_source`, cached by ``stamp`` (the file's modification time)."""
     p = Path(path)
     if ome_zarr.is_zarr(p):
         img = ome_zarr.open_ngff(p)
