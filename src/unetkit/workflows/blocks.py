@@ -122,6 +122,7 @@ class Source:
     scale: tuple[float, float]
     units: dict[str, str]
     read: Any
+    translation: tuple[float, float] = (0.0, 0.0)
 
     def window(self, ys: slice, xs: slice) -> np.ndarray:
         return self.read(ys, xs)
@@ -153,6 +154,7 @@ def _open_source(path: str, level: int, stamp: int) -> Source:
             img.scale(level),
             img.units(),
             functools.partial(img.window, level=level),
+            img.translation(level),
         )
     if level:
         raise ConfigError(f"{p}: --level {level} needs an OME-Zarr input with that level")

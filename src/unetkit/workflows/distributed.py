@@ -297,6 +297,7 @@ def _prepare(
         source.shape,
         chunk=blocks.block_size,
         scale=source.scale,
+        translation=source.translation,
         units=source.units,
         num_classes=channels,
         probabilities=probabilities,
