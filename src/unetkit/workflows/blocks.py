@@ -266,12 +266,14 @@ def tile_plan(
         edge = round(tiling.DEFAULT_TILE_VOXELS**0.5) // 16 * 16
         margin = model.margin()[0] if valid else 0
         tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
-    tile = tiling._expand(tile, 2, "tile")
+    tile = (int(tile),) * 2 if isinstance(tile, int | np.integer) else tuple(map(int, tile))
+    if len(tile) != 2 or min(tile) < 1:
+        raise ConfigError(f"tile={options.tile!r}: expected a positive int or two of them")
     if not valid:
         grid = tiling.TileGrid.sliding(shape, tile, options.overlap)
         profiles = tuple(tiling.gaussian_profile(t) for t in tile)
         return TilePlan(grid, ((0, 0), tile), tiling.importance_map(tile), profiles)
-    period = tiling._shift_period(model, 2)
+    period = tiling._shift_period(model, 2)  # the spacing of its valid input sizes
     want = [max(min(t, n), p) for t, n, p in zip(tile, shape, period, strict=True)]
     tile_in = model.input_size_for(want)
     tile_o = model.output_size_for(tile_in)
