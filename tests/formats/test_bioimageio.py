@@ -21,12 +21,8 @@ from unetkit.errors import CheckpointError
 pytest.importorskip("bioimageio.core")
 pytest.importorskip("onnxruntime")
 
-from unetkit.formats.bioimageio import (  # noqa: E402
-    PackageInfo,
-    check_package,
-    export_package,
-    load_package,
-)
+from unetkit.formats.bioimageio import PackageInfo, export_package  # noqa: E402
+from unetkit.formats.bioimageio_load import check_package, load_package  # noqa: E402
 
 CITE = ("Doe et al. 2024, Tiny cells", "10.5281/zenodo.1234567")
 
@@ -180,6 +176,7 @@ def test_evaluate_and_interactive_segmenter_open_a_package(
     assert "dice" in capsys.readouterr().out.lower()
 
 
+@pytest.mark.slow
 def test_lora_adapter_exports_merged(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

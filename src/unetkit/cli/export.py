@@ -10,12 +10,8 @@ from typing import Any
 
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
-from unetkit.formats.bioimageio import (
-    PackageInfo,
-    check_package,
-    default_test_image,
-    export_package,
-)
+from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
+from unetkit.formats.bioimageio_load import check_package
 from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
 from unetkit.nn.lora_inject import lora_layers, merge_and_unload
