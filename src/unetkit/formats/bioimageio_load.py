@@ -38,18 +38,6 @@ def _rdf_name(path: Path) -> str:
     return found[0]
 
 
-def is_package(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zip with a bioimage.io RDF (``rdf.yaml``/``bioimageio.yaml``)."""
-    p = Path(path)
-    if p.suffix.lower() != ".zip" or not p.is_file():
-        return False
-    try:
-        _rdf_name(p)
-    except CheckpointError:
-        return False
-    return True
-
-
 def _member(z: zipfile.ZipFile, descr: Any, source: Path) -> bytes:
     """A weights file's bytes, checked against the RDF's SHA-256."""
     name = str(descr.source.path if hasattr(descr.source, "path") else descr.source)
