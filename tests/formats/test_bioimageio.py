@@ -244,6 +244,7 @@ def test_3d_package(tmp_path: Path) -> None:
     [
         (["export", "{ckpt}", "--bioimageio", "{tmp}/x.zip"], "--authors"),
         (["predict", "{tmp}/plain.zip", "{tmp}", "--out", "{tmp}/o"], "no rdf.yaml"),
+        (["predict", "{tmp}/missing.zip", "{tmp}", "--out", "{tmp}/o"], "no such"),
         (["predict", "{tmp}/foreign.zip", "{tmp}", "--out", "{tmp}/o"], "not a unetkit model"),
     ],
 )

@@ -25,6 +25,8 @@ from unetkit.formats.checkpoint import load_state_dict_strict
 
 def _rdf_name(path: Path) -> str:
     """The RDF file inside a package zip; CheckpointError if it is no bioimage.io package."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such bioimage.io package file")
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
