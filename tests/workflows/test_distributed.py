@@ -298,3 +298,25 @@ def test_cli_block_wise_and_bad_input(setup: dict, tmp_path: Path, capsys) -> No
     )
     err = capsys.readouterr().err.strip()
     assert "tcp://127.0.0.1:1" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_cli_local_cluster_of_worker_processes(setup: dict, tmp_path: Path, capsys) -> None:
+    """`--cluster local:2`: real worker processes (jobs pickled, model loaded per worker),
+    the dashboard address printed, the mask equal to the single-process one."""
+    out = tmp_path / "procs"
+    args = ["predict", setup["ckpt"]["semantic"], str(setup["zarr"]), "--out", str(out)]
+    args += ["--cluster", "local:2", "--block-size", str(BLOCK), "--tile", "128"]
+    assert main([*args, "--precision", "fp32", "--save-probabilities"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dask dashboard: http://127.0.0.1:" in printed and "cells.zarr" in printed
+    mask, instances, group = _read(out / "cells.zarr")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: bit-for-bit needs the same
+    try:
+        ref = _reference(setup, "semantic")
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(group["probabilities/0"][:], ref.probabilities)
+    np.testing.assert_array_equal(mask, ref.labels)
+    assert instances.max() == ref.instances.max()

@@ -24,7 +24,7 @@ from unetkit import runtime
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import load_image, to_float_image
 from unetkit.data.tiff import PixelSize
-from unetkit.data.transforms import Normalize
+from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.loading import PACKAGE_SUFFIX, load_model_file, load_with_metadata
 from unetkit.inference.backends import load_inference_model, options_for
@@ -207,7 +207,8 @@ def normalize_input(image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
     """The float C×... image normalised as the checkpoint's training did, as a tensor."""
     mode = meta.get("normalize", "zscore")
     if mode != "none":
-        image = Normalize(mode)({"image": image})["image"]
+        percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+        image = Normalize(mode, percentiles=percentiles)({"image": image})["image"]
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
 
 
