@@ -78,7 +78,9 @@ def test_export_passes_bioimageio_core_test(package: Path) -> None:
     assert rdf["license"] == "MIT" and CITE[1] in [c.get("doi") for c in rdf["cite"]]
     assert "nuclei" in rdf["tags"]
     steps = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
-    assert "zero_mean_unit_variance" in steps  # the run's zscore normalisation
+    normalize = unetkit.read_metadata(package.parent.parent / "run/checkpoints/best.safetensors")
+    spec_step = {"zscore": "zero_mean_unit_variance", "percentile": "scale_range"}
+    assert spec_step[normalize["normalize"]] in steps  # the run's own normalisation
     assert [p["id"] for p in rdf["outputs"][0]["postprocessing"]][0] == "softmax"
     assert [a.get("id", a["type"]) for a in rdf["inputs"][0]["axes"]] == [
         "batch",
@@ -215,7 +217,8 @@ def test_valid_padding_multichannel_percentile_package(tmp_path: Path) -> None:
         "unet", channels=(4, 8), padding="valid", in_channels=2, out_channels=1
     )
     info = PackageInfo("valid two channel", "A tiny valid-padding model.", ("Ada",))
-    target = export_package(model, {"normalize": "percentile"}, tmp_path / "v.zip", info)
+    meta = {"normalize": "percentile", "normalize_percentiles": [2.0, 99.8]}
+    target = export_package(model, meta, tmp_path / "v.zip", info)
     summary = check_package(target)
     assert summary.status == "passed", [d for d in summary.details if d.status != "passed"]
     import yaml
@@ -228,7 +231,8 @@ def test_valid_padding_multichannel_percentile_package(tmp_path: Path) -> None:
     kwargs = next(
         p["kwargs"] for p in rdf["inputs"][0]["preprocessing"] if p["id"] == "scale_range"
     )
-    assert (kwargs["min_percentile"], kwargs["max_percentile"]) == (1.0, 99.0)
+    assert (kwargs["min_percentile"], kwargs["max_percentile"]) == (2.0, 99.8)
+    assert load_package(target)[1]["normalize_percentiles"] == [2.0, 99.8]
 
 
 @pytest.mark.slow
