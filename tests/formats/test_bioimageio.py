@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -53,6 +54,7 @@ def package(run: Path) -> Path:
     argv = ["export", str(run / "run" / "checkpoints" / "best.safetensors")]
     argv += ["--bioimageio", str(target), "--authors", "Ada Lovelace", "Alan Turing"]
     argv += ["--license", "MIT", "--cite", *CITE, "--tags", "nuclei"]
+    argv += ["--test-image", str(sorted((run / "data" / "images").iterdir())[0])]
     assert main(argv) == 0
     return target
 
@@ -73,6 +75,8 @@ def test_export_passes_bioimageio_core_test(package: Path) -> None:
         rdf = yaml.safe_load(z.read("rdf.yaml"))
         names = set(z.namelist())
     assert {"weights.onnx", "weights.pt", "cover.png", "test_input.npy"} <= names
+    with zipfile.ZipFile(package) as z:  # --test-image: one of the run's 48×48 images
+        assert np.load(io.BytesIO(z.read("test_input.npy"))).shape == (1, 1, 48, 48)
     assert rdf["format_version"].startswith("0.5")
     assert [a["name"] for a in rdf["authors"]] == ["Ada Lovelace", "Alan Turing"]
     assert rdf["license"] == "MIT" and CITE[1] in [c.get("doi") for c in rdf["cite"]]
@@ -105,8 +109,6 @@ def _rewrite(package: Path, target: Path, replace: dict[str, bytes]) -> Path:
 
 
 def _perturbed_state_dict(package: Path) -> bytes:
-    import io
-
     with zipfile.ZipFile(package) as z:
         state = torch.load(io.BytesIO(z.read("weights.pt")), weights_only=True)
     key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
