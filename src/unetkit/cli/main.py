@@ -81,8 +81,13 @@ def describe(error: BaseException) -> str:
         return one_line(str(error))
     if isinstance(error, OSError) and error.filename is not None:
         return one_line(f"{error.filename}: {error.strerror or error}")
-    if isinstance(error, MemoryError):
-        return "out of memory; use a smaller --tile/--batch-size or smaller inputs"
+    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        wanted = re.search(r"allocate (\d+) bytes", str(error))
+        size = f" (asked for {int(wanted[1]) / 2**30:.1f} GiB)" if wanted else ""
+        return (
+            f"out of memory{size}; use smaller model channels, --tile, --batch-size or "
+            f"inputs (rerun with -v for the traceback)"
+        )
     return (
         one_line(f"unexpected {type(error).__name__}: {error}", limit=300)
         + " (rerun with -v for the traceback)"

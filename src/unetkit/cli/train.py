@@ -187,7 +187,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="start the run in --out over (its checkpoints are replaced), e.g. with new data",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    # a --config value is checked by the parser of the flag of the same name (one rule each)
+    checks = {a.dest: a.type for a in p._actions if a.type is not None and a.dest in _VALUE_FLAGS}
+    p.set_defaults(run=run, config_checks=checks)
+
+
+def check_config_values(values: dict[str, Any], checks: dict[str, Any], path: Path) -> None:
+    """ConfigError naming the file and key for a --config value its flag would refuse."""
+    for key, value in values.items():
+        check = checks.get(key)
+        if check is None or value is None:
+            continue
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+            check(repr(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:  # plain int/float parsers
+            raise ConfigError(f"--config {path}: {key} = {value!r}: {e}") from None
 
 
 def parse_model_options(items: list[str]) -> dict[str, Any]:
@@ -222,6 +238,7 @@ def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
             raise ConfigError(f"--config {path}: invalid TOML ({e})") from None
         except OSError as e:
             raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+        check_config_values(values, getattr(args, "config_checks", {}), path)
     for name in _VALUE_FLAGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
