@@ -19,11 +19,11 @@ from unetkit import config as cfg
 from unetkit.data import transforms as T
 from unetkit.data.datasets import (
     FolderSegmentationDataset,
-    MaskSummary,
     SyntheticCellsDataset,
     fmt_size,
     split_indices,
 )
+from unetkit.data.mask_summary import MaskSummary
 from unetkit.data.sampling import RandomDraws, spatial_split
 from unetkit.errors import DataError
 
