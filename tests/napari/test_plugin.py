@@ -163,6 +163,10 @@ def test_bad_input_is_a_notification(widget, tmp_path: Path, errors: list[str], 
     widget.checkpoint.value = two_file
     _wait(qtbot, widget, widget.segment())
     assert "3 channel(s), but the model takes 2" in errors[-1]
+    # fine-tuning an exported file: nothing trainable to attach an adapter to
+    (tmp_path / "m.onnx").write_bytes(b"")
+    widget.checkpoint.value = tmp_path / "m.onnx"
+    assert widget.finetune() is None and "fine-tuning needs a run directory" in errors[-1]
     assert all(len(e.splitlines()) == 1 for e in errors)
 
 

@@ -298,3 +298,50 @@ def test_cli_block_wise_and_bad_input(setup: dict, tmp_path: Path, capsys) -> No
     )
     err = capsys.readouterr().err.strip()
     assert "tcp://127.0.0.1:1" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_cli_local_cluster_of_worker_processes(setup: dict, tmp_path: Path, capsys) -> None:
+    """`--cluster local:2`: real worker processes (jobs pickled, model loaded per worker),
+    the dashboard address printed, the mask equal to the single-process one."""
+    out = tmp_path / "procs"
+    args = ["predict", setup["ckpt"]["semantic"], str(setup["zarr"]), "--out", str(out)]
+    args += ["--cluster", "local:2", "--block-size", str(BLOCK), "--tile", "128"]
+    assert main([*args, "--precision", "fp32", "--save-probabilities"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dask dashboard: http://127.0.0.1:" in printed and "cells.zarr" in printed
+    mask, instances, group = _read(out / "cells.zarr")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: bit-for-bit needs the same
+    try:
+        ref = _reference(setup, "semantic")
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(group["probabilities/0"][:], ref.probabilities)
+    np.testing.assert_array_equal(mask, ref.labels)
+    assert instances.max() == ref.instances.max()
+
+
+def test_valid_padding_model_overlap_tile_grid(setup: dict, tmp_path: Path) -> None:
+    """A paper-style valid-padding U-Net: the overlap-tile grid, block by block, at an
+    OME-Zarr level (level 1 as ome-zarr-py downsampled it), equal to the whole image."""
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(4, 8), padding="valid", norm="none")
+    ckpt = unetkit.save(net, tmp_path / "valid.safetensors", extra={"target": "semantic"})
+    options = InferenceOptions(tile=64, precision="fp32")
+    predict_blocks(
+        ckpt,
+        [setup["zarr"]],
+        tmp_path,
+        options,
+        BlockOptions(block_size=96, level=1),
+        probabilities=True,
+    )
+    pixels = zarr.open_array(str(setup["zarr"] / "s1"), mode="r")[:]  # ome-zarr-py's level 1
+    model, meta = load_inference_model(ckpt)
+    ref = predict_image(model, to_float_image(pixels), meta, options)
+    mask, _, group = _read(tmp_path / "cells.zarr")
+    np.testing.assert_array_equal(group["probabilities/0"][:], ref.probabilities)
+    np.testing.assert_array_equal(mask, ref.labels)
+    scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    assert scale["scale"] == [1.0, 1.0]  # level 1 of a 0.5 µm image

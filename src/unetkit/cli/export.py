@@ -10,12 +10,8 @@ from typing import Any
 
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
-from unetkit.formats.bioimageio import (
-    PackageInfo,
-    check_package,
-    default_test_image,
-    export_package,
-)
+from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
+from unetkit.formats.bioimageio_load import check_package
 from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
 from unetkit.nn.lora_inject import lora_layers, merge_and_unload
@@ -27,11 +23,13 @@ from unetkit.workflows.segment_files import read_float_input
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX (dynamic batch/size) or a torch.export program",
+        help="export a checkpoint to ONNX (dynamic batch/size), a torch.export program or a "
+        "bioimage.io model package",
         description="Write CHECKPOINT as an ONNX graph with dynamic batch, height and width "
         "(checked against PyTorch with onnxruntime at two other sizes before it is written) "
         "and/or as a torch.export program (.pt2; dynamic batch, fixed size). The checkpoint's "
-        "config and normalisation travel in the file, so `unetkit predict FILE.onnx` works.",
+        "config and normalisation travel in the file, so `unetkit predict FILE.onnx` works. "
+        "--bioimageio writes a bioimage.io model zoo package (see its flags below).",
     )
     p.add_argument("checkpoint", help="a unetkit .safetensors checkpoint")
     p.add_argument("--onnx", metavar="FILE", help="write an ONNX model here")

@@ -7,9 +7,10 @@
   model's size planner (``min + n*step``); a valid-padding model's output refers to the
   input's size minus the context it loses;
 * pre-processing that repeats the checkpoint's training normalisation (``zscore`` ->
-  ``zero_mean_unit_variance``, ``percentile`` -> ``scale_range`` 1..99, per channel over
-  the spatial axes; ``none`` -> nothing) and post-processing for the head (``sigmoid`` for
-  one output channel, else ``softmax`` over channels): the weights output logits;
+  ``zero_mean_unit_variance``, ``percentile`` -> ``scale_range`` at the recorded
+  percentiles, 1..99 by default; per channel over the spatial axes; ``none`` -> nothing)
+  and post-processing for the head (``sigmoid`` for one output channel, else ``softmax``
+  over channels): the weights output logits;
 * ``onnx`` weights (``formats.onnx.export_onnx``, onnxruntime-checked) and
   ``pytorch_state_dict`` weights whose architecture is ``build_model`` below, an importable
   callable whose kwargs are the registry name and the model config;
@@ -17,24 +18,19 @@
   section, authors / licence / citations, the training data and unetkit's own facts
   (target, normalisation, ...) under ``config.unetkit``.
 
-``load_package`` goes the other way for packages whose architecture is a unetkit model, so
-``unetkit predict model.zip images/`` runs them (with the state dict, or the ONNX weights
-with ``--backend onnx``). bioimage.io consumers (deepImageJ in Fiji, ilastik, napari via
-the bioimageio plugins, bioimageio.core) run the package without unetkit's post-processing
-into instances: they get the probability maps.
+``formats.bioimageio_load`` goes the other way (``unetkit predict model.zip images/``).
+bioimage.io consumers (deepImageJ in Fiji, ilastik, napari via the bioimageio plugins,
+bioimageio.core) run the package without unetkit's post-processing into instances: they
+get the probability maps.
 
-``bioimageio.spec`` / ``bioimageio.core`` are the ``bio`` extra, imported here only.
+``bioimageio.spec`` / ``bioimageio.core`` are the ``bio`` extra, imported inside functions.
 """
 
-from __future__ import annotations
-
 import dataclasses
-import hashlib
-import io
+import json
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,9 +43,10 @@ from unetkit import config as cfg
 from unetkit import registry
 from unetkit._atomic import atomic_path
 from unetkit._version import __version__
-from unetkit.data.transforms import Normalize
-from unetkit.errors import CheckpointError, ConfigError
-from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, load_state_dict_strict, unwrap
+from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
+from unetkit.errors import ConfigError
+from unetkit.formats._bioimageio_spec import require_spec
+from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 INPUT_ID, OUTPUT_ID = "input", "probabilities"
@@ -64,50 +61,7 @@ _EPS = 1e-6  # unetkit's Normalize floors the scale at 1e-6; the spec adds eps i
 _TEST_EDGE = {2: 64, 3: 24}  # spatial size of the default test input
 
 
-def _require_spec() -> Any:
-    try:
-        import bioimageio.spec as spec
-        from bioimageio.spec._internal import io_packaging
-    except ImportError:
-        raise ConfigError(
-            "bioimage.io packages need bioimageio.spec: pip install 'unetkit[bio]'"
-        ) from None
-    from bioimageio.spec.model import v0_4
-
-    for serializer in (io_packaging.package_file_descr_serializer, v0_4.package_weights):
-        _tolerate_handler_call(serializer)
-    return spec
-
-
-class _TolerantHandler:
-    """A pydantic serializer handler that ignores extra positional arguments."""
-
-    def __init__(self, handler: Any) -> None:
-        self._handler = handler
-
-    def __call__(self, value: Any, *_ignored: Any) -> Any:
-        return self._handler(value)
-
-
-def _trampoline(value: Any, handler: Any, info: Any) -> Any:
-    return _unetkit_original(value, _UnetkitTolerantHandler(handler), info)  # noqa: F821
-
-
-def _tolerate_handler_call(serializer: Any) -> None:
-    """bioimageio.spec 0.5.12's wrap serializers call pydantic's handler as
-    ``handler(value, info)``; the pydantic-core that pydantic 2.14 ships reads the second
-    argument as an index key and raises TypeError on every dump (packaging, test runs).
-    The serializers are bound into the spec's schemas, so their code is swapped for a
-    trampoline (one per module, in the module's own globals) that hands the original a
-    handler taking ``handler(value)``, the documented call in every pydantic 2 release."""
-    if serializer.__code__ is _trampoline.__code__:
-        return
-    module = serializer.__globals__
-    module["_unetkit_original"] = type(serializer)(
-        serializer.__code__, module, serializer.__name__, serializer.__defaults__
-    )
-    module["_UnetkitTolerantHandler"] = _TolerantHandler
-    serializer.__code__ = _trampoline.__code__
+ARCHITECTURE_MODULE = __name__  # build_model lives here; packages name it
 
 
 def build_model(model: str, config: dict[str, Any]) -> nn.Module:
@@ -187,17 +141,29 @@ def _axis_sizes(model: nn.Module) -> tuple[int, int, int]:
     return lo, step, model.output_size_for((lo,))[0] - lo
 
 
-def _preprocessing(v5: Any, normalize: str, dims: int) -> list[Any]:
+def normalizer(meta: dict[str, Any]) -> Normalize | None:
+    """The checkpoint's training normalisation (None for ``"none"``); percentiles as
+    recorded, (1, 99) for checkpoints that recorded none."""
+    mode = meta.get("normalize", "zscore")
+    if mode == "none":
+        return None
+    percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+    return Normalize(mode, percentiles=percentiles)
+
+
+def _preprocessing(v5: Any, meta: dict[str, Any], dims: int) -> list[Any]:
     axes = [v5.AxisId(a) for a in _SPATIAL[-dims:]]
-    if normalize == "zscore":
+    norm = normalizer(meta)
+    if norm is None:
+        return []
+    if norm.mode == "zscore":
         kw = v5.ZeroMeanUnitVarianceKwargs(axes=axes, eps=_EPS)
         return [v5.ZeroMeanUnitVarianceDescr(kwargs=kw)]
-    if normalize == "percentile":
-        kw = v5.ScaleRangeKwargs(axes=axes, min_percentile=1.0, max_percentile=99.0, eps=_EPS)
+    if norm.mode == "percentile":
+        low, high = norm.percentiles
+        kw = v5.ScaleRangeKwargs(axes=axes, min_percentile=low, max_percentile=high, eps=_EPS)
         return [v5.ScaleRangeDescr(kwargs=kw)]
-    if normalize == "none":
-        return []
-    raise ConfigError(f"normalize={normalize!r} in the checkpoint has no bioimage.io equivalent")
+    raise ConfigError(f"normalize={norm.mode!r} in the checkpoint has no bioimage.io equivalent")
 
 
 def _tensors(v5: Any, model: nn.Module, meta: dict[str, Any], files: dict[str, Path]) -> tuple:
@@ -240,7 +206,7 @@ def _tensors(v5: Any, model: nn.Module, meta: dict[str, Any], files: dict[str, P
         axes=in_axes,
         test_tensor=v5.FileDescr(source=files["test_input"]),
         data=v5.IntervalOrRatioDataDescr(type="float32"),
-        preprocessing=_preprocessing(v5, normalize, model.dims),
+        preprocessing=_preprocessing(v5, meta, model.dims),
     )
     outputs = v5.OutputTensorDescr(
         id=v5.TensorId(OUTPUT_ID),
@@ -253,10 +219,12 @@ def _tensors(v5: Any, model: nn.Module, meta: dict[str, Any], files: dict[str, P
     return inputs, outputs
 
 
-def expected_output(model: nn.Module, image: np.ndarray, normalize: str) -> np.ndarray:
+def expected_output(model: nn.Module, image: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """What a package's consumer must get for ``image`` (float C×S in [0, 1]): unetkit's
-    training normalisation, the model in float32, then its probabilities; 1×K×S'."""
-    x = image if normalize == "none" else Normalize(normalize)({"image": image})["image"]
+    training normalisation (``normalizer(meta)``), the model in float32, then its
+    probabilities; 1×K×S'."""
+    norm = normalizer(meta)
+    x = image if norm is None else norm({"image": image})["image"]
     with torch.inference_mode():
         logits = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None])
         return model.probabilities(logits).numpy().astype(np.float32)
@@ -301,7 +269,7 @@ def _write_files(
         "env": folder / "environment.yaml",
     }
     np.save(files["test_input"], test_image[None].astype(np.float32))
-    np.save(files["test_output"], expected_output(model, test_image, meta["normalize"]))
+    np.save(files["test_output"], expected_output(model, test_image, meta))
     extra = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
     export_onnx(model, files["onnx"], metadata=extra)
     # a plain dict of tensors: what torch.load(weights_only=True) in every consumer reads
@@ -349,7 +317,7 @@ def export_package(
         >>> info = PackageInfo("cells", "Nuclei in fluorescence.", ("Ada",))  # doctest: +SKIP
         >>> export_package(unetkit.load("best.safetensors"), meta, "m.zip", info)  # doctest: +SKIP
     """
-    spec = _require_spec()
+    spec = require_spec()
     from bioimageio.spec.dataset.v0_3 import DatasetDescr
     from bioimageio.spec.model import v0_5 as v5
 
@@ -416,126 +384,4 @@ def export_package(
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint facts as YAML-safe values (tuples become lists)."""
-    import json
-
     return json.loads(json.dumps({k: v for k, v in meta.items() if k != "format"}))
-
-
-def _rdf_name(path: Path) -> str:
-    """The RDF file inside a package zip; CheckpointError if it is no bioimage.io package."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        raise CheckpointError(f"{path}: not a readable .zip file") from None
-    found = [n for n in RDF_NAMES if n in names]
-    if not found:
-        raise CheckpointError(
-            f"{path}: zip has no rdf.yaml or bioimageio.yaml; not a bioimage.io model package"
-        )
-    return found[0]
-
-
-def is_package(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zip with a bioimage.io RDF (``rdf.yaml``/``bioimageio.yaml``)."""
-    p = Path(path)
-    if p.suffix.lower() != ".zip" or not p.is_file():
-        return False
-    try:
-        _rdf_name(p)
-    except CheckpointError:
-        return False
-    return True
-
-
-def _member(z: zipfile.ZipFile, descr: Any, source: Path) -> bytes:
-    """A weights file's bytes, checked against the RDF's SHA-256."""
-    name = str(descr.source.path if hasattr(descr.source, "path") else descr.source)
-    try:
-        data = z.read(name)
-    except KeyError:
-        raise CheckpointError(f"{source}: package lists {name} but does not contain it") from None
-    if descr.sha256 is not None and hashlib.sha256(data).hexdigest() != str(descr.sha256):
-        raise CheckpointError(
-            f"{source}: {name} does not match its sha256 in the RDF (a changed or damaged file)"
-        )
-    return data
-
-
-def load_package(
-    path: str | os.PathLike, *, backend: str | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a bioimage.io package whose architecture is a unetkit model, and the
-    metadata predict needs (normalisation, target; from ``config.unetkit``, else from the
-    pre-processing).
-
-    Args:
-        path: the package ``.zip``.
-        backend: "torch" (default; the ``pytorch_state_dict`` weights) or "onnx" (the
-            ``onnx`` weights in onnxruntime).
-
-    Example:
-        >>> model, meta = load_package("model.zip")  # doctest: +SKIP
-    """
-    _require_spec()
-    from bioimageio.spec import InvalidDescr, load_model_description
-    from bioimageio.spec.model import v0_5 as v5
-
-    source = Path(path)
-    _rdf_name(source)
-    try:  # io checks off: a package's URLs must not make predict wait on the network
-        descr = load_model_description(source, perform_io_checks=False)
-    except Exception as e:  # the spec's own validation errors, many types
-        raise CheckpointError(f"{source}: not a valid bioimage.io model ({_first(e)})") from None
-    if isinstance(descr, InvalidDescr) or not isinstance(descr, v5.ModelDescr):
-        raise CheckpointError(f"{source}: not a valid bioimage.io model in format 0.5")
-    weights = descr.weights.pytorch_state_dict
-    arch = getattr(weights, "architecture", None)
-    if not (isinstance(arch, v5.ArchitectureFromLibraryDescr) and arch.import_from == __name__):
-        raise CheckpointError(
-            f"{source}: its architecture is not a unetkit model; run it with bioimageio.core "
-            "(`bioimageio predict`) or the tool it came from"
-        )
-    extra = getattr(descr.config, "model_extra", None) or {}
-    meta = {"normalize": _normalize_of(descr), "target": "semantic", **extra.get("unetkit", {})}
-    meta.update(model=arch.kwargs["model"], config=arch.kwargs["config"])
-    with zipfile.ZipFile(source) as z:
-        if backend == "onnx":
-            from unetkit.formats.onnx import OnnxModel
-
-            if descr.weights.onnx is None:
-                raise CheckpointError(f"{source}: package has no onnx weights; use --backend torch")
-            model = OnnxModel(_member(z, descr.weights.onnx, source), source_name=str(source))
-            return model, {**meta, **model.meta}
-        state = torch.load(
-            io.BytesIO(_member(z, weights, source)), map_location="cpu", weights_only=True
-        )  # the restricted loader: tensors and containers only
-    model = build_model(**arch.kwargs)
-    load_state_dict_strict(model, state, source=str(source))
-    return model.eval(), meta
-
-
-def _normalize_of(descr: Any) -> str:
-    ids = [p.id for p in descr.inputs[0].preprocessing]
-    if "zero_mean_unit_variance" in ids:
-        return "zscore"
-    return "percentile" if "scale_range" in ids else "none"
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return " ".join(text.splitlines()[:2])[:240] if text else type(e).__name__
-
-
-def check_package(path: str | os.PathLike, *, weight_format: str | None = None) -> Any:
-    """Run bioimageio.core's ``test_description`` on a package (spec validation, file
-    checksums, reproduction of the test outputs with each weights format, inference at
-    several sizes); returns its ``ValidationSummary`` (``.status == "passed"``)."""
-    _require_spec()
-    try:
-        from bioimageio.core import test_description
-    except ImportError:
-        raise ConfigError(
-            "testing a package needs bioimageio.core: pip install 'unetkit[bio]'"
-        ) from None
-    return test_description(Path(path), weight_format=weight_format)

@@ -31,7 +31,7 @@ from typing import Any
 import torch.nn as nn
 
 from unetkit.errors import CheckpointError
-from unetkit.formats.bioimageio import load_package
+from unetkit.formats.bioimageio_load import load_package
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, load, read_header, read_metadata
 from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.formats.lora_layouts import UNETKIT_FORMAT

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, UnetkitError
-from unetkit.formats.bioimageio import load_package
+from unetkit.formats.bioimageio_load import load_package
 from unetkit.formats.loading import (
     PACKAGE_SUFFIX,
     load_model_file,

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     import napari
 
 TABLE_COLUMNS = ("label", "area", "centroid_y", "centroid_x", "mean_intensity")
+# exported files hold no trainable unetkit checkpoint for an adapter to point at
+_NOT_TRAINABLE = (".onnx", ".zip")
 
 
 class _Relay(QObject):
@@ -178,6 +180,11 @@ class SegmentWidget(Container):
         """Train a LoRA adapter on the edited Labels layer, then segment again with it."""
         try:
             path = self._model_path()
+            if path.suffix.lower() in _NOT_TRAINABLE:
+                raise UnetkitError(
+                    f"{path.name}: fine-tuning needs a run directory, checkpoint or adapter "
+                    f"(.safetensors), not a {path.suffix} file"
+                )
             labels = self._labels_layer()
             layer = self._source or self._image_layer()
         except UnetkitError as e:
@@ -214,10 +221,13 @@ class SegmentWidget(Container):
         raise UnetkitError("no Labels layer to learn from: segment first, correct the labels")
 
     def _finetune_dir(self, path: Path) -> Path:
-        """``<run>-finetune-<k>`` next to the run (a temporary folder if read-only)."""
+        """``<run>-finetune-<k>`` next to the run (``<file stem>-finetune-<k>`` next to a
+        checkpoint outside a run; a temporary folder if that is read-only)."""
         run = path if path.is_dir() else path.parent
         if run.name == "checkpoints":
             run = run.parent
+        elif path.is_file():
+            run = path.parent / path.stem
         while True:
             self._finetunes += 1
             target = run.parent / f"{run.name}-finetune-{self._finetunes}"
