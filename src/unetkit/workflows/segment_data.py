@@ -26,6 +26,11 @@ from unetkit.data.datasets import (
 from unetkit.data.mask_summary import MaskSummary
 from unetkit.data.sampling import RandomDraws, spatial_split
 from unetkit.errors import DataError
+from unetkit.regression import (
+    FolderRegressionDataset,
+    SyntheticDenoiseDataset,
+    SyntheticDepthDataset,
+)
 
 if TYPE_CHECKING:  # typing only: the recipe module imports this one
     from unetkit.workflows.segment_train import SegmentationRecipe
@@ -201,12 +206,6 @@ def _check_foreground(masks: MaskSummary, where: str) -> None:
 
 
 def _regression_datasets(recipe: SegmentationRecipe, crop: int | None) -> TrainingData:
-    from unetkit.regression import (
-        FolderRegressionDataset,
-        SyntheticDenoiseDataset,
-        SyntheticDepthDataset,
-    )
-
     train_tf, eval_tf = build_transforms(recipe, crop)
     if recipe.data is None:
         cfg.check_choice("synthetic_regression", recipe.synthetic_regression, ("depth", "denoise"))
