@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # why: start-up time (torch and the format modules load only when converting)
     from unetkit.formats.unet_files import detect_unet_format, read_unet, write_unet
 
     src, dest = Path(args.source), Path(args.dest)

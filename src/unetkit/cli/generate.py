@@ -9,10 +9,13 @@ from pathlib import Path
 
 from unetkit.cli import flags as F
 from unetkit.cli.sd_common import add_sd_options, parse_lora, progress, read_rgb, sd_size
+from unetkit.data.io import write_image
 from unetkit.diffusion.samplers import SCHEDULER_NAMES
+from unetkit.formats.lora_files import load_adapter
 from unetkit.outputs import output_file, output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
+from unetkit.workflows.sd_pipeline import StableDiffusion, is_sd_source
 
 SD_STEPS, SD_GUIDANCE, RUN_STEPS, RUN_GUIDANCE = 25, 7.5, 50, 3.0
 
@@ -77,8 +80,6 @@ def slug(text: str) -> str:
 
 def open_sd(args: argparse.Namespace):
     """The Stable Diffusion pipeline of ``args.run_dir`` with its LoRA files loaded."""
-    from unetkit.workflows.sd_pipeline import StableDiffusion
-
     sd = StableDiffusion.from_pretrained(
         args.run_dir, tokenizer=args.tokenizer, sampler=args.sampler, precision=args.precision
     )
@@ -116,8 +117,6 @@ def _run_sd(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, images, what: str) -> None:
-    from unetkit.data.io import write_image
-
     grid = _grid(args)
     save_grid(images, grid)
     print(f"wrote {grid} ({what})")
@@ -134,8 +133,6 @@ def _grid(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetkit.workflows.sd_pipeline import is_sd_source
-
     # check both outputs before sampling: nothing is written (not even the grid in the
     # working folder) when one of them is refused
     inputs = [args.run_dir, args.image, *(parse_lora(s)[0] for s in args.lora)]
@@ -151,8 +148,6 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     for i, spec in enumerate(args.lora):
-        from unetkit.formats.lora_files import load_adapter
-
         file, scale = parse_lora(spec)
         load_adapter(pipe.model, file, adapter_name=f"lora{i}", scale=scale)
     loras = ", ".join(f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)) or "none"

@@ -16,8 +16,11 @@ from unetkit.cli.generate import (
     open_sd,
 )
 from unetkit.cli.sd_common import progress, read_rgb, sd_size
+from unetkit.data.io import write_image
 from unetkit.errors import DataError
 from unetkit.outputs import output_file
+from unetkit.workflows.diffuse import DiffusionPipeline, to_uint8
+from unetkit.workflows.sd_pipeline import is_sd_source
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -80,8 +83,6 @@ def _run_sd(args: argparse.Namespace) -> tuple:
 
 
 def _run_pixels(args: argparse.Namespace) -> tuple:
-    from unetkit.workflows.diffuse import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_checkpoint(
         args.run_dir,
         text_encoder=args.text_encoder,
@@ -104,10 +105,6 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetkit.data.io import write_image
-    from unetkit.workflows.diffuse import to_uint8
-    from unetkit.workflows.sd_pipeline import is_sd_source
-
     default = Path(args.image).with_name(Path(args.image).stem + "_inpainted.png")
     inputs = [args.run_dir, args.image, args.mask]
     path = output_file(args.output or default, flag="--output", inputs=inputs)
