@@ -74,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _or(value: float | None, default: float) -> float:
+    """A flag's value, or the source kind's default when it was not given (0 is a value)."""
+    return default if value is None else value
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "sample"
 
@@ -92,7 +97,7 @@ def open_sd(args: argparse.Namespace):
 def _run_sd(args: argparse.Namespace) -> int:
     sd = open_sd(args)
     n = args.n if args.n != 16 else 1  # 16 is the digits default; one SD image unless asked
-    steps, guidance = args.steps or SD_STEPS, args.guidance or SD_GUIDANCE
+    steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
         if args.image:
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(pipe.model, file, adapter_name=f"lora{i}", scale=scale)
     loras = ", ".join(f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)) or "none"
     print(f"using base {args.run_dir}; LoRA {loras}; sampler {args.sampler or pipe.sampler}")
-    steps, guidance = args.steps or RUN_STEPS, args.guidance or RUN_GUIDANCE
+    steps, guidance = args.steps or RUN_STEPS, _or(args.guidance, RUN_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
         images = pipe.generate(

@@ -12,6 +12,7 @@ from unetkit.cli.generate import (
     RUN_STEPS,
     SD_GUIDANCE,
     SD_STEPS,
+    _or,
     add_sampling_options,
     open_sd,
 )
@@ -70,7 +71,7 @@ def _run_sd(args: argparse.Namespace) -> tuple:
     sd = open_sd(args)
     image, _ = read_rgb(args.image, None)
     image, mask = _load_pair(args, sd_size(*image.shape[-2:], sd.codec.scale), grey=False)
-    steps, guidance = args.steps or SD_STEPS, args.guidance or SD_GUIDANCE
+    steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "inpainting", args.no_progress)
     try:
         out = sd.inpaint(
@@ -97,7 +98,7 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
         mask,
         args.prompt,
         steps=args.steps or RUN_STEPS,
-        guidance=args.guidance or RUN_GUIDANCE,
+        guidance=_or(args.guidance, RUN_GUIDANCE),
         resample=args.resample,
         seed=args.seed,
     )
