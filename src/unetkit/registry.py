@@ -66,7 +66,8 @@ def register_model(
 
 
 def _ensure_loaded() -> None:
-    import unetkit.models  # noqa: F401  (registers the built-in families)
+    # why: the built-in families register on first use; they import this module's decorator
+    import unetkit.models  # noqa: F401
 
 
 def get_entry(name: str) -> ModelEntry:

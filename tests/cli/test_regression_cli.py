@@ -61,6 +61,7 @@ def test_train_predict_evaluate_depth(
     depth = read_target(out / "s0_depth.tif")
     assert depth.shape == (1, 40, 36) and np.all(depth > 0)  # exp(log-depth) is positive
     assert unetkit.data.io.read_image(out / "s0_depth.png").shape == (40, 36, 3)
+    assert unetkit.data.io.read_image(out / "s0_depth_preview.png").shape[1] > 36  # + colour bar
     capsys.readouterr()
     assert main(["evaluate", ckpt, "--data", str(depth_folder)]) == 0
     printed = capsys.readouterr().out

@@ -39,6 +39,11 @@ def _fill(ring, shape):
     return mask
 
 
+def _shoelace(ring):
+    xy = np.asarray(ring, float)
+    return float(np.dot(xy[:-1, 0], xy[1:, 1]) - np.dot(xy[1:, 0], xy[:-1, 1]))
+
+
 def _iou(a, b):
     return (a & b).sum() / (a | b).sum()
 
@@ -65,6 +70,8 @@ def test_geojson_polygons_fill_back_to_their_labels(tmp_path, labels):
         filled = np.zeros(labels.shape, bool)
         for rings in polygons:
             assert all(ring[0] == ring[-1] for ring in rings)  # closed rings (GeoJSON)
+            signs = [_shoelace(ring) > 0 for ring in rings]
+            assert signs == [True] + [False] * (len(rings) - 1)  # RFC 7946 winding
             part = _fill(rings[0], labels.shape)
             for hole in rings[1:]:
                 part &= ~_fill(hole, labels.shape)

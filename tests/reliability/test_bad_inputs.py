@@ -374,6 +374,13 @@ def _(z, w):
     return ["convert", _s(ck), _s(w / "o.safetensors"), "--to", "ldm"], "cut.safetensors"
 
 
+@case("convert-ldm-config-not-json")
+def _(z, w):
+    conf = B.garbage(w / "unet.json")
+    args = ["convert", _s(z.diff), _s(w / "o.safetensors"), "--from", "ldm", "--to", "unetkit"]
+    return [*args, "--config", _s(conf)], "unet.json"
+
+
 # --- generate --------------------------------------------------------------------------------
 @case("generate-n-0")
 def _(z, w):
@@ -421,6 +428,11 @@ def _(z, w):
 @case("generate-missing-run")
 def _(z, w):
     return ["generate", _s(w / "norun"), "a digit", "--grid", _s(w / "g.png")], "norun"
+
+
+@case("generate-lora-scale-nan")
+def _(z, w):
+    return ["generate", _s(z.diff), "a digit", "--lora", f"{z.adapter}:nan"], "--lora"
 
 
 # --- inpaint ---------------------------------------------------------------------------------
@@ -518,6 +530,12 @@ def _(z, w):
 def _(z, w):
     out = _s(w / "m.safetensors")
     return ["lora-merge", _s(z.nan_seg), _s(z.adapter), "--out", out], "nan_seg.safetensors"
+
+
+@case("lora-merge-scale-overflows")
+def _(z, w):
+    out = _s(w / "m.safetensors")
+    return ["lora-merge", _s(z.diff), _s(z.adapter), "--out", out, "--scale", "1e300"], "--out"
 
 
 # --- lora-convert ----------------------------------------------------------------------------
@@ -647,24 +665,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return rc, capsys.readouterr().err
 
 
-# failures inside the model-file loader: arch's formats/loading.py (issue #14) turns them into
-# one line naming the file; until it is merged they are expected to fail
-AWAITING_LOADER = {
-    "convert-diffusers-config-list",
-    "convert-segmentation-checkpoint",
-    "convert-truncated-source",
-    "evaluate-pickled-ckpt",
-    "predict-empty-safetensors",
-    "predict-huge-header",
-    "predict-malformed-config-json",
-    "predict-pickled-pt",
-    "predict-truncated-safetensors",
-}
-
-
 def _params() -> list:
-    mark = pytest.mark.xfail(strict=True, reason="needs formats/loading.py (arch, #14)")
-    return [pytest.param(n, marks=mark) if n in AWAITING_LOADER else n for n in sorted(CASES)]
+    return sorted(CASES)
 
 
 @pytest.mark.parametrize("name", _params())

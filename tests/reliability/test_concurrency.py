@@ -22,7 +22,7 @@ import unetkit
 from unetkit.cli.main import main
 from unetkit.errors import RunLockedError
 from unetkit.runlock import LOCK_NAME, run_lock
-from unetkit.workflows import segment
+from unetkit.workflows import segment_files
 
 SRC = str(Path(unetkit.__file__).parents[1])
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
@@ -143,7 +143,7 @@ def test_restart_allows_a_run_with_other_data(tmp_path, monkeypatch, zoo) -> Non
 
 
 # --- kill -9 during predict over a folder ---------------------------------------------------
-RESUMABLE = hasattr(segment, "PredictLedger")
+RESUMABLE = hasattr(segment_files, "PredictLedger")
 
 
 def _rows(counts: Path) -> list[str]:

@@ -24,7 +24,8 @@ from PIL import Image
 
 from unetkit.cli.main import build_parser
 from unetkit.cli.train import recipe_from_args
-from unetkit.data.io import MASK_MODES, decode_mask, read_image, to_float_image
+from unetkit.data.io import read_image, to_float_image
+from unetkit.data.masks import MASK_MODES, decode_mask
 from unetkit.errors import UnetkitError
 from unetkit.formats import checkpoint
 from unetkit.formats.lora_files import load_adapter, read_adapter

@@ -19,8 +19,8 @@ import unetkit
 from unetkit.errors import ConfigError
 from unetkit.formats.checkpoint import load_state
 from unetkit.runtime import resolve_precision
+from unetkit.training import FitConfig, fit
 from unetkit.training.logging import RunDirectory
-from unetkit.training.trainer import fit
 
 TOY = Path(trainer_toy.__file__)
 
@@ -224,11 +224,8 @@ def test_bf16_autocast_runs_on_cpu(tmp_path: Path) -> None:
         task,
         ToySegmentation(8, seed=1),
         ToySegmentation(4, seed=2),
+        FitConfig(epochs=2, batch_size=4, lr=1e-2, precision="bf16"),
         run_dir=tmp_path,
-        epochs=2,
-        batch_size=4,
-        lr=1e-2,
-        precision="bf16",
         progress=False,
     )
     assert torch.bfloat16 in seen  # the forward ran under autocast
@@ -273,13 +270,10 @@ def test_without_validation_best_tracks_train_loss_and_max_steps(tmp_path: Path)
         model,
         make_task(),
         ToySegmentation(8, seed=1),
+        None,
+        FitConfig(epochs=5, batch_size=2, lr=1e-2, precision="fp32", max_steps=6),
         run_dir=tmp_path,
-        epochs=5,
-        batch_size=2,
-        lr=1e-2,
-        precision="fp32",
         progress=False,
-        max_steps=6,
     )
     assert result.monitor == "train/loss" and result.step == 6
     assert result.epochs_run == 2  # 4 steps per epoch: the 6th step ends epoch 2
@@ -298,9 +292,12 @@ def test_without_validation_best_tracks_train_loss_and_max_steps(tmp_path: Path)
     ],
 )
 def test_fit_rejects_bad_options(tmp_path: Path, kwargs: dict, match: str) -> None:
-    options = dict(run_dir=tmp_path, epochs=1, batch_size=2, lr=1e-3) | kwargs
+    options = dict(epochs=1, batch_size=2, lr=1e-3) | kwargs
+    extra = options.pop("checkpoint_extra", None)
     with pytest.raises(ConfigError, match=match):
-        fit(make_model(), make_task(), ToySegmentation(4), **options)
+        config = FitConfig(**options)
+        fit(make_model(), make_task(), ToySegmentation(4), None, config, run_dir=tmp_path,
+            checkpoint_extra=extra)  # fmt: skip
 
 
 def test_unknown_monitor_is_reported(tmp_path: Path) -> None:
@@ -310,9 +307,67 @@ def test_unknown_monitor_is_reported(tmp_path: Path) -> None:
             make_task(monitor="val/dice"),
             ToySegmentation(4),
             ToySegmentation(2),
+            FitConfig(epochs=1, batch_size=2, lr=1e-3),
             run_dir=tmp_path,
-            epochs=1,
-            batch_size=2,
-            lr=1e-3,
             progress=False,
         )
+
+
+class _Killed(Exception):
+    pass
+
+
+def _noisy_task(kill_after: int | None = None):
+    """The toy task with random input noise (augmentation: it draws from torch's global RNG,
+    so a resume must restore the RNG streams); with ``kill_after`` it raises (like a kill)
+    in the forward of micro-batch number ``kill_after + 1``."""
+    task = make_task()
+    seen = [0]
+    inner = task.training_loss
+
+    def training_loss(model, batch):
+        seen[0] += 1
+        if kill_after is not None and seen[0] > kill_after:
+            raise _Killed
+        noisy = batch["image"] + 0.3 * torch.randn_like(batch["image"])
+        return inner(model, {**batch, "image": noisy})
+
+    task.training_loss = training_loss
+    return task
+
+
+def test_mid_epoch_state_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    # 16 samples / batch 2 = 8 steps per epoch; a state every 3 steps (3, 6 | 11, 12, ...)
+    opts = dict(batch_size=2, scheduler="cosine", save_every_steps=3)
+    full, full_result = run(tmp_path / "full", 2, task=_noisy_task(), **opts)
+
+    with pytest.raises(_Killed):  # killed in epoch 2 during step 13: the state of step 12
+        run(tmp_path / "cut", 2, task=_noisy_task(kill_after=12), **opts)
+    saved = load_state(tmp_path / "cut/checkpoints/state.safetensors")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, 12, 4)
+    resumed, result = run(tmp_path / "cut", 2, task=_noisy_task(), **opts)
+    _assert_same_weights(resumed, full)
+    assert result.step == 16 and result.resumed_from == 1
+    for a, b in zip(result.history, full_result.history, strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-12)
+        assert a["val/loss"] == b["val/loss"]
+
+
+def test_mid_epoch_resume_with_grad_accum_and_ema(tmp_path: Path) -> None:
+    # one optimizer step = 2 micro-batches; the state falls after micro-batch 4 of epoch 1
+    opts = dict(batch_size=2, grad_accum=2, save_every_steps=2, ema_decay=0.9)
+    full, _ = run(tmp_path / "full", 1, task=_noisy_task(), **opts)
+    with pytest.raises(_Killed):
+        run(tmp_path / "cut", 1, task=_noisy_task(kill_after=5), **opts)
+    saved = load_state(tmp_path / "cut/checkpoints/state.safetensors")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (0, 2, 4)
+    resumed, _ = run(tmp_path / "cut", 1, task=_noisy_task(), **opts)
+    _assert_same_weights(resumed, full)
+
+
+def test_save_every_steps_is_validated_and_recorded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="save_every_steps=0"):
+        FitConfig(epochs=1, batch_size=1, lr=1e-3, save_every_steps=0)
+    run(tmp_path, 1, save_every_steps=None)
+    assert RunDirectory(tmp_path).read_config()["fit"]["save_every_steps"] is None
+    assert FitConfig(epochs=1, batch_size=1, lr=1e-3).save_every_steps >= 1

@@ -12,6 +12,7 @@ As a script (used by the SIGKILL and torchrun tests)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import os
@@ -71,7 +72,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def run(run_dir: str | Path, epochs: int, **overrides: object) -> object:
     """The toy run shared by the script and the in-process tests (same data, same settings)."""
-    from unetkit.training.trainer import fit
+    from unetkit.training import FitConfig, fit
 
     # CPU even where CUDA exists: the tests compare weights bit for bit
     kwargs: dict = dict(batch_size=4, lr=1e-2, precision="fp32", progress=False, device="cpu")
@@ -79,14 +80,17 @@ def run(run_dir: str | Path, epochs: int, **overrides: object) -> object:
     kwargs.update(overrides)
     n_train = kwargs.pop("n_train", 16)
     model = kwargs.pop("model", None) or make_model()
+    task = kwargs.pop("task", None) or make_task()
+    fields = {f.name for f in dataclasses.fields(FitConfig)}
+    config = FitConfig(epochs=epochs, **{k: v for k, v in kwargs.items() if k in fields})
     result = fit(
         model,
-        make_task(),
+        task,
         ToySegmentation(n_train, seed=1),
         ToySegmentation(5, seed=2),
+        config,
         run_dir=run_dir,
-        epochs=epochs,
-        **kwargs,
+        **{k: v for k, v in kwargs.items() if k not in fields},
     )
     return model, result
 

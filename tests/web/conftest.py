@@ -63,4 +63,3 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cell_images(models_root: Path) -> list[Path]:
     return sorted((models_root / "data" / "images").iterdir())
-

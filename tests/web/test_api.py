@@ -125,8 +125,11 @@ def _check_polygons(geo: dict, labels: np.ndarray) -> None:
 
     assert len(geo["features"]) == len(np.unique(labels)) - 1
     for feature in geo["features"]:
-        label = feature["properties"]["label"]
-        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        label = int(feature["properties"]["measurements"]["label"])
+        geometry = feature["geometry"]
+        polygons = geometry["coordinates"]
+        largest = polygons if geometry["type"] == "Polygon" else max(polygons, key=len)
+        ring = np.asarray(largest[0])  # the outer ring
         assert (ring[0] == ring[-1]).all()
         drawn = np.zeros(labels.shape, bool)
         rr, cc = polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, labels.shape)
@@ -178,3 +181,62 @@ def test_a_cancelled_job_frees_its_worker(models_root, tmp_path):
         assert done["state"] == "done" and len(done["result"]["samples"]) == 2
         grid = client.get(f"/api/jobs/{second['id']}/files/grid.png")
         assert grid.status_code == 200 and grid.content.startswith(b"\x89PNG")
+
+
+def test_uploads_without_a_declared_size_are_refused(models_root, tmp_path):
+    with make_client(models_root, tmp_path) as client:
+
+        def chunks():
+            yield png_bytes(_noise(32))
+
+        r = client.post("/api/images", content=chunks(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+
+
+def test_adapters_are_written_beside_their_base(tmp_path):
+    from unetkit.web.tasks import finetune_dir
+
+    run = tmp_path / "cells"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.safetensors").write_bytes(b"")
+    assert finetune_dir(run) == tmp_path / "cells-finetune-1"
+    (tmp_path / "cells-finetune-1").mkdir()
+    assert finetune_dir(run / "checkpoints" / "best.safetensors") == tmp_path / "cells-finetune-2"
+    (tmp_path / "loose.safetensors").write_bytes(b"")
+    assert finetune_dir(tmp_path / "loose.safetensors") == tmp_path / "loose-finetune-1"
+
+
+def test_the_default_work_folder_goes_with_the_server(models_root):
+    app = create_app(ModelList([models_root / "seg"]))
+    with TestClient(app) as client:
+        image = upload(client, png_bytes(_noise(32))).json()
+        work = app.state.web.images_dir.parent
+        assert (work / "images" / image["id"] / "preview.png").is_file()
+    assert not work.exists()
+
+
+def test_16_bit_tiff_and_rgb_png_uploads(models_root, cell_images, tmp_path):
+    """Files written by tifffile and Pillow: facts, preview, and the same segmentation."""
+    grey = read_image(cell_images[0])
+    deep = grey.astype(np.uint16) * 257  # the same picture as 16-bit
+    tiff = io.BytesIO()
+    tifffile.imwrite(tiff, deep)
+    rgb = png_bytes(np.stack([grey] * 3, -1))
+    with make_client(models_root, tmp_path) as client:
+        a = upload(client, tiff.getvalue(), "deep.tif").json()
+        b = upload(client, rgb, "colour.png").json()
+        assert (a["width"], a["height"], a["channels"]) == (grey.shape[1], grey.shape[0], 1)
+        assert b["channels"] == 3
+        shown = Image.open(io.BytesIO(client.get(f"/api/images/{a['id']}/preview.png").content))
+        assert shown.size == (grey.shape[1], grey.shape[0]) and shown.mode == "L"
+        job = client.post(
+            "/api/jobs/segment",
+            json={"model": model_id(client, "segment"), "images": [a["id"], b["id"]]},
+        ).json()
+        done = wait(client, job["id"])
+        counts = [r["count"] for r in done["result"]["images"]]
+        segmenter = Segmenter(models_root / "seg")
+        assert counts == [
+            segmenter.segment(deep).count,
+            segmenter.segment(np.stack([grey] * 3, -1)).count,
+        ]

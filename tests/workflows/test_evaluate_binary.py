@@ -104,3 +104,28 @@ def test_evaluate_cli_says_how_it_read_binary_masks(tmp_path, model_and_meta, ca
     for key in ("rand_error", "ap_50", "pixel_error", "dice_mean"):
         assert key in out
     assert "foreground-restricted Rand error" in out
+
+
+def test_evaluate_names_the_image_with_the_wrong_channel_count(model_and_meta):
+    _, model, meta = model_and_meta
+    image, mask = _membranes(0)
+    two = {"image": np.stack([image, image]) / 255.0, "mask": decode_mask(mask, 2), "name": "x7"}
+    with pytest.raises(DataError, match=r"x7: image has 2 channel\(s\), the model takes 1"):
+        evaluate_dataset(model, meta, iter([two]))
+    from unetkit.workflows.segment import InferenceOptions
+
+    rows, _ = evaluate_dataset(model, meta, iter([two]), InferenceOptions(channels=(1,)))
+    assert rows[0]["truth_objects"] == "components"
+
+
+def test_empty_mask_among_instance_masks_means_zero_cells(model_and_meta):
+    _, model, meta = model_and_meta
+    image, mask = _membranes(1)
+    cells = ndimage.label(mask)[0]
+    samples = [
+        {"image": image[None] / 255.0, "mask": (cells > 0).astype(np.int64), "instances": cells},
+        {"image": image[None] / 255.0, "mask": np.zeros_like(cells, np.int64), "name": "empty"},
+    ]
+    rows, means = evaluate_dataset(model, meta, iter(samples))
+    assert [r["truth_objects"] for r in rows] == ["labels", "components"]
+    assert rows[1]["n_instances_true"] == 0 and "ap_50" in means

@@ -246,3 +246,102 @@ def test_predict_rescales_to_the_checkpoint_pixel_size(tmp_path):
     assert float(rows[0]["pixel_size_um"]) == pytest.approx(0.5)
     labels = read_image(tmp_path / "out" / "fine_instances.png")
     assert labels.shape == (64, 80)  # back on the input grid
+
+
+def test_image_finished_just_before_a_kill_is_not_predicted_again(
+    tmp_path, checkpoint, monkeypatch
+):
+    """kill -9 after an image's label file (written last) but before its counts.csv row:
+    the re-run rebuilds the row from the files instead of predicting the image again."""
+    for k in range(3):
+        write_image(tmp_path / "in" / f"i{k}.png", _blobs(seed=k))
+    out = tmp_path / "out"
+    first = predict_files(checkpoint, [tmp_path / "in"], out)
+    rows = _rows(out / "counts.csv")
+    with open(out / "counts.csv", "w") as f:  # the row of the last image never got written
+        f.write(",".join(rows[0]) + "\n")
+        for r in rows[:2]:
+            f.write(",".join(r.values()) + "\n")
+    calls = []
+    original = segment.predict_image
+    monkeypatch.setattr(
+        segment, "predict_image", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    again = predict_files(checkpoint, [tmp_path / "in"], out)
+    assert calls == []
+    assert [int(r["objects"]) for r in again] == [r["objects"] for r in first]
+    assert len(_rows(out / "counts.csv")) == 3
+
+
+def test_cli_predict_with_every_output_flag_then_resume(tmp_path, checkpoint, capsys):
+    from unetkit.cli.main import main
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(
+        tmp_path / "in" / "two.tif",
+        np.stack([_blobs(seed=7), _blobs(seed=8)]),
+        imagej=True,
+        metadata={"axes": "CYX"},
+    )
+    argv = [
+        "predict",
+        str(checkpoint),
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--channels",
+        "1",
+        "--pixel-size",
+        "0.5",
+        "--labels-format",
+        "tif32",
+        "--save-probabilities",
+        "--geojson",
+        "--imagej-rois",
+        "--object-type",
+        "cell",
+    ]
+    assert main(argv) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [
+        "counts.csv",
+        "predict.json",
+        "two.geojson",
+        "two_RoiSet.zip",
+        "two_instances.tif",
+        "two_labels_preview.png",
+        "two_mask.png",
+        "two_objects.csv",
+        "two_overlay.png",
+        "two_probabilities.tif",
+    ]
+    assert "area_um2" in (tmp_path / "out" / "two_objects.csv").read_text().splitlines()[0]
+    capsys.readouterr()
+    assert main(argv) == 0  # finished: nothing to redo
+    assert "two.tif" in capsys.readouterr().out
+    assert main([*argv[:-1], "detection"]) == 2  # other settings: refused, one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert main([*argv[:5], "--channels", "1,x"]) == 2
+    assert "--channels" in capsys.readouterr().err
+
+
+def test_one_call_api_reads_files_axis_aware(tmp_path, checkpoint):
+    two = np.stack([_blobs(seed=9), _blobs(seed=10)])
+    tifffile.imwrite(tmp_path / "two.tif", two, imagej=True, metadata={"axes": "CYX"})
+    from_file = unetkit.predict(checkpoint, tmp_path / "two.tif", channels=(1,), precision="fp32")
+    from_array = unetkit.predict(checkpoint, two[1], precision="fp32")
+    np.testing.assert_array_equal(from_file.instances, from_array.instances)
+
+
+def test_regression_outputs_get_unique_names_too(tmp_path):
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(4, 8), out_channels=1)
+    extra = {"task": "regression", "output": "depth", "normalize": "zscore"}
+    ck = unetkit.save(net, tmp_path / "d.safetensors", extra=extra)
+    write_image(tmp_path / "in" / "y.png", _blobs(seed=1))
+    write_image(tmp_path / "in" / "y.tif", _blobs(seed=2))
+    predict_files(ck, [tmp_path / "in"], tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "y_png_depth.tif" in names and "y_tif_depth.tif" in names
+    assert "y_png_depth_preview.png" in names

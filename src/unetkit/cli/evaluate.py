@@ -11,6 +11,7 @@ from unetkit.data.datasets import FolderSegmentationDataset
 from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_file
+from unetkit.regression import FolderRegressionDataset
 from unetkit.segmentation.postprocess import write_object_table_csv
 from unetkit.workflows.segment import (
     evaluate_dataset,
@@ -47,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.csv, flag="--csv", inputs=[args.checkpoint, args.data])
     model, meta = load_for_inference(args.checkpoint)
     if meta.get("task") == "regression":
-        from unetkit.regression import FolderRegressionDataset
-
         data = FolderRegressionDataset(
             args.data,
             target_scale=meta.get("target_scale", 1.0),

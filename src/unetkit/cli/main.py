@@ -15,6 +15,7 @@ import traceback
 
 from unetkit._version import __version__
 from unetkit.errors import UnetkitError
+from unetkit.perf import tune_allocator
 
 # sub-command modules, each with add_parser() (one or more sub-commands) and run()
 COMMANDS = [
@@ -73,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unetkit.perf import tune_allocator
-
     # glibc would return >32 MiB activations to the OS and page-fault them back on every
     # pass (15-35% of CPU time); opt out with UNETKIT_ALLOCATOR=system
     tune_allocator()

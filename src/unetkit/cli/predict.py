@@ -102,6 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch.compile the model (falls back to eager with a warning if it fails)",
     )
+    add_output_flags(p)
+    p.set_defaults(run=run)
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of :class:`~unetkit.workflows.segment_outputs.OutputOptions`."""
     p.add_argument(
         "--labels-format",
         choices=LABEL_FORMATS,
@@ -134,7 +140,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="redo images that an earlier run into --out finished (default: skip them)",
     )
-    p.set_defaults(run=run)
 
 
 def outputs_from_args(args: argparse.Namespace) -> OutputOptions:

@@ -4,6 +4,7 @@ LoRA flags, progress bars, image loading with resizing (stated, never silent).""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,14 @@ def parse_lora(spec: str) -> tuple[str, float]:
     if not sep or not path:
         return spec, 1.0
     try:
-        return path, float(scale)
+        value = float(scale)
     except ValueError:
         if Path(spec).exists():
             return spec, 1.0
         raise ConfigError(f"--lora {spec!r}: expected FILE or FILE:SCALE with a number") from None
+    if not math.isfinite(value):  # a NaN scale writes NaN into every adapted weight
+        raise ConfigError(f"--lora {spec!r}: the scale must be a finite number")
+    return path, value
 
 
 def progress(total: int, what: str, disabled: bool) -> tuple[Any, Any]:

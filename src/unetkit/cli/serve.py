@@ -57,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from unetkit.web.app import create_app
+        from unetkit.web.app import create_app  # why: optional dependency (fastapi: web extra)
     except ImportError as e:
         raise ConfigError(
             f"serve: needs the web extra ({e.name} is missing); pip install 'unetkit[web]'"
         ) from None
-    from unetkit.web.models import ModelList
+    from unetkit.web.models import ModelList  # why: start-up time of every other command
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected 1..65535")

@@ -175,6 +175,13 @@ def _series_array(tif: tifffile.TiffFile, path: Path) -> tuple[np.ndarray, str]:
     if len(series) > 1 and len({(s.shape, s.dtype) for s in series}) == 1:
         return np.stack([s.asarray() for s in series]), "Q" + series[0].axes
     first = series[0]
+    if len(series) > 1:  # e.g. multi-position OME-TIFF, or a thumbnail beside the image
+        log.warning(
+            "%s: holds %d image series of different shapes; reading the first %s",
+            path,
+            len(series),
+            first.shape,
+        )
     if first.dataoffset is not None:  # uncompressed and contiguous: map, don't read
         try:
             return tifffile.memmap(path, series=0, mode="r"), first.axes

@@ -41,19 +41,53 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict
     return path
 
 
+# pickle containers: loading one can run arbitrary code, so they are refused by name
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+def _readable(path: Path) -> None:
+    if not path.is_file():
+        what = "a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
+        raise CheckpointError(f"{path}: {what}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: a pickled {path.suffix} file; unetkit never unpickles (loading a pickle "
+            f"can run code): save the weights as .safetensors with a tool you trust"
+        )
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not a readable .safetensors file ({error}); it is empty, truncated or "
+        f"another format (unetkit never unpickles files)"
+    )
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file without reading its tensors.
+
+    Raises:
+        CheckpointError: one line naming the file when it is missing, pickled, empty,
+            truncated or not safetensors at all.
+    """
+    path = Path(path)
+    _readable(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    _readable(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (safetensors.SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable .safetensors file ({e}); unetkit never unpickles "
-            f"files, convert .pt/.ckpt weights with `unetkit convert`"
-        ) from None
+        raise _unreadable(path, e) from None
     return tensors, meta
 
 

@@ -248,8 +248,10 @@ def load_diffusers_unet(
     folder = _unet_dir(Path(path))
     try:
         raw = json.loads((folder / CONFIG_NAME).read_text())
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"expected a JSON object, found a {type(raw).__name__}")
         config = config_from_diffusers(raw)
-    except (json.JSONDecodeError, UnetkitError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, UnetkitError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from None
     model = build_empty(config)
     load_state_dict_strict(model, _read_weights(folder, variant), source=str(folder))

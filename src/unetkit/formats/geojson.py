@@ -28,7 +28,13 @@ OBJECT_TYPES = ("detection", "cell", "annotation")
 _NAMESPACE = uuid.UUID("6f1d7c1e-6a0b-4f7a-9d1e-2b5c3a4d5e6f")
 
 
-def _ring_list(ring: np.ndarray) -> list[list[float]]:
+def _ring_list(ring: np.ndarray, *, exterior: bool) -> list[list[float]]:
+    """A closed ring as [x, y] pairs, wound as RFC 7946 asks: exteriors counter-clockwise,
+    holes clockwise (by the sign of the shoelace area in x, y)."""
+    x, y = ring[:, 0], ring[:, 1]
+    counter_clockwise = float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) > 0
+    if counter_clockwise != exterior:
+        ring = ring[::-1]
     return [[round(float(x), 3), round(float(y), 3)] for x, y in ring]
 
 
@@ -62,7 +68,8 @@ def instances_to_geojson(
     features = []
     for outline in object_outlines(np.asarray(instances)):
         polygons = [
-            [_ring_list(ext)] + [_ring_list(h) for h in holes] for ext, holes in outline.parts
+            [_ring_list(ext, exterior=True)] + [_ring_list(h, exterior=False) for h in holes]
+            for ext, holes in outline.parts
         ]
         geometry = (
             {"type": "Polygon", "coordinates": polygons[0]}

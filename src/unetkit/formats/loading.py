@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
-from safetensors import safe_open
 
 from unetkit.errors import CheckpointError
-from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, load, read_metadata
+from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, load, read_header, read_metadata
 from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.formats.lora_layouts import UNETKIT_FORMAT
 from unetkit.formats.onnx import OnnxModel
@@ -60,8 +59,7 @@ def base_checkpoint(path: str | os.PathLike) -> Path:
 
 def is_adapter_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a LoRA adapter file written by unetkit (not a model checkpoint)."""
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == UNETKIT_FORMAT
+    return read_header(path).get("format") == UNETKIT_FORMAT  # CheckpointError: one line
 
 
 def _load(path: str | os.PathLike) -> tuple[nn.Module, Path, dict[str, Any]]:

@@ -105,6 +105,13 @@ def read_adapter(
     except CheckpointError as e:
         msg = str(e)
         raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        # tensors of impossible shapes (0-d, rank 0, A/B that do not multiply): found by
+        # fuzzing; a damaged or hand-made file, never one a LoRA trainer writes
+        raise CheckpointError(
+            f"{path}: malformed LoRA tensors ({type(e).__name__}: {e}); the file is damaged "
+            f"or not a LoRA adapter"
+        ) from None
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike, *, format: str = "unetkit") -> Path:

@@ -39,6 +39,7 @@ from unetkit._version import __version__
 from unetkit.config import check_choice
 from unetkit.errors import CheckpointError, ConfigError, InputSizeError
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
+from unetkit.nn import vit
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,6 @@ def probe_sizes(model: nn.Module, size: Sequence[int]) -> list[tuple[int, ...]]:
 def clear_shape_caches() -> None:
     """Drop the per-size tensor caches of the Swin blocks. torch.export traces with fake
     tensors; cached there, they would be handed to later eager calls."""
-    from unetkit.nn import vit
 
     for fn in ("relative_position_index", "window_attention_mask"):
         clear = getattr(getattr(vit, fn, None), "cache_clear", None)

@@ -139,7 +139,13 @@ def _config_arg(spec: str | None) -> DiffusionUNetConfig | None:
     if not spec:
         return None
     if Path(spec).is_file():
-        return diffusers.config_from_diffusers(json.loads(Path(spec).read_text()))
+        try:
+            raw = json.loads(Path(spec).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"--config {spec}: not a JSON config file ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"--config {spec}: expected a JSON object (a diffusers config)")
+        return diffusers.config_from_diffusers(raw)
     return build_config("diffusion-unet", preset=spec)
 
 

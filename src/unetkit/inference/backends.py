@@ -30,6 +30,7 @@ import torch.nn as nn
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, UnetkitError
 from unetkit.formats.loading import load_model_file, load_with_metadata, user_metadata
+from unetkit.formats.onnx import OnnxModel, export_onnx, read_onnx_metadata, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ def onnx_cache_path(checkpoint: str | os.PathLike) -> Path:
 
 def cached_onnx(checkpoint: str | os.PathLike) -> Path:
     """The ONNX export of ``checkpoint`` (dynamic spatial size), exported if not cached."""
-    from unetkit.formats.onnx import read_onnx_metadata, sha256_file
 
     digest = sha256_file(checkpoint)
     cache = onnx_cache_path(checkpoint)
@@ -102,7 +102,6 @@ def cached_onnx(checkpoint: str | os.PathLike) -> Path:
                 return cache
         except UnetkitError:
             pass  # unreadable cache: export again
-    from unetkit.formats.onnx import export_onnx
 
     model, meta = load_with_metadata(checkpoint)
     extra = user_metadata(meta)
@@ -155,7 +154,6 @@ def load_inference_model(
 def options_for(model: nn.Module, options: Any) -> Any:
     """``options`` (an ``InferenceOptions``) adapted to the backend: a fixed-size ONNX graph
     sets the tile size; onnxruntime runs float32 ("auto" precision becomes "fp32")."""
-    from unetkit.formats.onnx import OnnxModel
 
     if not isinstance(model, OnnxModel):
         return options

@@ -243,11 +243,18 @@ def _expand(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]
     return tuple(int(v) for v in values)
 
 
-def _predictor(
+def tile_predictor(
     runner: Runner, activation: Activation, tta: bool | str | None, dims: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Batch (CPU) -> float32 prediction on the runner's device: activation, then TTA mean.
-    Activations run in float32 also under bf16 (the logits are upcast first)."""
+    """Batch of tiles (CPU) -> float32 prediction on the runner's device: activation, then
+    the TTA mean. Activations run in float32 also under bf16 (the logits are upcast first).
+
+    Args:
+        runner: from ``runtime.prepared(model, precision)``.
+        activation: None/"logits", "probabilities" or a callable on ``N×K×*T`` tensors.
+        tta: False, True/"flip" or "flip_rot90".
+        dims: spatial dimensions of the tiles.
+    """
     if activation is None or activation == "logits":
         act: Callable[[torch.Tensor], torch.Tensor] = lambda y: y  # noqa: E731
     elif callable(activation):
@@ -294,7 +301,7 @@ def _stream(
     result = opts["out"] if reduce is not None else None
     with contextlib.ExitStack() as stack:
         runner = opts["runner"] or stack.enter_context(prepared(model, "fp32"))
-        predict = _predictor(runner, opts["activation"], opts["tta"], len(grid.tile))
+        predict = tile_predictor(runner, opts["activation"], opts["tta"], len(grid.tile))
         while chunk := list(itertools.islice(positions, opts["batch_size"])):
             starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
             tiles = [extract_tile(image, s, window[1], opts["pad_mode"]) for s in starts]

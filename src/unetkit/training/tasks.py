@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from unetkit.config import check_choice
+from unetkit.diffusion.objectives import diffusion_loss
 from unetkit.errors import ConfigError, DataError
 
 Batch = Any  # whatever the DataLoader yields; dict samples by convention ({"image": ...})
@@ -232,8 +233,6 @@ class DiffusionTask:
         return ctx
 
     def _loss(self, model: nn.Module, batch: Batch, gen: torch.Generator | None):
-        from unetkit.diffusion.objectives import diffusion_loss
-
         x0 = _image(batch)
         return diffusion_loss(
             model,

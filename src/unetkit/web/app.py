@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from unetkit.diffusion import SCHEDULER_NAMES
 from unetkit.errors import ConfigError, DataError, UnetkitError, did_you_mean
 from unetkit.web import tasks
 from unetkit.web.jobs import JobRunner
@@ -87,7 +89,8 @@ def create_app(
 
     Args:
         models: what the page may choose from (``ModelList``).
-        work_dir: uploads and job folders (default: a new temporary folder).
+        work_dir: uploads and job folders (default: a temporary folder, deleted when the
+            server stops).
         max_upload_mb: largest accepted upload, MiB.
         max_pixels: largest accepted image, H*W.
         workers: jobs running at once.
@@ -111,6 +114,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         state.runner.shutdown()  # cancel running jobs, stop the worker threads
+        if not work_dir:  # our own temporary folder: uploads and results go with the server
+            shutil.rmtree(work, ignore_errors=True)
 
     app = FastAPI(
         title="unetkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
@@ -149,8 +154,6 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        from unetkit.diffusion import SCHEDULER_NAMES
-
         return {
             "models": [m.to_dict() for m in state.models.list()],
             "samplers": list(SCHEDULER_NAMES),
@@ -160,8 +163,8 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
 
     @app.post("/api/images")
     async def upload(request: Request) -> dict[str, Any]:
-        declared = int(request.headers.get("content-length") or 0)
-        check_size(declared, state.max_upload + 2**16, "upload")  # before reading anything
+        # refuse by the declared size before reading anything (chunked bodies have none)
+        check_size(declared_length(request), state.max_upload + 2**16, "upload")
         form = await request.form(max_files=1, max_fields=4)
         file = form.get("file")
         if file is None or isinstance(file, str):
@@ -180,10 +183,11 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
 
     async def raw_array(request: Request, image: StoredImage, dtype: Any, what: str) -> Any:
         expected = image.width * image.height * np.dtype(dtype).itemsize
-        body = await request.body()
-        if len(body) != expected:
+        declared = declared_length(request)
+        body = await request.body() if declared == expected else b""
+        if len(body) != expected:  # refused unread if the declared size is wrong
             raise UploadError(
-                f"{what} of {image.name}: {len(body)} bytes, expected {expected} "
+                f"{what} of {image.name}: {declared} bytes, expected {expected} "
                 f"({image.width}x{image.height} {np.dtype(dtype).name})"
             )
         return np.frombuffer(body, dtype=dtype).reshape(image.height, image.width)
@@ -205,6 +209,14 @@ def add_image_routes(app: FastAPI, state: WebState) -> None:
         return {"image": image.id, "pixels": int((mask > 0).sum())}
 
 
+def declared_length(request: Request) -> int:
+    """The request's Content-Length; UploadError 411 if it has none (or a bad one)."""
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        raise UploadError("upload: send a Content-Length header", 411) from None
+
+
 def _int(body: dict, key: str, default: int | None, limits: tuple[int, int] | None) -> Any:
     value = body.get(key, default)
     if value is None and default is None:
@@ -220,8 +232,6 @@ def _int(body: dict, key: str, default: int | None, limits: tuple[int, int] | No
 
 def sample_request(body: dict) -> tasks.SampleRequest:
     """Validate generate / inpaint settings; samplers come from the library's list."""
-    from unetkit.diffusion import SCHEDULER_NAMES
-
     sampler = str(body.get("sampler") or "ddim")
     if sampler not in SCHEDULER_NAMES:
         raise ConfigError(
@@ -251,17 +261,19 @@ def _labels_of(image: StoredImage) -> np.ndarray:
     return np.load(path)
 
 
-def add_job_routes(app: FastAPI, state: WebState) -> None:
-    """Start, poll and cancel jobs; download their files."""
+async def body_of(request: Request) -> dict:
+    """The request's JSON object; ConfigError (400) for anything else."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ConfigError("request: the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ConfigError("request: the body must be a JSON object")
+    return body
 
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ConfigError("request: the body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ConfigError("request: the body must be a JSON object")
-        return body
+
+def add_job_routes(app: FastAPI, state: WebState) -> None:
+    """Start the four kinds of job (each returns the job id at once)."""
 
     def submitted(kind: str, work: Any) -> dict[str, str]:
         return {"id": state.runner.submit(kind, work).id}
@@ -309,6 +321,12 @@ def add_job_routes(app: FastAPI, state: WebState) -> None:
         mask = np.load(image.folder / "mask.npy")
         work = tasks.inpaint_task(state.cache, entry, image, mask, sample_request(body))
         return submitted("inpaint", work)
+
+    add_job_result_routes(app, state)
+
+
+def add_job_result_routes(app: FastAPI, state: WebState) -> None:
+    """Poll and cancel jobs; download their files."""
 
     @app.get("/api/jobs/{job_id}")
     def job_status(job_id: str) -> dict[str, Any]:

@@ -101,9 +101,7 @@ class JobRunner:
         self.keep = keep
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[Job, Callable[[Job], dict[str, Any]]] | None] = (
-            queue.Queue()
-        )
+        self._queue: queue.Queue[tuple[Job, Callable[[Job], dict[str, Any]]] | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._serve, name=f"unetkit-web-{i}", daemon=True)
             for i in range(workers)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unetkit.errors import CheckpointError
+from unetkit.formats.checkpoint import read_metadata
+from unetkit.formats.loading import base_checkpoint, is_adapter_file
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,7 @@ class ModelEntry:
 
 
 def model_kind(path: Path) -> str:
-    """"diffusion" or "segment" for a run folder or model file; raises CheckpointError."""
-    from unetkit.formats.checkpoint import read_metadata
-    from unetkit.formats.loading import base_checkpoint, is_adapter_file
-
+    """ "diffusion" or "segment" for a run folder or model file; raises CheckpointError."""
     file = base_checkpoint(path)
     if file.suffix == ".onnx":
         return "segment"

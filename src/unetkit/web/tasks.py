@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
+from unetkit.data.io import read_image, write_image
+from unetkit.errors import DataError
 from unetkit.web.exports import write_result_files
 from unetkit.web.jobs import Job
 from unetkit.web.models import ModelEntry, ModelList
-from unetkit.web.uploads import StoredImage
+from unetkit.web.uploads import StoredImage, preview
+from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
+from unetkit.workflows.interactive import Segmenter, finetune_on_labels
 
 
 class ModelCache:
@@ -46,18 +52,12 @@ class ModelCache:
 
 def _load(entry: ModelEntry) -> Any:
     if entry.kind == "diffusion":
-        from unetkit.workflows.diffuse import DiffusionPipeline
-
         return DiffusionPipeline.from_checkpoint(entry.path, precision="auto")
-    from unetkit.workflows.interactive import Segmenter
-
     return Segmenter(entry.path)
 
 
 def read_upload(image: StoredImage) -> np.ndarray:
     """The uploaded image as the user has it (H×W or H×W×C, the file's dtype)."""
-    from unetkit.data.io import read_image
-
     arr = np.asarray(read_image(image.path, palette_to_rgb=True))
     if arr.ndim == 3 and arr.shape[-1] > 4 and arr.shape[0] <= 4:  # C×H×W TIFF
         arr = np.moveaxis(arr, 0, -1)
@@ -102,7 +102,10 @@ def segment_task(
 
 
 def finetune_dir(base: Path) -> Path:
-    """``<base>-finetune-<k>`` beside the base run folder or model file, first free k."""
+    """``<base>-finetune-<k>`` beside the base run folder or model file, first free k
+    (a checkpoint inside a run's ``checkpoints/`` counts as that run)."""
+    if not base.is_dir() and base.parent.name == "checkpoints":
+        base = base.parent.parent
     stem = base.name if base.is_dir() else base.stem
     k = 1
     while (base.parent / f"{stem}-finetune-{k}").exists():
@@ -126,8 +129,6 @@ def finetune_task(
     """Train a LoRA adapter on the corrected labels, list it, re-segment with it."""
 
     def work(job: Job) -> dict[str, Any]:
-        from unetkit.workflows.interactive import Segmenter, finetune_on_labels
-
         def on_step(step: int, total: int, loss: float) -> None:
             job.losses.append(float(loss))
             job.progress(step, total, "fine-tuning")
@@ -165,9 +166,6 @@ class SampleRequest:
 
 
 def _write_samples(job: Job, images: Any) -> dict[str, Any]:
-    from unetkit.data.io import write_image
-    from unetkit.workflows.diffuse import save_grid, to_uint8
-
     save_grid(images, job.folder / "grid.png")
     names = []
     for i, picture in enumerate(to_uint8(images)):
@@ -199,11 +197,6 @@ def generate_task(cache: ModelCache, entry: ModelEntry, req: SampleRequest) -> A
 def inpaint_inputs(image: np.ndarray, mask: np.ndarray, size: int, channels: int) -> tuple:
     """(C×size×size image in [-1, 1], 1×size×size 0/1 mask) for the pipeline: the upload
     is resized to the model's size (the page lets users brush on any picture)."""
-    import torch
-    from PIL import Image
-
-    from unetkit.web.uploads import preview
-
     pic = preview(image)  # uint8, grey or RGB
     if pic.ndim == 3 and channels == 1:
         pic = pic.mean(-1).astype(np.uint8)
@@ -222,8 +215,6 @@ def inpaint_task(
     """Repaint the brushed region of an uploaded image, ``req.n`` times."""
 
     def work(job: Job) -> dict[str, Any]:
-        from unetkit.errors import DataError
-
         job.stage = f"loading {entry.name}"
         pipe = cache.get(entry)
         x, m = inpaint_inputs(read_upload(image), mask, pipe.size, pipe.channels)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unetkit.data.io import read_image, write_image
 from unetkit.errors import DataError
 
 # the first bytes of each accepted format -> the extension it is stored under
@@ -121,8 +122,6 @@ def store_image(data: bytes, name: str | None, root: Path, *, max_pixels: int) -
 
 
 def _decode(path: Path, shown: str, ext: str, max_pixels: int, image_id: str) -> StoredImage:
-    from unetkit.data.io import read_image, write_image
-
     try:
         arr = read_image(path, palette_to_rgb=True)
     except Exception as e:  # a truncated or corrupt file: say so in one line

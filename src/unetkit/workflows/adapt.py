@@ -23,7 +23,12 @@ from typing import Any
 import torch.nn as nn
 
 from unetkit.errors import ConfigError
+from unetkit.formats.checkpoint import load, read_metadata
 from unetkit.formats.loading import base_checkpoint
+from unetkit.formats.lora_files import save_adapter
+from unetkit.nn.lora_inject import inject_lora, trainable_summary
+from unetkit.workflows import diffuse_train as D
+from unetkit.workflows import segment_train as S
 
 log = logging.getLogger(__name__)
 # noise-process fields a diffusion base's metadata fixes for its adapters
@@ -60,7 +65,6 @@ class LoRAOptions:
 
 def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
     """Inject adapters, freeze the rest; returns a summary (layers, trainable fraction)."""
-    from unetkit.nn.lora_inject import inject_lora, trainable_summary
 
     wrapped = inject_lora(
         model, list(options.targets), r=options.r, alpha=options.alpha, dropout=options.dropout
@@ -79,7 +83,6 @@ def attach(model: nn.Module, options: LoRAOptions) -> dict[str, Any]:
 
 def adapter_saver(options: LoRAOptions, base: Path):
     """A ``fit`` model saver that writes the adapter (not the model) with a base pointer."""
-    from unetkit.formats.lora_files import save_adapter
 
     def save(model: nn.Module, path: Path, extra: dict[str, Any]) -> Path:
         return save_adapter(model, path, targets=list(options.targets), base_model=str(base))
@@ -103,7 +106,6 @@ def train_lora(
     epochs, lr, ...), ``SegmentationRecipe`` for a segmentation base (data, epochs, ...).
     Returns the trainer's FitResult.
     """
-    from unetkit.formats.checkpoint import load, read_metadata
 
     file = base_checkpoint(base)
     meta = read_metadata(file)
@@ -112,8 +114,6 @@ def train_lora(
     saver = adapter_saver(options, file)
     lora_info = {"base": str(file), **dataclasses.asdict(options), **summary}
     if "diffusion" in meta:
-        from unetkit.workflows import diffuse_train as D
-
         d = meta["diffusion"]
         noise = {k: d["schedule"][k] for k in _SCHEDULE_FIELDS if k in d["schedule"]}
         overrides = {
@@ -134,7 +134,6 @@ def train_lora(
             save_model=saver,
             lora=lora_info,
         )
-    from unetkit.workflows import segment_train as S
 
     known = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
     recipe = S.make_recipe("modern", model=meta["model"], **{**known, **recipe_overrides})

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unetkit import runtime
 from unetkit.data.io import read_image, to_float_image
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
@@ -300,8 +301,8 @@ def region_probabilities(
     here = region
     out: torch.Tensor | None = None
     position = {g: k for k, (g, _) in enumerate(tiles)}
-    with tiling._inference(model, options.precision) as (runner, fmt):
-        predict = tiling._predictor(runner, "probabilities", options.tta, 2, fmt)
+    with runtime.prepared(model, options.precision) as runner:
+        predict = tiling.tile_predictor(runner, "probabilities", options.tta, 2)
         for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
             x = torch.stack(
                 [image.index_select(1, reads[position[g]][0] - lo[0]).index_select(2, reads[position[g]][1] - lo[1]) for g, _ in batch]

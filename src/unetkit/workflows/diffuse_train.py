@@ -22,6 +22,16 @@ from typing import Any
 import torch
 
 from unetkit import config as cfg
+from unetkit.data.captions import CaptionFolderDataset
+from unetkit.data.digits import DigitsDataset
+from unetkit.diffusion.schedules import NoiseSchedule
+from unetkit.registry import create_model
+from unetkit.text import CaptionEmbeddingCache, load_text_encoder
+from unetkit.training import distributed
+from unetkit.training.fit_config import FitConfig
+from unetkit.training.tasks import DiffusionTask
+from unetkit.training.trainer import fit
+from unetkit.workflows.diffuse import DiffusionPipeline, clips_x0_estimate
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +138,6 @@ def make_diffusion_recipe(name: str | None = "digits", /, **overrides: Any) -> D
 
 
 def build_schedule(recipe: DiffusionRecipe) -> Any:
-    from unetkit.diffusion.schedules import NoiseSchedule
-
     return NoiseSchedule(
         num_train_timesteps=recipe.num_train_timesteps,
         beta_schedule=recipe.beta_schedule,
@@ -142,8 +150,6 @@ def build_schedule(recipe: DiffusionRecipe) -> Any:
 def build_datasets(recipe: DiffusionRecipe) -> tuple[Any, Any, int]:
     """(train, validation, channels) for the recipe's data."""
     if recipe.data is None:
-        from unetkit.data.digits import DigitsDataset
-
         common = {
             "size": recipe.size,
             "exclude_digits": recipe.exclude_digits,
@@ -153,8 +159,6 @@ def build_datasets(recipe: DiffusionRecipe) -> tuple[Any, Any, int]:
         val = DigitsDataset("test", limit_per_digit=recipe.limit_per_digit or 20, **common)
         return train, val, 1
     from torch.utils.data import Subset
-
-    from unetkit.data.captions import CaptionFolderDataset
 
     full = CaptionFolderDataset(
         recipe.data, recipe.captions, size=recipe.size, channels=recipe.channels
@@ -166,8 +170,6 @@ def build_datasets(recipe: DiffusionRecipe) -> tuple[Any, Any, int]:
 
 
 def build_model(recipe: DiffusionRecipe, channels: int, context_dim: int) -> torch.nn.Module:
-    from unetkit.registry import create_model
-
     options = {
         "in_channels": channels,
         "out_channels": channels,
@@ -181,7 +183,6 @@ def build_model(recipe: DiffusionRecipe, channels: int, context_dim: int) -> tor
 
 def diffusion_metadata(recipe: DiffusionRecipe, schedule: Any, channels: int) -> dict[str, Any]:
     """What generation needs besides the weights; goes into every checkpoint's metadata."""
-    from unetkit.workflows.diffuse import clips_x0_estimate
 
     return {
         "diffusion": {
@@ -226,11 +227,6 @@ def train_diffusion(
     train), ``save_model`` replaces the checkpoint writer (adapter files for LoRA runs),
     ``lora`` is recorded in config.json.
     """
-    from unetkit.workflows.diffuse import DiffusionPipeline
-    from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-    from unetkit.training import distributed
-    from unetkit.training.tasks import DiffusionTask
-    from unetkit.training.trainer import fit
 
     torch.manual_seed(recipe.seed)
     run_dir = Path(run_dir)
@@ -281,7 +277,20 @@ def train_diffusion(
         task,
         train_ds,
         val_ds,
+        fit_config(recipe),
         run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        checkpoint_extra=meta,
+        run_config={"task": "diffusion", **cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
+        save_model=save_model,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def fit_config(recipe: DiffusionRecipe) -> FitConfig:
+    """The trainer's part of the recipe."""
+    return FitConfig(
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
@@ -294,12 +303,6 @@ def train_diffusion(
         grad_clip=recipe.grad_clip,
         num_workers=recipe.num_workers,
         seed=recipe.seed,
-        resume=resume,
-        progress=progress,
-        checkpoint_extra=meta,
-        run_config={"task": "diffusion", **cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
-        save_model=save_model,
         max_steps=recipe.max_steps,
-        on_epoch_end=on_epoch_end,
         ema_decay=recipe.ema_decay,
     )

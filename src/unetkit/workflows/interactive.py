@@ -26,6 +26,7 @@ from unetkit.errors import DataError, UnetkitError
 from unetkit.formats.loading import base_checkpoint, is_adapter_file
 from unetkit.formats.lora_files import read_adapter
 from unetkit.segmentation.postprocess import object_table
+from unetkit.training.fit_config import FitConfig
 from unetkit.training.tasks import SupervisedTask
 from unetkit.training.trainer import fit
 from unetkit.workflows import segment_train as S
@@ -213,11 +214,11 @@ def finetune_on_labels(
         loss = S.SegmentationLoss(recipe)
         metrics = S.SegmentationMetrics(S.target_channels(recipe))
         task = SupervisedTask(loss, metrics, monitor="val/fg_dice", mode="max")
+        config = FitConfig(epochs=1, batch_size=batch, lr=lr or recipe.lr, max_steps=steps)
         fit(
-            model, _Reporting(task, steps, progress, should_stop), train_ds, val_ds,
-            run_dir=Path(run_dir), epochs=1,
-            batch_size=batch, lr=lr or recipe.lr, max_steps=steps, progress=False,
-            resume=False, save_model=adapter_saver(options, base_file),
+            model, _Reporting(task, steps, progress, should_stop), train_ds, val_ds, config,
+            run_dir=Path(run_dir), progress=False, resume=False,
+            save_model=adapter_saver(options, base_file),
             run_config={"finetune": {"base": str(base_file), "steps": steps, **summary}},
         )
         adapter = Path(run_dir) / "checkpoints" / "last.safetensors"

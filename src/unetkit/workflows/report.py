@@ -10,6 +10,7 @@ import torch
 
 from unetkit.data.datasets import SyntheticCellsDataset
 from unetkit.data.io import write_image
+from unetkit.regression import SyntheticDenoiseDataset, SyntheticDepthDataset
 from unetkit.segmentation.postprocess import instances_from_semantic, write_object_table_csv
 from unetkit.workflows.pictures import comparison, grey_picture, map_with_colorbar, side_by_side
 from unetkit.workflows.segment import (
@@ -77,7 +78,6 @@ def _heldout_regression(
     """Depth (AbsRel, RMSE, δ<1.25) or restoration (MAE, PSNR) metrics on unseen scenes,
     ``heldout.csv`` and pictures of the first predictions in ``samples/``: input |
     prediction | truth, depth maps with a colour bar in metres on one shared scale."""
-    from unetkit.regression import SyntheticDenoiseDataset, SyntheticDepthDataset
 
     cls = (
         SyntheticDepthDataset if recipe.synthetic_regression == "depth" else SyntheticDenoiseDataset

@@ -22,16 +22,14 @@ from skimage.transform import resize
 
 from unetkit import runtime
 from unetkit.data.datasets import TARGETS
-from unetkit.data.io import (
-    read_image,
-    to_float_image,
-)
+from unetkit.data.io import load_image, to_float_image
 from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import Normalize
-from unetkit.errors import CheckpointError, ConfigError
+from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.loading import load_with_metadata
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
+from unetkit.regression import depth_metrics, psnr, to_prediction
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
 from unetkit.segmentation.postprocess import (
     instances_from_boundary,
@@ -216,8 +214,6 @@ def predict_regression(
     options: InferenceOptions = InferenceOptions(),
 ) -> np.ndarray:
     """Dense regression of one float image C×H×W: depth in metres or restored values, K×H×W."""
-    from unetkit.regression import to_prediction
-
     output = meta.get("output", "depth")
     with runtime.prepared(model, options.precision) as runner:
         return predict_tiled(
@@ -254,8 +250,6 @@ def evaluate_regression(
     on_prediction: Callable[[dict, np.ndarray], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Depth metrics (AbsRel, RMSE, δ<1.25, ...) or MAE/RMSE/PSNR per image, and their means."""
-    from unetkit.regression import depth_metrics, psnr
-
     acc = MetricAccumulator()
     rows = []
     for s in samples:
@@ -306,6 +300,12 @@ def evaluate_dataset(
                 spatial_dims=image.ndim - 1,
                 channels=options.channels,
             )
+        expected = getattr(model, "in_channels", None)
+        if expected is not None and image.shape[0] != expected:
+            raise DataError(
+                f"{s.get('name', 'image')}: image has {image.shape[0]} channel(s), the model "
+                f"takes {expected}; pick and order channels with --channels (e.g. 0 or 1,0)"
+            )
         pred = predict_image(model, image, meta, options, scale=scale_factor(meta, options))
         if on_prediction is not None:
             on_prediction(s, pred)
@@ -337,7 +337,9 @@ def predict(
             z-scored images, semantic).
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
         options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size,
-            precision).
+            precision, channels, pixel_size, object_diameter). A file is read axis-aware
+            (OME/ImageJ TIFF) and rescaled to the checkpoint's training scale when its
+            pixel size and the checkpoint's are known.
 
     Example:
         >>> pred = unetkit.predict("run/best.safetensors", "cells.png")  # doctest: +SKIP
@@ -347,7 +349,13 @@ def predict(
         model, meta = load_inference_model(model)
     else:
         meta = {"normalize": "zscore", "target": "semantic"}
-    path = image if isinstance(image, (str, os.PathLike)) else None
-    raw = read_image(path) if path is not None else np.asarray(image)
     opts = options_for(model, InferenceOptions(**options))
-    return predict_image(model, to_float_image(raw, path=path), meta, opts)
+    pixel_size = None
+    if isinstance(image, (str, os.PathLike)):
+        loaded = load_image(image, channels=opts.channels)
+        array, pixel_size = loaded.image, loaded.pixel_size
+    else:
+        array = to_float_image(np.asarray(image), channels=opts.channels)
+    if opts.pixel_size is not None:
+        pixel_size = PixelSize(opts.pixel_size, opts.pixel_size)
+    return predict_image(model, array, meta, opts, scale=scale_factor(meta, opts, pixel_size))

@@ -33,8 +33,11 @@ from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
+from unetkit.inference.attention_maps import save_attention_heatmaps
 from unetkit.inference.backends import load_inference_model, options_for
+from unetkit.regression.io import colorize, write_target
 from unetkit.workflows import segment
+from unetkit.workflows.pictures import map_with_colorbar
 from unetkit.workflows.segment import (
     InferenceOptions,
     check_inference_metadata,
@@ -147,18 +150,20 @@ def predict_files(
     volumes = getattr(model, "dims", 2) == 3
     files = expand_inputs(inputs, volumes=volumes)
     out = Path(out_dir)
-    if meta.get("task") == "regression":
-        return _predict_regression_files(model, meta, files, out, options)
     stem_of = volume_stem if volumes else (lambda p: p.stem)
-    _refuse_overwriting_inputs(files, unique_names(files, stem_of), out)
+    names = unique_names(files, stem_of)
+    _refuse_overwriting_inputs(files, names, out)
+    if meta.get("task") == "regression":
+        return _predict_regression_files(model, meta, files, names, out, options)
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "inference": dataclasses.asdict(options),
         "outputs": {k: v for k, v in dataclasses.asdict(outputs).items() if k != "overwrite"},
     }
     ledger = PredictLedger(out, json.loads(json.dumps(settings)), overwrite=outputs.overwrite)
-    names = unique_names(files, stem_of, previous=ledger.names())
-    _refuse_overwriting_inputs(files, names, out)
+    if ledger.names():  # names an earlier run gave stay, so its finished images are found
+        names = unique_names(files, stem_of, previous=ledger.names())
+        _refuse_overwriting_inputs(files, names, out)
     resumed = 0
     for f in files:
         if ledger.done(f, names[f]):
@@ -198,8 +203,6 @@ def _predict_one(
     scale = scale_factor(meta, options, pixel_size)
     pred = segment.predict_image(model, loaded.image, meta, options, scale=scale)
     if attention_maps:
-        from unetkit.inference.attention_maps import save_attention_heatmaps  # torch only
-
         save_attention_heatmaps(unwrap(model), normalize_input(loaded.image, meta), prefix)
     row = write_outputs(
         prefix.parent,
@@ -234,6 +237,11 @@ _OUTPUT_ENDINGS = (
     "_probabilities.tif",
     ".geojson",
     "_RoiSet.zip",
+    "_depth.tif",
+    "_depth.png",
+    "_depth_preview.png",
+    "_restored.tif",
+    "_restored.png",
 )
 
 
@@ -252,21 +260,23 @@ def _predict_regression_files(
     model: torch.nn.Module,
     meta: dict[str, Any],
     files: list[Path],
+    names: dict[Path, str],
     out: Path,
     options: InferenceOptions,
 ) -> list[dict[str, Any]]:
-    """``<stem>_depth.tif`` (float32 metres) + ``<stem>_depth.png`` (colour) per image, or
+    """``<stem>_depth.tif`` (float32 metres), ``<stem>_depth.png`` (colour, pixel for pixel)
+    and ``<stem>_depth_preview.png`` (with a colour bar in metres) per image, or
     ``<stem>_restored.tif``/``.png`` for restoration models."""
-    from unetkit.regression.io import colorize, write_target
-
     kind = "depth" if meta.get("output", "depth") == "depth" else "restored"
     rows = []
     for f in files:
         image = to_float_image(read_image(f), path=f)
         pred = predict_regression(model, image, meta, options)
-        write_target(out / f"{f.stem}_{kind}.tif", pred)
+        write_target(out / f"{names[f]}_{kind}.tif", pred)
         if kind == "depth":
             picture = colorize(pred[0])
+            preview = map_with_colorbar(pred[0], label="depth (m)", cmap="magma_r")
+            write_image(out / f"{names[f]}_depth_preview.png", preview)
         else:
             picture = (
                 np.clip(
@@ -278,7 +288,7 @@ def _predict_regression_files(
                 )
                 * 255
             ).astype(np.uint8)
-        write_image(out / f"{f.stem}_{kind}.png", picture)
+        write_image(out / f"{names[f]}_{kind}.png", picture)
         rows.append(
             {
                 "image": str(f),

@@ -24,7 +24,7 @@ import numpy as np
 from skimage.color import label2rgb
 
 from unetkit._atomic import atomic_write_text
-from unetkit.data.io import write_image
+from unetkit.data.io import read_image, write_image
 from unetkit.data.tiff import PixelSize
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.geojson import write_geojson
@@ -134,7 +134,9 @@ class PredictLedger:
     """``counts.csv`` grown one atomic rewrite per finished image, plus ``predict.json``.
 
     A re-run with the same settings skips images listed in counts.csv whose label file
-    exists; different settings (checkpoint, options) are refused unless ``overwrite``.
+    exists, and images whose label file (written last) exists but whose row was lost to an
+    interruption (the row is rebuilt from the files): no image is predicted twice.
+    Different settings (checkpoint, options) are refused unless ``overwrite``.
     """
 
     def __init__(self, out: Path, settings: dict[str, Any], *, overwrite: bool = False):
@@ -142,6 +144,7 @@ class PredictLedger:
         self.counts = out / "counts.csv"
         settings_path = out / "predict.json"
         self.rows: list[dict[str, Any]] = []
+        self.resuming = False
         if not overwrite and self.counts.is_file():
             previous = _read_json(settings_path)
             if previous is not None and previous != settings:
@@ -152,6 +155,7 @@ class PredictLedger:
                     "or choose another --out"
                 )
             self.rows = _read_rows(self.counts)
+            self.resuming = previous == settings
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(settings_path, json.dumps(settings, indent=1, sort_keys=True))
         if overwrite or not self.counts.is_file():
@@ -163,10 +167,36 @@ class PredictLedger:
 
     def done(self, image: Path, name: str) -> bool:
         """True when ``image`` finished in an earlier run (its labels are on disk)."""
-        return any(
+        listed = any(
             r["image"] == str(image) and r["name"] == name and (self.out / r["labels"]).is_file()
             for r in self.rows
         )
+        return listed or (self.resuming and self._recover(image, name))
+
+    def _recover(self, image: Path, name: str) -> bool:
+        """Rebuild the row of an image finished just before an interruption, if it was."""
+        found = [
+            next(
+                (
+                    p
+                    for p in (self.out / f"{name}_{kind}.{ext}" for ext in ("png", "tif"))
+                    if p.is_file()
+                ),
+                None,
+            )
+            for kind in ("instances", "mask")
+        ]
+        table = self.out / f"{name}_objects.csv"
+        if None in found or not table.is_file():
+            return False
+        labels, mask = found
+        with open(table, newline="", encoding="utf-8") as f:
+            objects = sum(1 for _ in csv.DictReader(f))
+        fraction = float((read_image(mask) > 0).mean())
+        row = {"image": str(image), "name": name, "objects": objects}
+        self.add({**row, "foreground_fraction": fraction, "labels": labels.name})
+        log.info("%s: finished before an interruption; its counts row was rebuilt", image)
+        return True
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows = [r for r in self.rows if r["name"] != row["name"]] + [row]
@@ -253,6 +283,8 @@ def write_outputs(
         spacing = (pixel_size.z or pixel_size.x, pixel_size.y, pixel_size.x)[-instances.ndim :]
     table = object_table(instances, image, pixel_size=spacing)
     write_object_table_csv(table, out / f"{name}_objects.csv")
+    if volume and (options.geojson or options.imagej_rois):
+        log.warning("%s: GeoJSON and ImageJ ROI exports are 2-D only; not written", name)
     if options.geojson and not volume:
         write_geojson(out / f"{name}.geojson", instances, table, object_type=options.object_type)
     if options.imagej_rois and not volume:

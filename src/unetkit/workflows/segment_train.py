@@ -26,6 +26,7 @@ from unetkit.errors import ConfigError, DataError
 from unetkit.nn.sampling import center_crop
 from unetkit.segmentation.losses import build_loss
 from unetkit.segmentation.metrics import dice, pixel_error
+from unetkit.training.fit_config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -458,12 +459,7 @@ def train(
             else f"built-in synthetic {recipe.synthetic_regression} scenes"
         ),
     )
-    result = fit(
-        model,
-        task,
-        train_ds,
-        val_ds,
-        run_dir=Path(run_dir),
+    fit_config = FitConfig(
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
@@ -477,6 +473,14 @@ def train(
         grad_clip=recipe.grad_clip,
         num_workers=recipe.num_workers,
         seed=recipe.seed,
+    )
+    result = fit(
+        model,
+        task,
+        train_ds,
+        val_ds,
+        fit_config,
+        run_dir=Path(run_dir),
         resume=resume,
         progress=progress,
         checkpoint_extra=checkpoint_extra(recipe),

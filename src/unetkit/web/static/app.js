@@ -137,6 +137,10 @@ function showSegmentation(job, target, model) {
     $("cor-image").append(el("option", { value: String(state.segmented.length - 1) },
       `${r.image.name} (${r.count} objects)`));
   });
+  if (!state.current && state.segmented.length) {  // the Correct screen opens the first one
+    $("cor-image").value = "0";
+    openForCorrection(0);
+  }
 }
 
 function resultCard(jobId, index, r) {
@@ -150,7 +154,7 @@ function resultCard(jobId, index, r) {
   const count = el("span", { class: "count" }, String(r.count));
   return el("div", { class: "result" }, el("h3", {}, r.image.name),
     el("div", { class: "body" }, canvas, el("div", { class: "side" },
-      el("div", { class: "count-line" }, count, " objects"), links, objectTable(r.table))));
+      el("div", { class: "count-line" }, count, r.count === 1 ? " object" : " objects"), links, objectTable(r.table))));
 }
 
 function drawNumbered(canvas, img, table) {

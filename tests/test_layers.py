@@ -1,0 +1,122 @@
+"""The architecture rules, checked like import-linter contracts by tools/check_layers.py:
+no import circles between packages, no import from a higher storey, function-level imports
+of unetkit modules only with a reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "check_layers.py"
+# Function-level imports of unetkit modules on the real tree may only go down: the goal is 10
+# (issue #13); lower this as their owners move them to module level, never raise it.
+LOCAL_IMPORT_CEILING = 61
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("check_layers", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(TOOL), "--root", str(root), "--quiet", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "unetkit"
+    for name, text in {"__init__.py": "", **files}.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+CLEAN = {
+    "errors.py": "class UnetkitError(Exception):\n    pass\n",
+    "nn/__init__.py": "",
+    "nn/conv.py": "from unetkit.errors import UnetkitError\n",
+    "training/__init__.py": "",
+    "training/trainer.py": "from unetkit.nn import conv\n",
+    "workflows/__init__.py": "",
+    "workflows/segment.py": "from unetkit.training.trainer import conv\n",
+    "cli/__init__.py": "",
+    "cli/predict.py": "from unetkit.workflows import segment\n",
+}
+
+
+def test_the_source_tree_keeps_the_storeys() -> None:
+    tool = _tool()
+    tree = tool.scan(ROOT / "src" / "unetkit")
+    assert tool.circles(tree) == []
+    upward, unknown = tool.upward(tree)
+    assert upward == [] and unknown == []
+    listed, _ = tool.local_imports(tree, limit=10)
+    assert len(listed) <= LOCAL_IMPORT_CEILING, "\n".join(listed)
+
+
+def test_a_clean_tree_passes(tmp_path: Path) -> None:
+    result = _run(_tree(tmp_path, CLEAN))
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_an_injected_upward_import_fails_and_is_named(tmp_path: Path) -> None:
+    files = {**CLEAN, "nn/conv.py": "from unetkit.workflows.segment import conv\n"}
+    result = _run(_tree(tmp_path, files))
+    assert result.returncode == 1
+    assert "unetkit.nn.conv (core) imports unetkit.workflows.segment (workflows)" in result.stdout
+
+
+def test_an_upward_import_inside_a_function_counts_too(tmp_path: Path) -> None:
+    files = {
+        **CLEAN,
+        "training/trainer.py": "def fit():\n    # why: start-up time\n"
+        "    from unetkit.cli import predict\n",
+    }
+    result = _run(_tree(tmp_path, files))
+    assert result.returncode == 1
+    assert "imports unetkit.cli.predict (front-ends)" in result.stdout
+
+
+def test_a_circle_between_packages_fails(tmp_path: Path) -> None:
+    files = {**CLEAN, "training/loop.py": "from unetkit.inference import tiling\n",
+             "inference/__init__.py": "",
+             "inference/tiling.py": "from unetkit.training import loop\n"}  # fmt: skip
+    result = _run(_tree(tmp_path, files))
+    assert result.returncode == 1
+    assert "package circle: inference <-> training" in result.stdout
+    assert "module circle: unetkit.inference.tiling <-> unetkit.training.loop" in result.stdout
+
+
+@pytest.mark.parametrize("reason", [False, True])
+def test_function_level_imports_need_a_reason_and_stay_few(tmp_path: Path, reason) -> None:
+    why = "    # why: optional dependency\n" if reason else ""
+    files = {**CLEAN, "workflows/segment.py": f"def run():\n{why}    from unetkit.nn import conv\n"}
+    result = _run(_tree(tmp_path, files))
+    assert result.returncode == (0 if reason else 1), result.stdout
+    assert ("MISSING" in result.stdout) is not reason
+    over = _run(_tree(tmp_path, files), "--max-local", "0")
+    assert over.returncode == 1
+    assert "1 function-level imports of unetkit modules (at most 0)" in over.stdout
+
+
+def test_typing_only_imports_make_no_circle(tmp_path: Path) -> None:
+    files = {**CLEAN, "nn/a.py": "from unetkit.nn import b\n",
+             "nn/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                        "    from unetkit.nn import a\n"}  # fmt: skip
+    assert _run(_tree(tmp_path, files)).returncode == 0
+    files["nn/b.py"] = "from unetkit.nn import a\n"
+    result = _run(_tree(tmp_path, files))
+    assert (
+        result.returncode == 1 and "module circle: unetkit.nn.a <-> unetkit.nn.b" in result.stdout
+    )
