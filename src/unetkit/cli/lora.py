@@ -11,11 +11,18 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from unetkit.cli import flags as F
 from unetkit.errors import CheckpointError, ConfigError, NonFiniteError
 from unetkit.finite import check_finite_tensors
+from unetkit.formats.checkpoint import load, read_metadata, save
+from unetkit.formats.loading import base_checkpoint, user_metadata
+from unetkit.formats.lora_files import convert_adapter, load_adapter, read_adapter, verify_adapter
+from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
 from unetkit.outputs import output_file, output_folder
 from unetkit.runlock import check_same_run, run_lock
+from unetkit.workflows.adapt import LoRAOptions, train_lora
 
 FORMATS = ("unetkit", "diffusers", "kohya")
 
@@ -57,10 +64,6 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from unetkit.formats.checkpoint import read_metadata
-    from unetkit.formats.loading import base_checkpoint
-    from unetkit.workflows.adapt import LoRAOptions, train_lora
-
     options = LoRAOptions(
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         r=args.rank,
@@ -132,11 +135,6 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from unetkit.formats.checkpoint import load, read_metadata, save
-    from unetkit.formats.loading import base_checkpoint, user_metadata
-    from unetkit.formats.lora_files import load_adapter
-    from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
-
     file = base_checkpoint(args.base)
     output_file(args.out, flag="--out", inputs=[args.base, file, *args.adapters])
     model = load(file)
@@ -172,8 +170,6 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from unetkit.formats.lora_files import convert_adapter, read_adapter
-
     output_file(args.dest, flag="DEST", inputs=[args.source])
     convert_adapter(args.source, args.dest, format=args.fmt)
     n = len(read_adapter(args.dest).modules)
@@ -198,12 +194,6 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    import torch
-
-    from unetkit.formats.checkpoint import load
-    from unetkit.formats.loading import base_checkpoint
-    from unetkit.formats.lora_files import verify_adapter
-
     model = load(base_checkpoint(args.base)).eval()
     config = model.config
     gen = torch.Generator().manual_seed(0)
