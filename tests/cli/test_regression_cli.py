@@ -94,7 +94,7 @@ def test_builtin_denoising_recipe_trains(tmp_path: Path) -> None:
 
 
 def test_regression_loss_names_are_checked() -> None:
-    from unetkit.workflows.segment_train import regression_task
+    from unetkit.workflows.segment_task import regression_task
 
     recipe = unetkit.make_recipe(task="regression", output="linear", loss="silog")
     with pytest.raises(unetkit.errors.ConfigError, match="silog"):

@@ -293,7 +293,7 @@ def test_volumes_train_predict_evaluate(tmp_path: Path, capsys: pytest.CaptureFi
                 "--out",
                 str(out),
                 "--tile",
-                "8",
+                "16",
             ]
         )
         == 0

@@ -5,6 +5,7 @@ import torch
 
 from unetkit.errors import ConfigError
 from unetkit.workflows import segment_train as R
+from unetkit.workflows.segment_task import SegmentationLoss
 
 
 def test_paper_recipe_is_the_paper() -> None:
@@ -32,8 +33,8 @@ def test_valid_padding_loss_crops_targets() -> None:
     mask = torch.zeros(2, 12, 12, dtype=torch.long)
     mask[:, 2:10, 2:10] = torch.randint(0, 2, (2, 8, 8))
     weight = torch.rand(2, 12, 12)
-    loss = R.SegmentationLoss(r)(logits, {"mask": mask, "weight": weight})
-    ref = R.SegmentationLoss(r)(
+    loss = SegmentationLoss(r)(logits, {"mask": mask, "weight": weight})
+    ref = SegmentationLoss(r)(
         logits, {"mask": mask[:, 2:10, 2:10], "weight": weight[:, 2:10, 2:10]}
     )
     torch.testing.assert_close(loss, ref)

@@ -38,7 +38,7 @@ def wait(client: TestClient, job_id: str, *, until=("done", "failed", "cancelled
         job = client.get(f"/api/jobs/{job_id}").json()
         if job["state"] in until:
             return job
-        assert job["state"] not in ("failed", "cancelled"), job
+        assert job["state"] not in ("failed", "cancelled") or job["state"] in until, job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} stuck: {job}")
 
@@ -240,3 +240,38 @@ def test_16_bit_tiff_and_rgb_png_uploads(models_root, cell_images, tmp_path):
             segmenter.segment(deep).count,
             segmenter.segment(np.stack([grey] * 3, -1)).count,
         ]
+
+
+def test_inpaint_keeps_the_unbrushed_pixels_and_failures_say_why(models_root, tmp_path):
+    from unetkit.web.tasks import inpaint_inputs
+
+    picture = _noise(48)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[12:36, 6:30] = 1
+    with make_client(models_root, tmp_path) as client:
+        diff = model_id(client, "diffusion")
+        image = upload(client, png_bytes(picture)).json()
+        client.post(f"/api/images/{image['id']}/mask", content=mask.tobytes())
+        settings = {"model": diff, "image": image["id"], "n": 2, "steps": 3, "prompt": "a digit"}
+        job = wait(client, client.post("/api/jobs/inpaint", json=settings).json()["id"])
+        assert job["state"] == "done" and len(job["result"]["samples"]) == 2
+        # the page's resize to the model's 16x16, then every unmasked pixel kept exactly
+        x, m = inpaint_inputs(picture, mask, 16, 1)
+        known = ((x[0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        keep = m[0].numpy() == 0
+        for name in job["result"]["samples"]:
+            got = np.asarray(
+                Image.open(io.BytesIO(client.get(f"/api/jobs/{job['id']}/files/{name}").content))
+            )
+            np.testing.assert_array_equal(got[keep], known[keep])
+            assert not np.array_equal(got[~keep], known[~keep])
+        # a speck that vanishes at the model's size: the job fails with one clear line
+        speck = np.zeros((48, 48), np.uint8)
+        speck[0, 0] = 1  # nearest-neighbour resizing samples pixels 1, 4, 7, ...
+        client.post(f"/api/images/{image['id']}/mask", content=speck.tobytes())
+        failed = wait(
+            client,
+            client.post("/api/jobs/inpaint", json=settings).json()["id"],
+            until=("failed", "done"),
+        )
+        assert failed["state"] == "failed" and failed["error"].startswith("mask: nothing brushed")

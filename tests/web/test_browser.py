@@ -8,6 +8,7 @@ segmentation run and diffusion run (the tests' tiny models are barely trained / 
 
 from __future__ import annotations
 
+import base64
 import csv
 import os
 import socket
@@ -111,6 +112,18 @@ def wait_js(page, expression: str, timeout_s: float = LONG / 1000) -> None:
     raise AssertionError(f"timed out waiting for {expression}")
 
 
+def drop_file(page, selector: str, path: Path) -> None:
+    """Drop ``path`` on ``selector`` the way a browser delivers a dragged file."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        "([name, b64]) => { const dt = new DataTransfer();"
+        " const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        " dt.items.add(new File([bytes], name)); return dt; }",
+        [path.name, data],
+    )
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
 def click_object(page, box: dict, label: int) -> None:
     """Click the first pixel of object ``label`` on the correction canvas."""
     x, y, width, height = page.evaluate(
@@ -140,7 +153,8 @@ def test_segment_shows_the_count_predict_gives(browser_page, models_root, image,
 
     run = base_checkpoint(seg_run(models_root))
     expected = predict_count(run, image, tmp_path / "predicted")
-    page.set_input_files("#seg-files", str(image))
+    drop_file(page, "#drop", image)  # as a user drags it from the file manager
+    assert page.inner_text("#seg-chosen") == image.name
     page.click("#seg-run")
     page.wait_for_selector(".result .count", timeout=LONG)
     assert int(page.inner_text(".result .count")) == expected > 0

@@ -29,7 +29,8 @@ def test_binds_loopback_by_default_and_lists_models(served, models_root, tmp_pat
     shutil.copytree(models_root / "seg", folder / "cells")
     shutil.copy(models_root / "diffusion.safetensors", folder / "digits.safetensors")
     (folder / "notes.safetensors").write_bytes(b"not a model")  # skipped with a warning
-    assert main(["serve", "--models-dir", str(folder), "--port", "8765"]) == 0
+    work = ["--work-dir", str(tmp_path / "work")]  # uvicorn does not run: nothing cleans up
+    assert main(["serve", "--models-dir", str(folder), "--port", "8765", *work]) == 0
     app, options = served[0]
     assert options["host"] == "127.0.0.1" and options["port"] == 8765
     kinds = sorted((m.name, m.kind) for m in app.state.web.models.list())
@@ -38,8 +39,9 @@ def test_binds_loopback_by_default_and_lists_models(served, models_root, tmp_pat
     assert "--host" not in caplog.text  # no public-address warning
 
 
-def test_public_host_prints_a_warning(served, models_root, caplog):
-    assert main(["serve", str(models_root / "seg"), "--host", "0.0.0.0"]) == 0
+def test_public_host_prints_a_warning(served, models_root, tmp_path, caplog):
+    work = ["--work-dir", str(tmp_path / "work")]
+    assert main(["serve", str(models_root / "seg"), "--host", "0.0.0.0", *work]) == 0
     assert "WARNING: --host 0.0.0.0" in caplog.text and "no login" in caplog.text
     assert served[0][1]["host"] == "0.0.0.0"
 

@@ -1,15 +1,23 @@
-"""`unetkit export`: a checkpoint to ONNX (onnxruntime-checked) and/or a torch.export program."""
+"""`unetkit export`: a checkpoint to ONNX (onnxruntime-checked), a torch.export program and/or
+a bioimage.io model package."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
+from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
+from unetkit.formats.bioimageio_load import check_package
+from unetkit.formats.loading import load_with_metadata
 from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
+from unetkit.nn.lora_inject import lora_layers, merge_and_unload
 from unetkit.outputs import output_file
-from unetkit.workflows.segment import check_inference_metadata
+from unetkit.workflows.segment import check_inference_metadata, overlay, predict_image
+from unetkit.workflows.segment_files import read_float_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,13 +55,63 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="torchscript",
         help="torchscript (default; dynamic H/W) or dynamo (torch.export-based; needs --static)",
     )
+    add_bioimageio_flags(p)
     p.set_defaults(run=run)
 
 
+def add_bioimageio_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "bioimage.io package",
+        "a model zoo package (rdf.yaml 0.5, ONNX + PyTorch state-dict weights, test tensors, "
+        "cover) for deepImageJ/Fiji, ilastik, napari and bioimage.io; CHECKPOINT may be a "
+        "LoRA adapter file (exported merged into its base)",
+    )
+    g.add_argument("--bioimageio", metavar="OUT.zip", help="write a bioimage.io package here")
+    g.add_argument("--name", help="model name (default: the checkpoint's run/file name)")
+    g.add_argument("--description", help="one or two sentences on what the model segments")
+    g.add_argument(
+        "--authors",
+        nargs="+",
+        metavar="NAME",
+        help="author names (required unless the checkpoint metadata has 'authors')",
+    )
+    g.add_argument("--license", help="SPDX licence id (default: checkpoint's, else CC-BY-4.0)")
+    g.add_argument(
+        "--cite",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("TEXT", "DOI"),
+        help="a citation (repeatable); the U-Net paper is always cited",
+    )
+    g.add_argument("--tags", nargs="+", default=[], help="extra keywords")
+    g.add_argument(
+        "--training-data",
+        metavar="TEXT",
+        help="what the model was trained on (default: from RUN/config.json)",
+    )
+    g.add_argument(
+        "--test-image",
+        metavar="FILE",
+        help="image for the package's test tensors and cover (default: synthetic cells)",
+    )
+    g.add_argument(
+        "--check",
+        action="store_true",
+        help="run bioimageio.core's test on the written package (offline)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    if not args.onnx and not args.torch_export:
-        raise ConfigError("nothing to write: pass --onnx FILE and/or --torch-export FILE")
-    for flag, path in (("--onnx", args.onnx), ("--torch-export", args.torch_export)):
+    if not args.onnx and not args.torch_export and not args.bioimageio:
+        raise ConfigError(
+            "nothing to write: pass --onnx FILE, --torch-export FILE and/or --bioimageio OUT.zip"
+        )
+    for flag, path in (
+        ("--onnx", args.onnx),
+        ("--torch-export", args.torch_export),
+        ("--bioimageio", args.bioimageio),
+    ):
         if path:
             output_file(path, flag=flag, inputs=[args.checkpoint])
     if (
@@ -62,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         and Path(args.onnx).resolve() == Path(args.torch_export).resolve()
     ):
         raise ConfigError(f"--onnx and --torch-export name the same file {args.onnx}")
+    if args.bioimageio:
+        run_bioimageio(args)
+        if not args.onnx and not args.torch_export:
+            return 0
     from unetkit.formats.checkpoint import load, read_metadata
     from unetkit.formats.loading import user_metadata
 
@@ -93,3 +155,69 @@ def run(args: argparse.Namespace) -> int:
         path = export_torch(model, args.torch_export, size=size, metadata=extra)
         print(f"wrote {path} (torch.export, batch dynamic)")
     return 0
+
+
+def _training_data(checkpoint: Path) -> str | None:
+    """A sentence on the training images from the run's config.json (RUN/checkpoints/X)."""
+    config = checkpoint.resolve().parent.parent / "config.json"
+    if not config.is_file():
+        return None
+    run = json.loads(config.read_text(encoding="utf-8")).get("run", {})
+    if run.get("data"):
+        what = f"the annotated images in {Path(run['data']).name}/"
+    else:
+        what = (
+            f"{run.get('synthetic_train')} synthetic {run.get('synthetic_style')} cell "
+            f"images of {run.get('synthetic_size')} px (unetkit.data.synthetic)"
+        )
+    return (
+        f"{what}; {run.get('epochs')} epochs, crop {run.get('crop')}, loss {run.get('loss')}"
+        f", normalisation {run.get('normalize')}, target {run.get('target')}"
+    )
+
+
+def _package_info(args: argparse.Namespace, meta: dict[str, Any]) -> PackageInfo:
+    path = Path(args.checkpoint)
+    run_name = path.resolve().parent.parent.name if path.parent.name == "checkpoints" else None
+    authors = args.authors or meta.get("authors")
+    if not authors:
+        raise ConfigError("--authors: a bioimage.io package needs at least one author name")
+    name = args.name or f"unetkit {meta['model']} {run_name or path.stem}"
+    return PackageInfo(
+        name=name,
+        description=args.description
+        or f"{meta['model']} ({meta.get('target', 'semantic')} target) segmentation model "
+        "trained with unetkit.",
+        authors=tuple([authors] if isinstance(authors, str) else authors),
+        license=args.license or meta.get("license") or "CC-BY-4.0",
+        cite=tuple((text, doi) for text, doi in args.cite),
+        tags=tuple(args.tags),
+        training_data=args.training_data or _training_data(path),
+    )
+
+
+def run_bioimageio(args: argparse.Namespace) -> None:
+    """Load (a LoRA adapter merged into its base), picture and package the model."""
+    model, meta = load_with_metadata(args.checkpoint)
+    check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
+    if lora_layers(model):
+        model = merge_and_unload(model)
+    info = _package_info(args, meta)
+    volumes = model.dims == 3
+    if args.test_image:
+        image = read_float_input(Path(args.test_image), volumes=volumes)
+    else:
+        image = default_test_image(model)
+    instances = predict_image(model, image, meta).instances
+    picture = image
+    if volumes:  # the cover shows the middle slice
+        picture, instances = image[:, image.shape[1] // 2], instances[instances.shape[0] // 2]
+    cover = overlay(picture, instances)
+    path = export_package(model, meta, args.bioimageio, info, test_image=image, cover=cover)
+    print(f"wrote {path} (bioimage.io model 0.5: onnx + pytorch_state_dict weights)")
+    if args.check:
+        summary = check_package(path)
+        if summary.status != "passed":
+            failed = [d.name for d in summary.details if d.status != "passed"]
+            raise ConfigError(f"{path}: bioimageio.core test failed: {'; '.join(failed)}")
+        print(f"{path}: bioimageio.core test passed ({len(summary.details)} checks)")

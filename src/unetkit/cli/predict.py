@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from unetkit.cli import flags as F
 from unetkit.data.io import parse_channels
@@ -103,6 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the model (falls back to eager with a warning if it fails)",
     )
     add_output_flags(p)
+    add_block_flags(p)
     p.set_defaults(run=run)
 
 
@@ -153,8 +155,95 @@ def outputs_from_args(args: argparse.Namespace) -> OutputOptions:
     )
 
 
+def add_block_flags(p: argparse.ArgumentParser) -> None:
+    """Block-wise prediction of huge images / many images (OME-Zarr out, Dask optional)."""
+    from unetkit.workflows.blocks import BlockOptions
+
+    g = p.add_argument_group(
+        "huge images and many images",
+        "with --cluster, --block-size, --level or an OME-Zarr input: block-wise prediction, "
+        "one <stem>.zarr (OME-Zarr: mask, labels/instances, pyramids; --save-probabilities "
+        "adds probabilities) per image; resumable",
+    )
+    g.add_argument(
+        "--cluster",
+        help="local:N (a Dask LocalCluster, N single-threaded workers on 127.0.0.1) or "
+        "tcp://HOST:PORT (a running `dask scheduler`); default: this process",
+    )
+    g.add_argument(
+        "--block-size",
+        type=F.positive_int,
+        help="block edge in pixels per task and output chunk "
+        f"(default {BlockOptions.block_size})",
+    )
+    g.add_argument(
+        "--label-halo",
+        type=F.nonnegative_int,
+        default=BlockOptions.label_halo,
+        help="extra pixels per block side for the watershed of boundary models "
+        "(about the largest object radius)",
+    )
+    g.add_argument(
+        "--level", type=F.nonnegative_int, default=0, help="OME-Zarr resolution level to read"
+    )
+    g.add_argument(
+        "--scheduler-timeout",
+        type=F.positive_float,
+        default=10.0,
+        help="seconds to wait for the --cluster scheduler",
+    )
+
+
+def _block_wise(args: argparse.Namespace) -> bool:
+    from unetkit.formats.ome_zarr import is_zarr
+
+    chosen = args.cluster or args.block_size or args.level
+    return bool(chosen) or any(is_zarr(i) for i in args.inputs)
+
+
+def run_blocks(args: argparse.Namespace) -> int:
+    """Block-wise predict; prints the Dask dashboard address and a progress bar."""
+    from tqdm import tqdm
+
+    from unetkit.workflows.blocks import BlockOptions
+    from unetkit.workflows.dask_cluster import dask_client
+    from unetkit.workflows.distributed import predict_blocks
+
+    blocks = BlockOptions(
+        block_size=args.block_size or BlockOptions.block_size,
+        label_halo=args.label_halo,
+        level=args.level,
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="block")
+        bar = bars[stage]
+        bar.n = done
+        bar.refresh()
+
+    if not getattr(args, "verbose", False):  # Dask's start-up chatter; -v shows it
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    with dask_client(args.cluster, timeout=args.scheduler_timeout) as client:
+        if client is not None:
+            print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        rows = predict_blocks(
+            args.checkpoint, args.inputs, args.out, options_from_args(args), blocks,
+            probabilities=args.save_probabilities, client=client, progress=progress,
+        )
+    for bar in bars.values():
+        bar.close()
+    for r in rows:
+        print(f"{r['image']}: {r['objects']} objects -> {r['output']}")
+    print(f"wrote {len(rows)} result(s) to {args.out}/")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     output_folder(args.out, flag="--out", inputs=[args.checkpoint, *args.inputs])
+    if _block_wise(args):
+        return run_blocks(args)
     rows = predict_files(
         args.checkpoint,
         args.inputs,

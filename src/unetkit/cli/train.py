@@ -11,7 +11,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from unetkit import config as cfg
 from unetkit._atomic import atomic_write_text
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
@@ -38,6 +37,10 @@ _VALUE_FLAGS = (
     "precision",
     "seed",
     "samples_per_epoch",
+    "steps_per_epoch",
+    "max_steps",
+    "early_stopping",
+    "val_fraction",
     "grad_accum",
     "num_workers",
     "scheduler",
@@ -119,7 +122,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--epochs", type=F.positive_int)
     p.add_argument("--batch-size", type=F.positive_int)
-    p.add_argument("--samples-per-epoch", type=F.positive_int, help="random crops per epoch")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=F.positive_int,
+        help="optimiser steps per epoch, whatever the number of images (default 50)",
+    )
+    p.add_argument(
+        "--samples-per-epoch",
+        type=F.positive_int,
+        help="older spelling: steps = samples / batch size",
+    )
+    p.add_argument("--max-steps", type=F.positive_int, help="stop after this many optimiser steps")
+    p.add_argument(
+        "--early-stopping",
+        type=F.positive_int,
+        metavar="EPOCHS",
+        help="stop when validation has not improved for EPOCHS epochs",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=F.finite_float(0, 1, lo_open=True, hi_open=True),
+        help="held out for validation without --val-data: whole images, or a strip of each "
+        "image when there are fewer than 5 (default 0.2)",
+    )
     p.add_argument("--lr", type=F.positive_float)
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
     p.add_argument("--scheduler", choices=["constant", "cosine", "warmup_cosine", "poly"])
@@ -135,7 +160,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sigma", type=F.positive_float, help="border weight sigma in px (paper 5)")
     p.add_argument("--crop", type=F.positive_int, help="training patch (output) size")
     p.add_argument("--normalize", choices=["zscore", "percentile", "none"])
+    p.add_argument(
+        "--norm-percentiles",
+        type=F.finite_float(0, 100),
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="percentile normalisation: these percentiles map to 0 and 1 (default 1 99.8)",
+    )
     p.add_argument("--no-elastic", action="store_true", help="disable elastic deformation")
+    p.add_argument(
+        "--no-affine", action="store_true", help="disable zoom and rotation augmentation"
+    )
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--grad-accum", type=F.positive_int)
     p.add_argument("--num-workers", type=F.nonnegative_int)
@@ -192,6 +227,10 @@ def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
         }
     if args.no_elastic:
         values["elastic"] = False
+    if args.no_affine:
+        values["affine"] = False
+    if args.norm_percentiles is not None:
+        values["norm_percentiles"] = tuple(args.norm_percentiles)
     preset = "demo" if args.demo else args.recipe
     return R.make_recipe(preset, **values)
 
@@ -221,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             f"{out}: holds a run already; remove --no-resume to continue it or choose another --out"
         )
     if not args.restart:
-        saved = cfg.to_dict(recipe)
+        saved = R.record(recipe)  # as config.json records it
         check_same_run(out, {k: saved[k] for k in RUN_IDENTITY if k in saved})
     start = time.time()
     with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
@@ -235,8 +274,8 @@ def run(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes
         return 0
     print(
-        f"trained in {minutes:.1f} min; best {result.monitor} {result.best_metric:.4f} "
-        f"(epoch {result.best_epoch})"
+        f"trained in {minutes:.1f} min: {result.step} optimiser steps in {result.epochs_run} "
+        f"epochs; best {result.monitor} {result.best_metric:.4f} (epoch {result.best_epoch})"
     )
     if recipe.data is None:  # built-in data: score freshly generated, never-seen images
         from unetkit.workflows.report import heldout_report
@@ -248,7 +287,12 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(
         out / "run_summary.json",
         json.dumps(
-            {"minutes": minutes, "best_metric": result.best_metric, "recipe": cfg.to_dict(recipe)},
+            {
+                "minutes": minutes,
+                "steps": result.step,
+                "best_metric": result.best_metric,
+                "recipe": R.record(recipe),
+            },
             indent=2,
             default=str,
         ),

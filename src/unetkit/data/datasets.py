@@ -23,9 +23,12 @@ crops and warps them together with the image.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from unetkit.errors import ConfigError, DataError, did_you_mean
 __all__ = [
     "TARGETS",
     "FolderSegmentationDataset",
+    "MaskSummary",
     "SyntheticCellsDataset",
     "boundary_target",
     "split_indices",
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 TARGETS = ("semantic", "separated", "boundary")
 _WEIGHT_OPTIONS = ("w0", "sigma", "class_weights")
 _MAX_LISTED = 10  # problems listed in one error message
+_CACHE_BYTES = 256 * 2**20  # decoded images + targets kept per data set (and per worker)
+Region = tuple[slice, ...] | None  # a window of an image's spatial axes; None: all of it
+Item = tuple[int, Region]  # (file index, region): one sample of a data set
 
 
 def boundary_target(instances: np.ndarray) -> np.ndarray:
@@ -108,6 +115,42 @@ def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarra
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskSummary:
+    """How a folder's masks were read: stated at the start of a training run.
+
+    Args:
+        files: number of masks.
+        instance_files: masks read as instance labels (the others as class masks).
+        classes: class values found in the class masks (background 0 included).
+        objects: objects per image (instances, or connected components of each class).
+        empty: masks with no foreground pixel.
+        shapes: spatial shape of each image.
+    """
+
+    files: int
+    instance_files: int
+    classes: tuple[int, ...]
+    objects: tuple[int, ...]
+    empty: int
+    shapes: tuple[tuple[int, ...], ...]
+
+    def describe(self) -> str:
+        """One line, e.g. ``1 mask: instance labels; 64 objects/image (64-64)``."""
+        if self.instance_files == self.files:
+            how = "instance labels"
+        elif self.instance_files == 0:
+            how = "class masks, classes " + ",".join(str(c) for c in self.classes)
+        else:
+            how = f"{self.instance_files} instance label files, the rest class masks"
+        counts = np.asarray(self.objects)
+        text = (
+            f"{self.files} mask(s): {how}; {counts.mean():.1f} objects/image "
+            f"(min {counts.min()}, max {counts.max()})"
+        )
+        return text + (f"; {self.empty} all-background" if self.empty else "")
+
+
 def _components(mask: np.ndarray) -> np.ndarray:
     """Instance labels from a class mask: connected components of each foreground class."""
     instances = np.zeros(mask.shape, np.int64)
@@ -148,10 +191,16 @@ class _SegmentationDataset(Dataset):
         self.weight_map = weight_map
         self.seed = seed
         self.epoch = 0
+        self.items: list[Item] | None = None  # None: every file, whole
+        self._cache: OrderedDict[int, tuple[str, dict[str, Any]]] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream: sample i of epoch e uses rng([seed, i, e])."""
         self.epoch = int(epoch)
+
+    def _count(self) -> int:
+        """Number of files (images) behind the data set."""
+        raise NotImplementedError
 
     def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(name, float image C×..., class mask or None, instance labels or None)."""
@@ -160,16 +209,59 @@ class _SegmentationDataset(Dataset):
     def _target_classes(self, num_classes: int) -> int:
         return {"semantic": num_classes, "separated": 2, "boundary": 3}[self.target]
 
+    def __len__(self) -> int:
+        return self._count() if self.items is None else len(self.items)
+
+    def select(self, items: Sequence[Item], *, transform: Transform | None = None) -> Any:
+        """A copy holding only ``items``: (file index, region) pairs, where a region is a
+        tuple of slices over the spatial axes (None: the whole image). Targets and weight
+        maps are still computed on the whole image, then cut to the region.
+
+        Args:
+            items: the samples of the copy, in order.
+            transform: the copy's augmentation (default: this data set's).
+        """
+        out = copy.copy(self)
+        out.items = [(int(i), r) for i, r in items]
+        out._cache = OrderedDict()
+        if transform is not None:
+            out.transform = transform
+        return out
+
+    def file_index(self, index: int) -> int:
+        """The file behind sample ``index``."""
+        return index if self.items is None else self.items[index][0]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, index, self.epoch])
+        return self.sample(index, rng)
+
+    def sample(self, index: int, rng: np.random.Generator | None) -> dict[str, Any]:
+        """Sample ``index`` augmented with ``rng`` (the transform is skipped without one)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        name, image, classes, instances = self._load(index)
-        sample: dict[str, Any] = {"image": image, "name": name}
-        sample.update(self._targets(classes, instances))
-        if self.transform is not None:
-            rng = np.random.default_rng([self.seed, index, self.epoch])
+        file_index, region = (index, None) if self.items is None else self.items[index]
+        name, arrays = self._prepared(file_index)
+        sample: dict[str, Any] = {"name": name}
+        for key, value in arrays.items():
+            sample[key] = value if region is None else value[(Ellipsis, *region)]
+        if self.transform is not None and rng is not None:
             sample = self.transform(sample, rng)
         return _to_tensors(sample)
+
+    def _prepared(self, file_index: int) -> tuple[str, dict[str, Any]]:
+        """(name, {"image", targets...}) of a whole file, decoded once and kept (LRU)."""
+        if file_index in self._cache:
+            self._cache.move_to_end(file_index)
+            return self._cache[file_index]
+        name, image, classes, instances = self._load(file_index)
+        arrays = {"image": image, **self._targets(classes, instances)}
+        for a in arrays.values():
+            a.flags.writeable = False  # shared by every draw: transforms must copy
+        self._cache[file_index] = (name, arrays)
+        while len(self._cache) > 1 and _nbytes(self._cache) > _CACHE_BYTES:
+            self._cache.popitem(last=False)
+        return name, arrays
 
     def _targets(self, classes: np.ndarray | None, instances: np.ndarray | None) -> dict:
         out: dict[str, np.ndarray] = {}
@@ -191,12 +283,16 @@ class _SegmentationDataset(Dataset):
         return out
 
 
+def _nbytes(cache: Mapping[int, tuple[str, dict[str, Any]]]) -> int:
+    return sum(a.nbytes for _, arrays in cache.values() for a in arrays.values())
+
+
 def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     dtypes = {"image": np.float32, "mask": np.int64, "instances": np.int32, "weight": np.float32}
     out = dict(sample)
     for key, dtype in dtypes.items():
-        if key in out:  # copies: flips and rotations leave negative strides
-            out[key] = torch.from_numpy(np.ascontiguousarray(out[key], dtype=dtype))
+        if key in out:  # copies: flips leave negative strides, cached arrays are shared
+            out[key] = torch.from_numpy(np.array(out[key], dtype=dtype, order="C", copy=True))
     return out
 
 
@@ -261,7 +357,7 @@ class FolderSegmentationDataset(_SegmentationDataset):
         extensions = VOLUME_EXTENSIONS if spatial_dims == 3 else IMAGE_EXTENSIONS
         self.pairs = _pair_files(images_dir, masks_dir, extensions)
 
-    def __len__(self) -> int:
+    def _count(self) -> int:
         return len(self.pairs)
 
     def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -292,26 +388,59 @@ class FolderSegmentationDataset(_SegmentationDataset):
             return name, image, None, labels
         return name, image, labels, None
 
-    def validate(self) -> None:
-        """Read every image and mask now; raise one DataError listing every problem found."""
-        validate_all(self, self.images_dir.parent)
+    def validate(self) -> MaskSummary:
+        """Read every image and mask now; raise one DataError listing every problem found.
+
+        Returns:
+            how the masks were read (:class:`MaskSummary`).
+        """
+        loaded: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+        validate_all(self, self.images_dir.parent, lambda r: loaded.append(r[1:]))
+        instance_files, classes, objects, empty = 0, set(), [], 0
+        for _, mask, instances in loaded:
+            if instances is not None:
+                instance_files += 1
+                objects.append(int(np.count_nonzero(np.unique(instances))))
+                empty += int(not instances.any())
+            else:
+                classes.update(int(c) for c in np.unique(mask))
+                objects.append(int(_components(mask).max(initial=0)))
+                empty += int(not mask.any())
+        return MaskSummary(
+            files=len(loaded),
+            instance_files=instance_files,
+            classes=tuple(sorted(classes)),
+            objects=tuple(objects),
+            empty=empty,
+            shapes=tuple(tuple(image.shape[1:]) for image, _, _ in loaded),
+        )
 
 
-def validate_all(dataset: Any, root: Path) -> None:
-    """Call ``dataset._load(i)`` for every sample; one DataError lists every bad file."""
+def validate_all(dataset: Any, root: Path, visit: Callable[[Any], None] | None = None) -> None:
+    """Call ``dataset._load(i)`` for every file (``visit`` sees each result); one DataError
+    lists every bad file."""
     problems = []
-    for index in range(len(dataset)):
+    for index in range(_files(dataset)):
         try:
-            dataset._load(index)
+            loaded = dataset._load(index)
         except DataError as e:
             problems.append(str(e))
+            continue
+        if visit is not None:
+            visit(loaded)
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = len(problems) - _MAX_LISTED
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise DataError(
-            f"{root}: {len(problems)} of {len(dataset)} samples are invalid:\n  {listed}{tail}"
+            f"{root}: {len(problems)} of {_files(dataset)} samples are invalid:\n  {listed}{tail}"
         )
+
+
+def _files(dataset: Any) -> int:
+    """Files behind a data set (its length unless it selects regions of them)."""
+    count = getattr(dataset, "_count", None)
+    return count() if count is not None else len(dataset)
 
 
 def fmt_size(shape: Sequence[int]) -> str:
@@ -389,7 +518,7 @@ class SyntheticCellsDataset(_SegmentationDataset):
         if n < 1:
             raise ConfigError(f"SyntheticCellsDataset: n={n} samples, need at least 1")
         self.n = int(n)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.shape = tuple(int(s) for s in shape)
         self.style = style
         self.n_cells = n_cells
@@ -398,15 +527,15 @@ class SyntheticCellsDataset(_SegmentationDataset):
         if style not in STYLES:
             raise ConfigError(f"style={style!r}{did_you_mean(style, STYLES)}: use one of {STYLES}")
 
-    def __len__(self) -> int:
+    def _count(self) -> int:
         return self.n
 
     def _load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]:
         # generating costs ~70 ms per 256² image, the rest of a sample ~10 ms: keep them
-        if index not in self._cache:
+        if index not in self._images:
             image, instances = synth_cells(
                 self.shape, seed=(self.seed, index), style=self.style, n_cells=self.n_cells
             )
-            self._cache[index] = (image[None], instances.astype(np.int64))
-        image, instances = self._cache[index]
+            self._images[index] = (image[None], instances.astype(np.int64))
+        image, instances = self._images[index]
         return f"synthetic_{index:05d}", image.copy(), None, instances.copy()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from unetkit.data.elastic import elastic_deform
+from unetkit.data.elastic import displacement_field, elastic_deform, resample
 from unetkit.errors import ConfigError, did_you_mean
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "RandomFlip",
     "CenterCrop",
     "RandomRot90",
+    "RandomSpatial",
     "Transform",
 ]
 
@@ -47,6 +48,9 @@ Transform = Callable[[Sample, np.random.Generator], Sample]
 LABEL_KEYS = ("mask", "instances", "weight")  # spatial arrays without a channel axis
 REGRESSION_KEYS = ("target", "valid")  # target K×H×W (channels first), valid H×W bool
 SPATIAL_KEYS = ("image", *LABEL_KEYS, *REGRESSION_KEYS)  # what geometric transforms move
+DEFAULT_PERCENTILES = (1.0, 99.0)
+# interpolation order per key when resampling: labels nearest, maps linear, image cubic
+ORDERS = {"image": 3, "weight": 1, "mask": 0, "instances": 0, "target": 1, "valid": 1}
 
 
 def _spatial_dims(sample: Sample) -> int:
@@ -134,6 +138,90 @@ class RandomCrop:
 
     def __repr__(self) -> str:
         return f"RandomCrop({self.size}, label_pad={self.label_pad})"
+
+
+class RandomSpatial:
+    """Crop, zoom, rotate and elastically deform in one resampling (nnU-Net's spatial
+    augmentation, with the U-Net paper's elastic field).
+
+    A crop centre is drawn uniformly where the (unscaled) window fits; with probability
+    ``p_affine`` the window is scaled by a log-uniform factor in ``scale`` (> 1 shows more
+    of the image, so objects look smaller) and rotated by an angle uniform in
+    ±``rotate`` degrees in the last two axes; with probability ``p_elastic`` a displacement
+    field (3×3 control grid, ``elastic_sigma`` pixels) is added. Every spatial array is then
+    sampled once at the resulting points, mirrored beyond the image edges (labels too, so
+    they stay aligned): the image cubically, weights and regression targets linearly, masks
+    and instances by nearest neighbour. Only the touched window is read, so a crop of a
+    large image costs what a crop of a small one does.
+
+    Args:
+        size: output size; an int for every spatial axis or a tuple for the last axes.
+        scale: (min, max) zoom factor of the window.
+        rotate: maximal rotation in degrees (180: any angle).
+        p_affine: probability of zoom and rotation.
+        elastic_sigma: displacement standard deviation in pixels (0: no elastic field).
+        p_elastic: probability of the elastic field.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        *,
+        scale: tuple[float, float] = (0.8, 1.25),
+        rotate: float = 180.0,
+        p_affine: float = 0.5,
+        elastic_sigma: float = 10.0,
+        p_elastic: float = 0.5,
+    ) -> None:
+        self.size = (int(size),) if isinstance(size, int) else tuple(int(s) for s in size)
+        if min(self.size) < 1 or not 0 < scale[0] <= scale[1]:
+            raise ConfigError(
+                f"RandomSpatial size={size}, scale={scale}: need size >= 1, 0 < min <= max"
+            )
+        self.scale, self.rotate = (float(scale[0]), float(scale[1])), float(rotate)
+        self.p_affine, self.elastic_sigma, self.p_elastic = p_affine, elastic_sigma, p_elastic
+
+    def coordinates(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        """(dims, *size) sampling positions in an image of spatial ``shape``."""
+        nd = len(shape)
+        sizes = self.size * nd if len(self.size) == 1 else self.size
+        sizes = tuple(shape[: nd - len(sizes)]) + tuple(sizes)
+        # whole-pixel window starts: without zoom or warp the crop is exact, not resampled
+        centre = [
+            int(rng.integers(0, n - s + 1)) + (s - 1) / 2 if n > s else (n - 1) / 2
+            for n, s in zip(shape, sizes, strict=True)
+        ]
+        grid = np.indices(sizes, dtype=np.float64)
+        grid -= (np.asarray(sizes, np.float64) - 1).reshape((nd,) + (1,) * nd) / 2
+        if rng.random() < self.p_affine:
+            zoom = float(np.exp(rng.uniform(np.log(self.scale[0]), np.log(self.scale[1]))))
+            angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate))
+            grid *= zoom
+            y, x = grid[-2].copy(), grid[-1].copy()  # rotate in the (H, W) plane
+            grid[-2] = np.cos(angle) * y - np.sin(angle) * x
+            grid[-1] = np.sin(angle) * y + np.cos(angle) * x
+        if self.elastic_sigma > 0 and rng.random() < self.p_elastic:
+            grid += displacement_field(sizes, rng=rng, sigma=self.elastic_sigma)
+        return grid + np.asarray(centre).reshape((nd,) + (1,) * nd)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        coords = self.coordinates(sample["image"].shape[1:], rng)
+        out = _apply_spatial(
+            sample,
+            lambda a, key: resample(
+                a.astype(np.float32) if key == "valid" else a, coords, order=ORDERS[key]
+            ),
+        )
+        if "valid" in out:  # valid only where every pixel interpolated from was valid
+            out["valid"] = out["valid"] >= 1.0 - 1e-6
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomSpatial({self.size}, scale={self.scale}, rotate={self.rotate}, "
+            f"p_affine={self.p_affine}, elastic_sigma={self.elastic_sigma}, "
+            f"p_elastic={self.p_elastic})"
+        )
 
 
 class CenterCrop:
@@ -262,7 +350,7 @@ class ElasticDeform:
         p: probability of deforming a sample.
     """
 
-    ORDERS = {"image": 3, "weight": 1, "mask": 0, "instances": 0, "target": 1, "valid": 1}
+    ORDERS = ORDERS
 
     def __init__(self, *, grid: int = 3, sigma: float = 10.0, p: float = 1.0) -> None:
         self.grid, self.sigma, self.p = grid, sigma, p
@@ -293,18 +381,29 @@ class Normalize:
     """Per-image, per-channel intensity normalisation (deterministic).
 
     Args:
-        mode: ``"zscore"`` (zero mean, unit std) or ``"percentile"`` (the 1st and 99th
-            percentiles map to 0 and 1), robust for 12/16-bit microscopy images.
+        mode: ``"zscore"`` (zero mean, unit std) or ``"percentile"`` (the ``percentiles``
+            map to 0 and 1), robust for 12/16-bit microscopy images.
+        percentiles: (low, high) percentiles of ``"percentile"``; (1, 99) by default, as
+            checkpoints without recorded percentiles were trained; CSBDeep/StarDist use
+            (1, 99.8), which keeps bright nuclei apart from their dimmer neighbours.
     """
 
     MODES = ("zscore", "percentile")
 
-    def __init__(self, mode: str = "zscore") -> None:
+    def __init__(
+        self, mode: str = "zscore", *, percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    ) -> None:
         if mode not in self.MODES:
             raise ConfigError(
                 f"Normalize mode={mode!r}{did_you_mean(mode, self.MODES)}: use {self.MODES}"
             )
+        low, high = (float(v) for v in percentiles)
+        if not 0.0 <= low < high <= 100.0:
+            raise ConfigError(
+                f"normalisation percentiles ({low:g}, {high:g}): need 0 <= low < high <= 100"
+            )
         self.mode = mode
+        self.percentiles = (low, high)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         image = sample["image"].astype(np.float32)
@@ -312,11 +411,11 @@ class Normalize:
         if self.mode == "zscore":
             centre, scale = flat.mean(axis=1), flat.std(axis=1)
         else:
-            low, high = np.percentile(flat, [1.0, 99.0], axis=1)
+            low, high = np.percentile(flat, list(self.percentiles), axis=1)
             centre, scale = low, high - low
         shape = (-1,) + (1,) * (image.ndim - 1)
         scale = np.maximum(scale, 1e-6).reshape(shape)  # flat channels: no division by 0
         return {**sample, "image": ((image - centre.reshape(shape)) / scale).astype(np.float32)}
 
     def __repr__(self) -> str:
-        return f"Normalize({self.mode!r})"
+        return f"Normalize({self.mode!r}, percentiles={self.percentiles})"

@@ -31,12 +31,14 @@ from typing import Any
 import torch.nn as nn
 
 from unetkit.errors import CheckpointError
+from unetkit.formats.bioimageio_load import load_package
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, load, read_header, read_metadata
 from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.formats.lora_layouts import UNETKIT_FORMAT
 from unetkit.formats.onnx import OnnxModel
 
 ONNX_SUFFIX = ".onnx"
+PACKAGE_SUFFIX = ".zip"
 
 
 def user_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,7 +106,8 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     Args:
         path: a run directory, a ``.safetensors`` checkpoint, a unetkit LoRA adapter file
             (loaded onto the base checkpoint it names) or an ``.onnx`` file exported by
-            unetkit (an ``OnnxModel`` run by onnxruntime; needs the ``onnx`` extra).
+            unetkit (an ``OnnxModel`` run by onnxruntime; needs the ``onnx`` extra), or a
+            bioimage.io package ``.zip`` of a unetkit model (needs the ``bio`` extra).
 
     Returns:
         (model, metadata as ``load_with_metadata`` gives it; for ONNX the graph's own).
@@ -112,11 +115,14 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     if Path(path).suffix.lower() == ONNX_SUFFIX:
         model = OnnxModel(path)
         return model, model.meta
+    if Path(path).suffix.lower() == PACKAGE_SUFFIX:  # a bioimage.io package (extra: bio)
+        return load_package(path)
     return load_with_metadata(base_checkpoint(path))
 
 
 __all__ = [
     "ONNX_SUFFIX",
+    "PACKAGE_SUFFIX",
     "base_checkpoint",
     "is_adapter_file",
     "load_model_file",

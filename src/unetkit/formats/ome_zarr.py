@@ -8,8 +8,8 @@
   arrays are filled block by block: the class mask as the root image, instance labels
   (uint32) under ``labels/instances`` and, optionally, class probabilities under
   ``probabilities``; every one a multiscale pyramid with the input's axes and physical
-  scale. :func:`build_pyramid` fills the coarser levels from level 0 (nearest neighbour,
-  as labels need) once the blocks are written.
+  scale. :func:`downsample_chunk` fills a chunk of a coarser level from the finer one (nearest
+  neighbour, as labels need) once the blocks are written.
 
 Needs the ``zarr`` extra (zarr >= 3); imported only by the code that reads or writes Zarr.
 
@@ -251,13 +251,25 @@ def create_prediction(
             yx = tuple(-(-n // 2**level) for n in shape)
             full = yx if channels is None else (channels, *yx)
             chunks = (chunk, chunk) if channels is None else (1, chunk, chunk)
-            arrays[key].append(
-                group.require_array(str(level), shape=full, chunks=chunks, dtype=dtype, fill_value=0)
+            names = SPATIAL if channels is None else ("c", *SPATIAL)
+            arrays[key].append(  # NGFF 0.5: dimension_names must repeat the axes' names
+                group.require_array(
+                    str(level),
+                    shape=full,
+                    chunks=chunks,
+                    dtype=dtype,
+                    fill_value=0,
+                    dimension_names=names,
+                )
             )
         ms = _multiscale(key, axes, scale, levels, channel=channels is not None)
         attrs: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [ms]}
         if key == "instances":
-            attrs["image-label"] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
+            attrs["image-label"] = {
+                "version": NGFF_VERSION,
+                "source": {"image": "../../"},
+                "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],  # background: clear
+            }
         group.attrs["ome"] = attrs
     labels = root["labels"]
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": ["instances"]}
@@ -279,13 +291,28 @@ def open_prediction(path: str | os.PathLike) -> dict[str, list[Any]]:
     return out
 
 
-def build_pyramid(levels: list[Any]) -> None:
-    """Fill levels 1.. from level 0 by taking every second pixel in Y and X (nearest
-    neighbour: labels stay labels), chunk by chunk with dask (on the active Dask client's
-    workers when one exists, else dask's local threads)."""
-    import dask.array as da
+def downsample_chunk(finer: Any, coarser: Any, row: int, col: int) -> None:
+    """Write chunk (row, col) of a pyramid level from the level below it: every second
+    pixel in Y and X (nearest neighbour: labels stay labels). Reads only the 2× region."""
+    cy, cx = coarser.chunks[-2:]
+    ys, xs = slice(row * cy, (row + 1) * cy), slice(col * cx, (col + 1) * cx)
+    lead = (slice(None),) * (coarser.ndim - 2)
+    source = finer[
+        (*lead, slice(2 * ys.start, 2 * ys.stop, 2), slice(2 * xs.start, 2 * xs.stop, 2))
+    ]
+    coarser[(*lead, ys, xs)] = source
 
+
+def pyramid_chunks(coarser: Any) -> list[tuple[int, int]]:
+    """(row, col) of every chunk of a level, for :func:`downsample_chunk`."""
+    n_y, n_x = coarser.shape[-2:]
+    cy, cx = coarser.chunks[-2:]
+    return [(r, c) for r in range(-(-n_y // cy)) for c in range(-(-n_x // cx))]
+
+
+def build_pyramid(levels: list[Any]) -> None:
+    """Fill levels 1.. from level 0, chunk by chunk, in this process (the distributed
+    workflow runs :func:`downsample_chunk` as tasks instead)."""
     for finer, coarser in zip(levels, levels[1:], strict=False):
-        src = da.from_zarr(finer)
-        step = (slice(None),) * (src.ndim - 2) + (slice(None, None, 2), slice(None, None, 2))
-        da.to_zarr(src[step].rechunk(coarser.chunks), coarser)
+        for row, col in pyramid_chunks(coarser):
+            downsample_chunk(finer, coarser, row, col)

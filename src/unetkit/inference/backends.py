@@ -29,7 +29,13 @@ import torch.nn as nn
 
 from unetkit.config import check_choice
 from unetkit.errors import ConfigError, UnetkitError
-from unetkit.formats.loading import load_model_file, load_with_metadata, user_metadata
+from unetkit.formats.bioimageio_load import load_package
+from unetkit.formats.loading import (
+    PACKAGE_SUFFIX,
+    load_model_file,
+    load_with_metadata,
+    user_metadata,
+)
 from unetkit.formats.onnx import OnnxModel, export_onnx, read_onnx_metadata, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -124,7 +130,8 @@ def load_inference_model(
     """The model predict runs and the metadata it needs (normalisation, target, task).
 
     Args:
-        source: a ``.safetensors`` checkpoint or an ``.onnx`` file exported by unetkit.
+        source: a ``.safetensors`` checkpoint, an ``.onnx`` file exported by unetkit, or
+            a bioimage.io package ``.zip`` of a unetkit model.
         backend: "torch" or "onnx"; None picks by file type (``.onnx`` -> onnx).
         compile: torch backend only: True (inductor), a torch.compile backend name or
             callable; falls back to eager with a warning if compilation fails.
@@ -135,13 +142,15 @@ def load_inference_model(
     is_onnx = Path(source).suffix.lower() == ".onnx"
     backend = backend or ("onnx" if is_onnx else "torch")
     check_choice("backend", backend, BACKENDS)
+    if Path(source).suffix.lower() == PACKAGE_SUFFIX and backend == "onnx":
+        return load_package(source, backend="onnx")  # the package's own ONNX weights
     if backend == "torch":
         if is_onnx:
             raise ConfigError(
                 f"{source}: an ONNX file runs with --backend onnx; for --backend torch pass "
                 "the .safetensors checkpoint it was exported from"
             )
-        model, meta = load_with_metadata(source)  # a checkpoint, or a LoRA run's adapter
+        model, meta = load_model_file(source)  # a checkpoint, LoRA adapter or bioimage.io zip
         if compile:
             how = DEFAULT_COMPILE_BACKEND if compile is True else compile
             model = CompiledModel(model, backend=how)

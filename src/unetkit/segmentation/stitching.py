@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["face_pairs", "merge_labels", "overlap_pairs"]
+__all__ = ["core_labels", "face_pairs", "label_classes", "merge_labels", "overlap_pairs"]
 
 
 def face_pairs(
@@ -113,3 +113,29 @@ def merge_labels(
         lut[1:] = final[component[offsets[i] : offsets[i + 1]]]
         luts.append(lut)
     return luts
+
+
+def label_classes(classes: np.ndarray) -> np.ndarray:
+    """Connected components (faces) of each class > 0 of a block; classes never merge, as
+    in ``postprocess.instances_from_semantic`` (no size filter: sizes are summed later)."""
+    out = np.zeros(classes.shape, np.int64)
+    offset = 0
+    for c in np.unique(classes[classes > 0]):
+        comp, n = ndimage.label(classes == c)
+        out[comp > 0] = comp[comp > 0] + offset
+        offset += n
+    return out
+
+
+def core_labels(raw: np.ndarray, core: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Local ids 1..n for the labels of ``raw`` present in its ``core`` part, and the
+    look-up table raw id -> local id (0 for labels outside the core).
+
+    Returns:
+        (uint32 local labels of the core, uint32 table indexed by raw id).
+    """
+    present = np.unique(raw[core])
+    present = present[present > 0]
+    table = np.zeros(int(raw.max(initial=0)) + 1, np.uint32)
+    table[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
+    return table[raw[core]], table

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -34,6 +35,8 @@ SCHEDULERS = ("constant", "cosine", "warmup_cosine", "poly")
 PAPER_MOMENTUM = 0.99  # U-Net paper, section 3
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}
 WARMUP_FRACTION = 0.05  # warmup_cosine's warm-up when warmup_steps is 0
+MAX_WARMUP_FRACTION = 0.25  # decaying schedules warm up over at most this part of the run
+logger = logging.getLogger(__name__)
 
 
 def parameter_groups(
@@ -149,7 +152,9 @@ def build_scheduler(
         optimizer: the optimiser whose groups' ``lr`` are the base rates.
         name: constant | cosine | warmup_cosine | poly. Every schedule honours
             ``warmup_steps``; "warmup_cosine" with ``warmup_steps=0`` warms up over 5% of
-            ``total_steps`` (at least 1 step).
+            ``total_steps`` (at least 1 step). A decaying schedule warms up over at most a
+            quarter of ``total_steps`` (longer warm-ups are shortened, with a warning), so a
+            short run still decays instead of ending at its peak rate.
         total_steps: optimizer steps of the whole run (the decay horizon).
         warmup_steps: steps of linear warm-up from ``lr / warmup_steps`` to ``lr``.
         min_lr_ratio: floor of the decay as a fraction of ``lr``.
@@ -170,6 +175,17 @@ def build_scheduler(
         kind = "cosine"
         if warmup_steps == 0:
             warmup_steps = max(1, round(WARMUP_FRACTION * total_steps))
+    longest = math.floor(MAX_WARMUP_FRACTION * total_steps)
+    if kind != "constant" and warmup_steps > longest:
+        # a warm-up as long as the run never decays: short runs would end at the peak rate
+        log = logger.info if name == "warmup_cosine" and longest == 0 else logger.warning
+        log(
+            "warmup_steps=%d in a run of %d steps: warming up over %d steps so the rate decays",
+            warmup_steps,
+            total_steps,
+            longest,
+        )
+        warmup_steps = longest
     schedule = LRSchedule(kind, int(total_steps), int(warmup_steps), float(min_lr_ratio), power)
     return LambdaLR(optimizer, schedule)
 

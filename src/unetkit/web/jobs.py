@@ -111,8 +111,8 @@ class JobRunner:
 
     def submit(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> Job:
         """Queue ``work(job) -> result dict``; returns the job at once."""
-        job = Job(kind, self.root / "pending")
-        job.folder = self.root / job.id
+        job_id = secrets.token_urlsafe(12)  # unguessable: one user cannot read another's
+        job = Job(kind, self.root / job_id, id=job_id)
         job.folder.mkdir(parents=True)
         with self._lock:
             self.jobs[job.id] = job

@@ -135,7 +135,7 @@ def train_lora(
             lora=lora_info,
         )
 
-    known = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
+    known = S.checkpoint_recipe_fields(meta)
     recipe = S.make_recipe("modern", model=meta["model"], **{**known, **recipe_overrides})
     return S.train(
         recipe,

@@ -64,8 +64,12 @@ class Block:
     def grown(self, halo: int, shape: Sequence[int]) -> Block:
         """This block plus ``halo`` pixels per side, clipped to the image."""
         return Block(
-            max(self.y0 - halo, 0), min(self.y1 + halo, shape[0]),
-            max(self.x0 - halo, 0), min(self.x1 + halo, shape[1]), self.row, self.col,
+            max(self.y0 - halo, 0),
+            min(self.y1 + halo, shape[0]),
+            max(self.x0 - halo, 0),
+            min(self.x1 + halo, shape[1]),
+            self.row,
+            self.col,
         )
 
     def within(self, outer: Block) -> tuple[slice, slice]:
@@ -84,6 +88,28 @@ def block_grid(shape: Sequence[int], size: int) -> list[Block]:
         for r, y in enumerate(range(0, n_y, size))
         for c, x in enumerate(range(0, n_x, size))
     ]
+
+
+def face_strips(
+    labels: np.ndarray, region: Block, block: Block, halo: int, shape: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """``labels`` (of ``region``) in the strips ``halo`` pixels either side of each face of
+    ``block`` (top, bottom, left, right), the block's width long: what its neighbour
+    labelled too, for overlap matching."""
+    out = {}
+    for side, axis, face in (
+        ("top", 0, block.y0),
+        ("bottom", 0, block.y1),
+        ("left", 1, block.x0),
+        ("right", 1, block.x1),
+    ):
+        lo, hi = max(face - halo, 0), min(face + halo, shape[axis])
+        if axis == 0:
+            strip = Block(lo, hi, block.x0, block.x1)
+        else:
+            strip = Block(block.y0, block.y1, lo, hi)
+        out[f"strip_{side}"] = labels[strip.within(region)]
+    return out
 
 
 # --- sources -----------------------------------------------------------------------------
@@ -114,7 +140,10 @@ def open_source(path: str | os.PathLike, level: int = 0) -> Source:
     if ome_zarr.is_zarr(p):
         img = ome_zarr.open_ngff(p)
         return Source(
-            str(p), img.level_shape(level), img.scale(level), img.units(),
+            str(p),
+            img.level_shape(level),
+            img.scale(level),
+            img.units(),
             functools.partial(img.window, level=level),
         )
     if level:
@@ -141,12 +170,12 @@ def _tiff_source(p: Path) -> Source:
     channel = "C" if "C" in axes else ("S" if "S" in axes else None)
 
     def read(ys: slice, xs: slice) -> np.ndarray:
-        index = tuple(
-            {"Y": ys, "X": xs}.get(a, slice(None) if a == channel else 0) for a in axes
-        )
+        index = tuple({"Y": ys, "X": xs}.get(a, slice(None) if a == channel else 0) for a in axes)
         kept = [a for a in axes if a in "YX" or a == channel]
-        block = np.transpose(np.asarray(arr[index]), [kept.index(a) for a in "YX"] + (
-            [kept.index(channel)] if channel else []))
+        block = np.transpose(
+            np.asarray(arr[index]),
+            [kept.index(a) for a in "YX"] + ([kept.index(channel)] if channel else []),
+        )
         return block if block.ndim == 3 else block[..., None]
 
     return Source(str(p), (shape[axes.index("Y")], shape[axes.index("X")]), (1.0, 1.0), {}, read)
@@ -215,14 +244,16 @@ class TilePlan:
         return max(self.window[1])
 
 
-def tile_plan(model: torch.nn.Module, shape: tuple[int, int], options: InferenceOptions) -> TilePlan:
+def tile_plan(
+    model: torch.nn.Module, shape: tuple[int, int], options: InferenceOptions
+) -> TilePlan:
     """What ``predict_tiled(model, image, tile=options.tile, overlap=...)`` does for an
     image of ``shape`` (a huge image never runs whole: ``tile=None`` means the engine's
     default tile for large images)."""
     valid = bool(getattr(model, "is_valid_padding", False))
     tile = options.tile
     if tile is None:
-        edge = round(tiling.DEFAULT_TILE_VOXELS ** 0.5) // 16 * 16
+        edge = round(tiling.DEFAULT_TILE_VOXELS**0.5) // 16 * 16
         margin = model.margin()[0] if valid else 0
         tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
     tile = tiling._expand(tile, 2, "tile")
@@ -245,7 +276,9 @@ def _touching(plan: TilePlan, region: Block) -> list[tuple[int, tuple[int, int]]
     grid, per_axis = plan.grid, []
     for axis, (lo, hi) in enumerate(((region.y0, region.y1), (region.x0, region.x1))):
         keep = grid.keep[axis]
-        per_axis.append([(i, s) for i, s in enumerate(grid.starts[axis]) if s < hi and s + keep > lo])
+        per_axis.append(
+            [(i, s) for i, s in enumerate(grid.starts[axis]) if s < hi and s + keep > lo]
+        )
     n_x = len(grid.starts[1])
     return [(iy * n_x + ix, (sy, sx)) for iy, sy in per_axis[0] for ix, sx in per_axis[1]]
 
@@ -291,7 +324,12 @@ def region_probabilities(
     size = plan.grid.image_size
     (offset, extent) = plan.window
     reads = [
-        [tiling.mirror_index(torch.arange(s[a] - offset[a], s[a] - offset[a] + extent[a]), size[a]) for a in (0, 1)]
+        [
+            tiling.mirror_index(
+                torch.arange(s[a] - offset[a], s[a] - offset[a] + extent[a]), size[a]
+            )
+            for a in (0, 1)
+        ]
         for _, s in tiles
     ]
     lo = [min(int(r[a].min()) for r in reads) for a in (0, 1)]
@@ -305,7 +343,12 @@ def region_probabilities(
         predict = tiling.tile_predictor(runner, "probabilities", options.tta, 2)
         for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
             x = torch.stack(
-                [image.index_select(1, reads[position[g]][0] - lo[0]).index_select(2, reads[position[g]][1] - lo[1]) for g, _ in batch]
+                [
+                    image.index_select(1, reads[position[g]][0] - lo[0]).index_select(
+                        2, reads[position[g]][1] - lo[1]
+                    )
+                    for g, _ in batch
+                ]
             )
             if len(batch) == 1 and not alone:
                 x = torch.cat([x, x])
@@ -328,7 +371,9 @@ def region_probabilities(
     return out.numpy()
 
 
-def _write(out: torch.Tensor, y: torch.Tensor, plan: TilePlan, start: tuple[int, int], here: Block) -> None:
+def _write(
+    out: torch.Tensor, y: torch.Tensor, plan: TilePlan, start: tuple[int, int], here: Block
+) -> None:
     """Add (blend) or copy (overlap-tile) the part of a tile's prediction inside ``here``."""
     dst, src = plan.grid.regions(start)
     a, b = [], []

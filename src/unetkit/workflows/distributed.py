@@ -14,6 +14,7 @@ Resumable: each finished block leaves a marker in ``<out>.zarr/.unetkit/``; a re
 them. Many images share one client: all their blocks go to the same workers.
 
 Example:
+    >>> from unetkit.workflows.dask_cluster import dask_client
     >>> with dask_client("local:2") as client:  # doctest: +SKIP
     ...     predict_blocks("best.safetensors", ["cells.ome.zarr"], "out", client=client)
 """
@@ -24,11 +25,11 @@ import contextlib
 import dataclasses
 import functools
 import io
-
 import json
+import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +40,31 @@ from unetkit._atomic import atomic_write_bytes, atomic_write_text
 from unetkit.data.io import list_images
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
-
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.segmentation.postprocess import instances_from_boundary
-from unetkit.segmentation.stitching import face_pairs, merge_labels, overlap_pairs
+from unetkit.segmentation.stitching import (
+    core_labels,
+    face_pairs,
+    label_classes,
+    merge_labels,
+    overlap_pairs,
+)
 from unetkit.workflows.blocks import (
     Block,
     BlockOptions,
     block_grid,
+    face_strips,
     normalization_stats,
     open_source,
     region_probabilities,
     tile_plan,
 )
+from unetkit.workflows.dask_cluster import Progress, run_tasks
 from unetkit.workflows.segment import InferenceOptions
 
-__all__ = ["BlockOptions", "dask_client", "predict_blocks"]
+__all__ = ["BlockOptions", "block_inputs", "predict_blocks"]
 
 _MARKERS = ".unetkit"
-Progress = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,77 +82,20 @@ class _Job:
     num_classes: int
 
 
-# --- cluster -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def dask_client(
-    cluster: str | None, *, timeout: float = 10.0, processes: bool = True,
-    dashboard: str | None = "127.0.0.1:0",
-) -> Iterator[Any]:
-    """A ``distributed.Client`` for ``--cluster`` (None: yields None, run in-process).
-
-    Args:
-        cluster: ``local:N`` (a ``LocalCluster`` on 127.0.0.1, N workers, one thread each)
-            or ``tcp://HOST:PORT`` (an existing ``dask scheduler``).
-        timeout: seconds to wait for the scheduler.
-        processes: local workers as processes (True) or threads of this process.
-        dashboard: the local cluster's dashboard address (None: no dashboard).
-    """
-    if cluster is None:
-        yield None
-        return
-    from distributed import Client, LocalCluster
-
-    if cluster.startswith("local:"):
-        n = cluster.split(":", 1)[1]
-        if not n.isdigit() or int(n) < 1:
-            raise ConfigError(f"--cluster {cluster}: expected local:N with N >= 1 workers")
-        with LocalCluster(
-            n_workers=int(n), threads_per_worker=1, host="127.0.0.1", processes=processes,
-            dashboard_address=dashboard,
-        ) as lc, Client(lc) as client:
-            yield client
-        return
-    if not cluster.startswith("tcp://"):
-        raise ConfigError(f"--cluster {cluster}: expected local:N or tcp://HOST:PORT")
-    try:
-        client = Client(cluster, timeout=timeout)
-    except (OSError, TimeoutError) as e:
-        raise DataError(
-            f"--cluster {cluster}: no Dask scheduler answered within {timeout:g} s "
-            "(start one with `dask scheduler` and workers with `dask worker ADDRESS`)"
-        ) from e
-    with client:
-        yield client
-
-
-def _map(client: Any, fn: Callable, items: list, stage: str, progress: Progress | None) -> list:
-    """fn over items on the client's workers (or here), results in order."""
-    if progress:
-        progress(stage, 0, len(items))
-    if client is None:
-        results = []
-        for i, item in enumerate(items):
-            results.append(fn(*item))
-            if progress:
-                progress(stage, i + 1, len(items))
-        return results
-    from distributed import as_completed
-
-    futures = [client.submit(fn, *item, pure=False) for item in items]
-    for done, _ in enumerate(as_completed(futures), 1):
-        if progress:
-            progress(stage, done, len(items))
-    return client.gather(futures)
-
-
 # --- worker side -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _worker_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Loaded once per worker process (and checkpoint), then reused by every block."""
-    with contextlib.suppress(ImportError, ValueError):
-        from distributed import get_worker
+    """Loaded once per worker process (and checkpoint), then reused by every block.
 
-        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    A worker process runs torch on as many threads as Dask gave it (not on every core);
+    threads of this process (``processes=False``) keep the process's setting. Reductions
+    (e.g. GroupNorm) round differently with another thread count, so bit-for-bit equality
+    with a single-process run holds at the same torch thread count."""
+    if multiprocessing.parent_process() is not None:
+        with contextlib.suppress(ImportError, ValueError):
+            from distributed import get_worker
+
+            torch.set_num_threads(max(1, get_worker().state.nthreads))
     return load_inference_model(checkpoint)
 
 
@@ -176,15 +126,15 @@ def _predict_block(job: _Job, block: Block) -> str:
     else:
         classes = (probs[0] > 0.5) if probs.shape[0] == 1 else probs.argmax(0)
         classes = classes.astype(np.uint8)
-        raw = _components(classes)
-    local, raw_to_local = _relabel(raw, core)
+        raw = label_classes(classes)
+    local, raw_to_local = core_labels(raw, core)
     arrays["mask"][0][block.slices] = classes[core]
     if job.probabilities:
         arrays["probabilities"][0][(slice(None), *block.slices)] = probs[(slice(None), *core)]
-    _scratch(job, "a")[block.slices] = local
+    _scratch(job, "r+")[block.slices] = local
     data = {"count": np.int64(local.max(initial=0)), "areas": np.bincount(local.ravel())}
     if boundary:
-        data.update(_strips(raw_to_local[raw], region, block, job))
+        data.update(face_strips(raw_to_local[raw], region, block, job.blocks.label_halo, job.shape))
     else:
         for side, index in _SIDES.items():
             data[f"edge_{side}"] = local[index]
@@ -196,48 +146,11 @@ def _predict_block(job: _Job, block: Block) -> str:
 
 
 _SIDES = {
-    "top": (0, slice(None)), "bottom": (-1, slice(None)),
-    "left": (slice(None), 0), "right": (slice(None), -1),
+    "top": (0, slice(None)),
+    "bottom": (-1, slice(None)),
+    "left": (slice(None), 0),
+    "right": (slice(None), -1),
 }
-
-
-def _components(classes: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    out = np.zeros(classes.shape, np.int64)
-    offset = 0
-    for c in np.unique(classes[classes > 0]):  # classes never merge (instances_from_semantic)
-        comp, n = ndimage.label(classes == c)
-        out[comp > 0] = comp[comp > 0] + offset
-        offset += n
-    return out
-
-
-def _relabel(raw: np.ndarray, core: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
-    """Local ids 1..n for the labels present in the core; the raw -> local table."""
-    present = np.unique(raw[core])
-    present = present[present > 0]
-    table = np.zeros(int(raw.max(initial=0)) + 1, np.uint32)
-    table[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
-    return table[raw[core]], table
-
-
-def _strips(labels: np.ndarray, region: Block, block: Block, job: _Job) -> dict[str, np.ndarray]:
-    """The region's local labels in the strips around the block's bottom and right faces
-    and its top and left faces (``label_halo`` each side), for overlap matching."""
-    h, (n_y, n_x) = job.blocks.label_halo, job.shape
-    out = {}
-    for side, axis, face in (
-        ("top", 0, block.y0), ("bottom", 0, block.y1), ("left", 1, block.x0),
-        ("right", 1, block.x1),
-    ):
-        lo, hi = max(face - h, 0), min(face + h, (n_y, n_x)[axis])
-        if axis == 0:
-            strip = (slice(lo - region.y0, hi - region.y0), slice(block.x0 - region.x0, block.x1 - region.x0))
-        else:
-            strip = (slice(block.y0 - region.y0, block.y1 - region.y0), slice(lo - region.x0, hi - region.x0))
-        out[f"strip_{side}"] = labels[strip]
-    return out
 
 
 def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> None:
@@ -253,16 +166,27 @@ def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> N
     atomic_write_text(marker, "")
 
 
+def _pyramid_chunk(out: str, key: str, level: int, row: int, col: int) -> None:
+    """Pass 3: one chunk of a pyramid level (each chunk written by one task)."""
+    levels = ome_zarr.open_prediction(out)[key]
+    ome_zarr.downsample_chunk(levels[level - 1], levels[level], row, col)
+
+
 def _scratch(job: _Job, mode: str) -> Any:
+    """The local labels of pass 1 (a Zarr array chunked like the blocks: no two tasks
+    write one chunk). Created (mode "a") by the client before any task runs."""
     import zarr
 
     size = job.blocks.block_size
     return zarr.open_array(
-        str(Path(job.out) / _MARKERS / "local"), mode=mode, shape=job.shape,
-        chunks=(size, size), dtype="uint32", fill_value=0, zarr_format=3,
+        str(Path(job.out) / _MARKERS / "local"),
+        mode=mode,
+        shape=job.shape,
+        chunks=(size, size),
+        dtype="uint32",
+        fill_value=0,
+        zarr_format=3,
     )
-
-
 
 
 # --- client side -------------------------------------------------------------------------
@@ -308,23 +232,36 @@ def _stitch(job: _Job, grid: list[Block], boundary: bool, min_size: int) -> list
                 pairs = overlap_pairs(data[i][f"strip_{first}"], data[j][f"strip_{second}"])
             else:
                 pairs = face_pairs(
-                    data[i][f"edge_{first}"], data[j][f"edge_{second}"],
-                    data[i][f"class_{first}"], data[j][f"class_{second}"],
+                    data[i][f"edge_{first}"],
+                    data[j][f"edge_{second}"],
+                    data[i][f"class_{first}"],
+                    data[j][f"class_{second}"],
                 )
             links.append((i, j, pairs))
     counts = [int(d["count"]) for d in data]
-    areas = [np.pad(d["areas"], (0, max(0, c + 1 - len(d["areas"])))) for d, c in zip(data, counts, strict=True)]
+    areas = [
+        np.pad(d["areas"], (0, max(0, c + 1 - len(d["areas"]))))
+        for d, c in zip(data, counts, strict=True)
+    ]
     return merge_labels(counts, areas, links, min_size=min_size)
 
 
 def _prepare(
-    checkpoint: str, path: Path, out_dir: Path, options: InferenceOptions,
-    blocks: BlockOptions, probabilities: bool, model: torch.nn.Module, meta: dict[str, Any],
+    checkpoint: str,
+    path: Path,
+    out_dir: Path,
+    options: InferenceOptions,
+    blocks: BlockOptions,
+    probabilities: bool,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
 ) -> _Job:
-    source = open_source(str(path), blocks.level)
-    out = out_dir / f"{_stem(path)}.zarr"
-    if out.resolve() == path.resolve():
+    """Check one input, create its output store and the job the workers get (absolute
+    paths: a remote worker's working folder is not ours)."""
+    path, out = path.resolve(), (out_dir / f"{_stem(path)}.zarr").resolve()
+    if out == path:
         raise DataError(f"{out}: output would overwrite an input image; choose another --out")
+    source = open_source(str(path), blocks.level)
     plan = tile_plan(model, source.shape, options)
     halo = plan.halo + (blocks.label_halo if meta.get("target") == "boundary" else 0)
     if blocks.block_size < halo:
@@ -332,25 +269,56 @@ def _prepare(
             f"--block-size {blocks.block_size} is smaller than the halo of {halo} px "
             f"(tile {plan.window[1][0]} + label halo); use --block-size {halo} or more"
         )
+    _check_resume(out, [str(Path(checkpoint).resolve()), str(path), options, blocks, probabilities])
     channels = int(getattr(model, "out_channels", 2))
-    stats = normalization_stats(source, meta.get("normalize", "zscore"), blocks.block_size)
+    done = (out / _MARKERS / "complete.json").is_file()
+    mode = meta.get("normalize", "zscore")
+    stats = None if done else normalization_stats(source, mode, blocks.block_size)
     job = _Job(
-        checkpoint, str(path), str(out), source.shape, options, blocks, stats,
-        probabilities, channels,
+        str(Path(checkpoint).resolve()),
+        str(path),
+        str(out),
+        source.shape,
+        options,
+        blocks,
+        stats,
+        probabilities,
+        channels,
     )
     ome_zarr.create_prediction(
-        out, source.shape, chunk=blocks.block_size, scale=source.scale, units=source.units,
-        num_classes=channels, probabilities=probabilities,
+        out,
+        source.shape,
+        chunk=blocks.block_size,
+        scale=source.scale,
+        units=source.units,
+        num_classes=channels,
+        probabilities=probabilities,
     )
+    if not done:
+        _scratch(job, "a")  # here, once: tasks creating it at once would race
     return job
+
+
+def _check_resume(out: Path, settings: list[Any]) -> None:
+    """Record what an output store is made with; refuse to resume it with anything else."""
+    record = out / _MARKERS / "settings.json"
+    text = json.dumps([repr(s) for s in settings])
+    if record.is_file():
+        if record.read_text() != text:
+            raise DataError(
+                f"{out}: holds a run with another checkpoint, input or options; "
+                "choose another --out (or delete it) to start afresh"
+            )
+        return
+    atomic_write_text(record, text)
 
 
 def predict_blocks(
     checkpoint: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    options: InferenceOptions = InferenceOptions(),
-    blocks: BlockOptions = BlockOptions(),
+    options: InferenceOptions | None = None,
+    blocks: BlockOptions | None = None,
     *,
     probabilities: bool = False,
     client: Any = None,
@@ -367,8 +335,8 @@ def predict_blocks(
         checkpoint: a ``.safetensors`` checkpoint (each worker loads it once).
         inputs: OME-Zarr images, TIFFs, image files or folders of them.
         out_dir: output folder (created).
-        options: the inference options of ``workflows.segment``.
-        blocks: block size, label halo and OME-Zarr level.
+        options: the inference options of ``workflows.segment`` (default: its defaults).
+        blocks: block size, label halo and OME-Zarr level (default: ``BlockOptions()``).
         probabilities: also write the class probabilities.
         client: a ``distributed.Client`` (see :func:`dask_client`); None runs here.
         progress: called as ``progress(stage, done, total)``.
@@ -378,8 +346,11 @@ def predict_blocks(
     """
     model, meta = load_inference_model(checkpoint)
     if meta.get("task") == "regression" or getattr(model, "dims", 2) != 2:
-        raise ConfigError(f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)")
-    options = options_for(model, options)
+        raise ConfigError(
+            f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)"
+        )
+    options = options_for(model, options or InferenceOptions())
+    blocks = blocks or BlockOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = block_inputs(inputs)
@@ -389,20 +360,31 @@ def predict_blocks(
     ]
     todo = [j for j in jobs if not (Path(j.out) / _MARKERS / "complete.json").is_file()]
     grids = {j.out: block_grid(j.shape, blocks.block_size) for j in todo}
-    _map(client, _predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress)
+    run_tasks(
+        client, _predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress
+    )
     boundary = meta.get("target", "semantic") == "boundary"
     finals = []
     for j in todo:
         luts = _stitch(j, grids[j.out], boundary, options.min_size)
         finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
-    _map(client, _finish_block, finals, "stitch", progress)
+    run_tasks(client, _finish_block, finals, "stitch", progress)
+    depth = {j.out: len(ome_zarr.open_prediction(j.out)["mask"]) for j in todo}
+    for level in range(1, max(depth.values(), default=1)):
+        tasks = [
+            (j.out, key, level, row, col)
+            for j in todo
+            if level < depth[j.out]
+            for key, levels in ome_zarr.open_prediction(j.out).items()
+            for row, col in ome_zarr.pyramid_chunks(levels[level])
+        ]
+        run_tasks(client, _pyramid_chunk, tasks, f"pyramid level {level}", progress)
     for j in todo:
-        for levels in ome_zarr.open_prediction(j.out).values():
-            ome_zarr.build_pyramid(levels)
         count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
         summary = {"objects": count, "blocks": len(grids[j.out])}
-        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
         atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
+        # the local labels go only once the image is complete: a resumed run needs them
+        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
     rows = []
     for j in jobs:
         summary = json.loads((Path(j.out) / _MARKERS / "complete.json").read_text())

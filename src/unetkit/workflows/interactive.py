@@ -27,7 +27,6 @@ from unetkit.formats.loading import base_checkpoint, is_adapter_file
 from unetkit.formats.lora_files import read_adapter
 from unetkit.segmentation.postprocess import object_table
 from unetkit.training.fit_config import FitConfig
-from unetkit.training.tasks import SupervisedTask
 from unetkit.training.trainer import fit
 from unetkit.workflows import segment_train as S
 from unetkit.workflows.adapt import LoRAOptions, adapter_saver, attach
@@ -38,6 +37,8 @@ from unetkit.workflows.segment import (
     overlay,
     predict_image,
 )
+from unetkit.workflows.segment_data import build_datasets
+from unetkit.workflows.segment_task import segmentation_task
 
 ProgressFn = Callable[[int, int], None]
 StepFn = Callable[[int, int, float], None]
@@ -203,17 +204,16 @@ def finetune_on_labels(
     with tempfile.TemporaryDirectory(prefix="unetkit-finetune-") as tmp:
         _write_pairs(Path(tmp), images, labels, in_channels)
         side = min(min(np.asarray(lab).shape[-2:]) for lab in labels)
-        known = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
+        known = S.checkpoint_recipe_fields(meta)
         batch = 4
         recipe = S.make_recipe(
             "modern", model=meta["model"], data=tmp, val_data=tmp, mask_mode="instances",
-            samples_per_epoch=steps * batch, **known,
+            steps_per_epoch=steps, batch_size=batch, **known,
         )
         crop = S.input_crop(model, min(recipe.crop, side))
-        train_ds, val_ds, _ = S.build_datasets(recipe, crop)
-        loss = S.SegmentationLoss(recipe)
-        metrics = S.SegmentationMetrics(S.target_channels(recipe))
-        task = SupervisedTask(loss, metrics, monitor="val/fg_dice", mode="max")
+        data = build_datasets(recipe, crop)
+        train_ds, val_ds = data.train, data.val
+        task = segmentation_task(recipe)
         config = FitConfig(epochs=1, batch_size=batch, lr=lr or recipe.lr, max_steps=steps)
         fit(
             model, _Reporting(task, steps, progress, should_stop), train_ds, val_ds, config,

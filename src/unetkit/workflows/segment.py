@@ -24,9 +24,9 @@ from unetkit import runtime
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import load_image, to_float_image
 from unetkit.data.tiff import PixelSize
-from unetkit.data.transforms import Normalize
+from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import CheckpointError, ConfigError, DataError
-from unetkit.formats.loading import load_with_metadata
+from unetkit.formats.loading import PACKAGE_SUFFIX, load_model_file, load_with_metadata
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
 from unetkit.regression import depth_metrics, psnr, to_prediction
@@ -83,8 +83,12 @@ class InferenceOptions:
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and the facts predict needs (target, normalisation) from a checkpoint, or
-    from a LoRA run's adapter file (loaded onto the base checkpoint it names)."""
-    model, meta = load_with_metadata(checkpoint)
+    from a LoRA run's adapter file (loaded onto the base checkpoint it names), or from a
+    bioimage.io package ``.zip`` of a unetkit model."""
+    if os.fspath(checkpoint).lower().endswith(PACKAGE_SUFFIX):
+        model, meta = load_model_file(checkpoint)
+    else:
+        model, meta = load_with_metadata(checkpoint)
     check_inference_metadata(meta, source=str(checkpoint))
     return model, meta
 
@@ -203,7 +207,8 @@ def normalize_input(image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
     """The float C×... image normalised as the checkpoint's training did, as a tensor."""
     mode = meta.get("normalize", "zscore")
     if mode != "none":
-        image = Normalize(mode)({"image": image})["image"]
+        percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+        image = Normalize(mode, percentiles=percentiles)({"image": image})["image"]
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
 
 

@@ -16,24 +16,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
 
 from unetkit import config as cfg
 from unetkit import registry
 from unetkit.data import transforms as T
-from unetkit.data.datasets import FolderSegmentationDataset, SyntheticCellsDataset, split_indices
-from unetkit.errors import ConfigError, DataError
-from unetkit.nn.sampling import center_crop
-from unetkit.segmentation.losses import build_loss
-from unetkit.segmentation.metrics import dice, pixel_error
+from unetkit.data.transforms import DEFAULT_PERCENTILES
+from unetkit.errors import ConfigError
 from unetkit.training.fit_config import FitConfig
+from unetkit.training.logging import RunDirectory
+from unetkit.workflows.segment_data import TrainingData, build_datasets
+from unetkit.workflows.segment_task import regression_task, segmentation_task, target_channels
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class SegmentationRecipe:
-    """Everything a segmentation run needs; saved as the run's resolved config.
+    """Everything a segmentation run needs; saved (task's fields only) as the run's config.
+
+    The budget counts optimiser steps, not passes over the data: an epoch is
+    ``steps_per_epoch`` steps of ``batch_size`` freshly augmented draws whatever the number
+    of images, so ``epochs * steps_per_epoch`` steps train one annotated image or thousands
+    (nnU-Net: 250 steps per epoch on a GPU; 50 here, so a 2-core CPU validates every few
+    minutes and early stopping can act).
 
     Args:
         task: segmentation | regression (dense continuous targets: depth, restoration).
@@ -42,18 +47,27 @@ class SegmentationRecipe:
         synthetic_regression: built-in regression data: depth (rendered scenes) | denoise.
         spatial_dims: 2 (images) or 3 (volumes: multi-page TIFF, NIfTI); sets model dims.
         data: folder with ``images/`` and ``masks/``; None trains on built-in synthetic cells.
-        val_data: separate validation folder (default: ``val_fraction`` of ``data``).
+        val_data: separate validation folder (default: split ``data``: whole images when it
+            holds 5 or more, else the last ``val_fraction`` of each image's longest axis).
         num_classes, mask_mode: how masks are read (see unetkit.data.io.decode_mask).
         target: semantic | separated | boundary (3 classes; gives instances by watershed).
-        model, preset, model_options: registry name, preset and config overrides.
-        normalize: per-image intensity normalisation, zscore | percentile.
-        crop: training patch size (output size for valid-padding models).
+        model, preset, model_options: registry name, preset and config overrides (the
+            modern U-Net defaults to channels 16..256: ~2 M parameters, trainable on a CPU).
+        normalize, norm_percentiles: per-image intensity normalisation, percentile (the
+            percentiles map to 0 and 1) | zscore | none.
+        crop: training patch size (output size for valid-padding models); limited to the
+            smallest image.
+        affine, zoom, rotate: scale augmentation: zoom factor range and rotation (degrees),
+            resampled together with the crop and the elastic field.
         elastic, flips, intensity: augmentations; elastic_sigma in pixels (paper: 10).
         loss: ce | dice | dice_ce | weighted_ce; w0, sigma: the paper's border weight map.
-        epochs, samples_per_epoch, batch_size, lr, optimizer, momentum, weight_decay,
-        scheduler, warmup_steps, grad_accum, grad_clip, precision: optimisation (see
-        training.fit). The paper recipe uses lr 1e-3 with gradient clipping at norm 1: its
-        SGD with momentum 0.99 on the un-normalised net diverged at lr 1e-2 here.
+        epochs, steps_per_epoch, max_steps: the budget (max_steps cuts the last epoch short).
+        early_stopping: stop after this many epochs without a better validation score.
+        batch_size, lr, optimizer, momentum, weight_decay, scheduler, warmup_steps,
+        grad_accum, grad_clip, precision: optimisation (see training.fit); warmup_steps 0
+        warms up over 5 % of the run, and the schedule's horizon is the run's steps. The
+        paper recipe uses lr 1e-3 with gradient clipping at norm 1: its SGD with momentum
+        0.99 on the un-normalised net diverged at lr 1e-2 here.
         synthetic_train, synthetic_val, synthetic_size, synthetic_style: built-in data.
     """
 
@@ -71,8 +85,12 @@ class SegmentationRecipe:
     model: str = "unet"
     preset: str | None = None
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    normalize: str = "zscore"
+    normalize: str = "percentile"
+    norm_percentiles: tuple[float, float] = (1.0, 99.8)
     crop: int = 128
+    affine: bool = True
+    zoom: tuple[float, float] = (0.8, 1.25)
+    rotate: float = 180.0
     elastic: bool = True
     elastic_sigma: float = 10.0
     flips: bool = True
@@ -80,15 +98,17 @@ class SegmentationRecipe:
     loss: str = "dice_ce"
     w0: float = 10.0
     sigma: float = 5.0
-    epochs: int = 20
-    samples_per_epoch: int | None = None
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    max_steps: int | None = None
+    early_stopping: int | None = None
     batch_size: int = 8
     lr: float = 2e-3
     optimizer: str = "adamw"
     momentum: float = 0.99
     weight_decay: float = 1e-4
     scheduler: str = "warmup_cosine"
-    warmup_steps: int = 20
+    warmup_steps: int = 0
     grad_accum: int = 1
     grad_clip: float | None = None
     precision: str = "auto"
@@ -99,6 +119,12 @@ class SegmentationRecipe:
     synthetic_size: int = 256
     synthetic_style: str = "fluorescence"
 
+
+DEFAULT_UNET_CHANNELS = (16, 32, 64, 128, 256)
+# fields that mean something for one task only: left out of the other task's config.json
+REGRESSION_FIELDS = ("output", "target_scale", "synthetic_regression")
+SEGMENTATION_FIELDS = ("num_classes", "mask_mode", "target", "w0", "sigma")
+SYNTHETIC_FIELDS = ("synthetic_train", "synthetic_val", "synthetic_size", "synthetic_style")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "modern": {},
@@ -116,6 +142,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=1,
         crop=388,
         intensity=False,
+        affine=False,
+        normalize="zscore",
+        steps_per_epoch=100,
     ),
     "depth-demo": dict(
         task="regression",
@@ -124,18 +153,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_options={"channels": (16, 32, 64, 128)},
         epochs=10,
         batch_size=8,
-        samples_per_epoch=160,
+        steps_per_epoch=20,
         synthetic_train=96,
         synthetic_val=12,
         synthetic_size=128,
         crop=96,
         elastic=False,
+        affine=False,
     ),
     "demo": dict(
         model_options={"channels": (16, 32, 64, 128)},
         epochs=16,
         batch_size=8,
-        samples_per_epoch=320,
+        steps_per_epoch=40,
         synthetic_train=96,
         synthetic_val=12,
     ),
@@ -144,23 +174,62 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def make_recipe(name: str | None = None, /, **overrides: Any) -> SegmentationRecipe:
     """A recipe from defaults, then a named recipe (modern | paper | demo | depth-demo), then
-    overrides (recipe fields; ``preset=`` is the model's preset)."""
+    overrides (recipe fields; ``preset=`` is the model's preset).
+
+    ``samples_per_epoch`` (older configs) is read as ``ceil(samples / batch_size)`` steps.
+    """
     values: dict[str, Any] = {}
     if name is not None:
         cfg.check_choice("recipe", name, PRESETS)
         values.update(PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    samples = values.pop("samples_per_epoch", None)
+    if samples is not None and overrides.get("steps_per_epoch") is None:
+        values["steps_per_epoch"] = -(-int(samples) // int(values.get("batch_size", 8)))
     if values.get("task") == "regression" and values.get("loss", "dice_ce") == "dice_ce":
         values["loss"] = "silog" if values.get("output", "depth") == "depth" else "l1"
+    if values.get("model", "unet") == "unet" and values.get("preset") is None:
+        options = dict(values.get("model_options") or {})
+        options.setdefault("channels", DEFAULT_UNET_CHANNELS)
+        values["model_options"] = options
     recipe = cfg.from_dict(SegmentationRecipe, values, source="recipe")
     cfg.check_choice("task", recipe.task, ("segmentation", "regression"))
+    _check_budget(recipe)
     return recipe
 
 
-def target_channels(recipe: SegmentationRecipe) -> int:
-    if recipe.task == "regression":
-        return 1  # overridden by the data's target channels in build_model's caller
-    return {"semantic": recipe.num_classes, "separated": 2, "boundary": 3}[recipe.target]
+def _check_budget(recipe: SegmentationRecipe) -> None:
+    for name in ("epochs", "steps_per_epoch", "batch_size"):
+        if getattr(recipe, name) < 1:
+            raise ConfigError(f"{name}={getattr(recipe, name)} must be at least 1")
+    for name in ("max_steps", "early_stopping"):
+        value = getattr(recipe, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1 (or unset)")
+    if not 0.0 < recipe.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={recipe.val_fraction} must be in (0, 1)")
+    if recipe.crop < 1:
+        raise ConfigError(f"crop={recipe.crop} must be at least 1 pixel")
+
+
+def total_steps(recipe: SegmentationRecipe) -> int:
+    """Optimiser steps of the whole run (before early stopping)."""
+    steps = recipe.epochs * -(-recipe.steps_per_epoch // recipe.grad_accum)
+    return min(steps, recipe.max_steps) if recipe.max_steps is not None else steps
+
+
+def record(recipe: SegmentationRecipe) -> dict[str, Any]:
+    """The recipe as config.json holds it: only the fields its task and data use."""
+    skip = set(SEGMENTATION_FIELDS if recipe.task == "regression" else REGRESSION_FIELDS)
+    if recipe.data is not None:
+        skip.update(SYNTHETIC_FIELDS)
+    if recipe.loss != "weighted_ce":
+        skip.update(("w0", "sigma"))
+    if recipe.optimizer != "sgd":
+        skip.add("momentum")
+    if recipe.normalize != "percentile":
+        skip.add("norm_percentiles")
+    return {k: v for k, v in cfg.to_dict(recipe).items() if k not in skip}
 
 
 def build_model(
@@ -181,27 +250,6 @@ def input_crop(model: torch.nn.Module, crop: int) -> int:
     return crop
 
 
-def build_transforms(
-    recipe: SegmentationRecipe, crop: int | None, valid_crop: Any = None
-) -> tuple[T.Compose, T.Compose]:
-    """(train, eval) transforms: augmentation then normalisation; eval only normalises
-    (after ``valid_crop``, a CenterCrop to sizes a valid-padding model accepts)."""
-    train: list[Any] = []
-    if recipe.elastic:  # before the crop, so warped-in context comes from the real image
-        train.append(T.ElasticDeform(grid=3, sigma=recipe.elastic_sigma, p=0.5))
-    if crop is not None:
-        train.append(T.RandomCrop(crop))
-    if recipe.flips:
-        train += [T.RandomFlip(), T.RandomRot90()]
-    restoration = recipe.task == "regression" and recipe.output == "linear"
-    if recipe.intensity and not restoration:
-        train.append(T.IntensityJitter())
-    # restoration targets share the input's intensity scale: no per-image normalisation
-    norm = [] if restoration or recipe.normalize == "none" else [T.Normalize(recipe.normalize)]
-    eval_tf = [valid_crop, *norm] if valid_crop is not None else norm
-    return T.Compose([*train, *norm]), T.Compose(eval_tf)
-
-
 def _largest_valid_input(model: torch.nn.Module) -> T.CenterCrop:
     """Validation images are centre-cropped to the largest size a valid model accepts."""
 
@@ -209,172 +257,6 @@ def _largest_valid_input(model: torch.nn.Module) -> T.CenterCrop:
         return tuple(model._nearest_valid_lengths(s)[0] or s for s in shape)
 
     return T.CenterCrop(size)
-
-
-class _Repeat(Dataset):
-    """``n`` samples drawn cyclically from ``base`` (more random crops per epoch)."""
-
-    def __init__(self, base: Dataset, n: int) -> None:
-        self.base, self.n = base, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        return self.base[i % len(self.base)]
-
-    def set_epoch(self, epoch: int) -> None:
-        getattr(self.base, "set_epoch", lambda e: None)(
-            epoch * ((self.n + len(self.base) - 1) // len(self.base))
-        )
-
-
-def build_datasets(
-    recipe: SegmentationRecipe, crop: int | None, valid_crop: Any = None
-) -> tuple[Dataset, Dataset, int]:
-    """(train, validation, in_channels) for the recipe's data or the synthetic cells."""
-    if recipe.task == "regression":
-        return _regression_datasets(recipe, crop)
-    train_tf, eval_tf = build_transforms(recipe, crop, valid_crop)
-    weight = {"w0": recipe.w0, "sigma": recipe.sigma} if recipe.loss == "weighted_ce" else None
-    common = dict(target=recipe.target, weight_map=weight)
-    if recipe.data is None:
-        s = (recipe.synthetic_size,) * 2
-        opts = dict(shape=s, style=recipe.synthetic_style, **common)
-        train = SyntheticCellsDataset(
-            recipe.synthetic_train, seed=recipe.seed, transform=train_tf, **opts
-        )
-        val = SyntheticCellsDataset(
-            recipe.synthetic_val, seed=recipe.seed + 10_000, transform=eval_tf, **opts
-        )
-        in_channels = 1
-    else:
-        fopts = dict(
-            spatial_dims=recipe.spatial_dims,
-            num_classes=recipe.num_classes,
-            mask_mode=recipe.mask_mode,
-            seed=recipe.seed,
-            **common,
-        )
-        train, val = _folder_split(FolderSegmentationDataset, recipe, train_tf, eval_tf, fopts)
-        in_channels = int(val[0]["image"].shape[0])
-    if recipe.samples_per_epoch:
-        train = _Repeat(train, recipe.samples_per_epoch)
-    return train, val, in_channels
-
-
-def _regression_datasets(
-    recipe: SegmentationRecipe, crop: int | None
-) -> tuple[Dataset, Dataset, int]:
-    from unetkit.regression import (
-        FolderRegressionDataset,
-        SyntheticDenoiseDataset,
-        SyntheticDepthDataset,
-    )
-
-    train_tf, eval_tf = build_transforms(recipe, crop)
-    if recipe.data is None:
-        cfg.check_choice("synthetic_regression", recipe.synthetic_regression, ("depth", "denoise"))
-        cls = (
-            SyntheticDepthDataset
-            if recipe.synthetic_regression == "depth"
-            else SyntheticDenoiseDataset
-        )
-        shape = (recipe.synthetic_size,) * 2
-        train = cls(recipe.synthetic_train, shape=shape, seed=recipe.seed, transform=train_tf)
-        val = cls(recipe.synthetic_val, shape=shape, seed=recipe.seed + 10_000, transform=eval_tf)
-    else:
-        opts = dict(
-            target_scale=recipe.target_scale, positive=recipe.output == "depth", seed=recipe.seed
-        )
-        train, val = _folder_split(FolderRegressionDataset, recipe, train_tf, eval_tf, opts)
-    in_channels = int(val[0]["image"].shape[0])
-    if recipe.samples_per_epoch:
-        train = _Repeat(train, recipe.samples_per_epoch)
-    return train, val, in_channels
-
-
-def _folder_split(
-    cls: type, recipe: SegmentationRecipe, train_tf: Any, eval_tf: Any, options: dict[str, Any]
-) -> tuple[Dataset, Dataset]:
-    """Train and validation folder data sets: --val-data, or a seeded split of --data.
-
-    Every file is validated now, so a bad one is named before training, not mid-epoch.
-    """
-    train = cls(recipe.data, transform=train_tf, **options)
-    train.validate()
-    if recipe.val_data is not None:
-        val = cls(recipe.val_data, transform=eval_tf, **options)
-        val.validate()
-        return train, val
-    val = cls(recipe.data, transform=eval_tf, **options)
-    tr_idx, va_idx = split_indices(len(train), recipe.val_fraction, recipe.seed)
-    if len(tr_idx) == 0 or len(va_idx) == 0:
-        raise DataError(
-            f"{recipe.data}: {len(train)} image(s) cannot be split into train and "
-            f"validation; add images or pass --val-data"
-        )
-    return _subset(train, tr_idx), _subset(val, va_idx)
-
-
-def _subset(ds: Dataset, idx: np.ndarray) -> Subset:
-    sub = Subset(ds, idx.tolist())
-    sub.set_epoch = ds.set_epoch  # type: ignore[attr-defined]
-    return sub
-
-
-def crop_targets(logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
-    """Centre-crop the targets to a valid-padding model's (smaller) output."""
-    size = logits.shape[2:]
-    if batch["mask"].shape[1:] == size:
-        return batch
-    out = dict(batch)
-    for key in ("mask", "weight", "instances"):
-        if key in out:
-            out[key] = center_crop(out[key][:, None], size)[:, 0]
-    return out
-
-
-class SegmentationLoss:
-    """The recipe's loss on (logits, batch), valid-padding aware."""
-
-    def __init__(self, recipe: SegmentationRecipe) -> None:
-        self.loss = build_loss(recipe.loss)
-
-    def __call__(
-        self, logits: torch.Tensor | list[torch.Tensor], batch: dict[str, Any]
-    ) -> torch.Tensor:
-        # deep supervision (U-Net++ in training): a list of heads, the first at full size
-        first = logits[0] if isinstance(logits, (list, tuple)) else logits
-        return self.loss(logits, crop_targets(first, batch))
-
-
-class SegmentationMetrics:
-    """Per-batch validation sums: pixel error and mean foreground Dice (per image)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-
-    def __call__(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        batch = crop_targets(logits, batch)
-        pred = (
-            logits.argmax(1).cpu().numpy()
-            if logits.shape[1] > 1
-            else (logits[:, 0] > 0).long().cpu().numpy()
-        )
-        target = batch["mask"].cpu().numpy()
-        # dice of "any foreground" as well as the mean over classes; one row per image
-        dices = [
-            dice(p, t, num_classes=max(2, self.num_classes)).mean
-            for p, t in zip(pred, target, strict=True)
-        ]
-        fg = [dice(p > 0, t > 0, num_classes=2).mean for p, t in zip(pred, target, strict=True)]
-        errs = [pixel_error(p > 0, t > 0) for p, t in zip(pred, target, strict=True)]
-        return {
-            "dice": float(np.sum(dices)),
-            "fg_dice": float(np.sum(fg)),
-            "pixel_error": float(np.sum(errs)),
-        }
 
 
 def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
@@ -387,22 +269,95 @@ def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
             "target_scale": recipe.target_scale,
             "normalize": "none" if restoration else recipe.normalize,
         }
-    return {
+    extra = {
         "task": "segmentation",
         "target": recipe.target,
         "normalize": recipe.normalize,
         "num_classes": recipe.num_classes,
     }
+    if recipe.normalize == "percentile":
+        extra["normalize_percentiles"] = list(recipe.norm_percentiles)
+    return extra
 
 
-def regression_task(recipe: SegmentationRecipe) -> Any:
-    """Loss and metrics of a regression recipe (silog/L1/L2; AbsRel, RMSE, δ or PSNR)."""
-    from unetkit.regression import RegressionMetrics, build_regression_loss
-    from unetkit.training.tasks import SupervisedTask
+def checkpoint_recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """Recipe fields that continue training a checkpoint the way it was trained (target,
+    classes, normalisation: older checkpoints without recorded percentiles used 1-99)."""
+    fields = {k: meta[k] for k in ("target", "normalize", "num_classes") if k in meta}
+    if meta.get("normalize") == "percentile":
+        fields["norm_percentiles"] = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+    return fields
 
-    metrics = RegressionMetrics(recipe.output)
-    loss = build_regression_loss(recipe.loss, output=recipe.output)
-    return SupervisedTask(loss, metrics, monitor=metrics.monitor, mode=metrics.mode)
+
+class _EpochEnd:
+    """After each epoch: move the draws to the next epoch's augmentations, and stop early
+    when the monitored score has not improved for ``patience`` epochs."""
+
+    def __init__(self, draws: Any, monitor: str, mode: str, patience: int | None) -> None:
+        self.draws, self.monitor, self.mode, self.patience = draws, monitor, mode, patience
+        self.best: float | None = None
+        self.since_best = 0
+
+    def __call__(self, epoch: int, row: dict[str, Any], model: torch.nn.Module) -> bool:
+        self.draws.set_epoch(epoch)  # ``epoch`` epochs are done: the next is 0-based ``epoch``
+        value = row.get(self.monitor)
+        if self.patience is None or value is None or not np.isfinite(value):
+            return False
+        better = self.best is None or (
+            value > self.best if self.mode == "max" else value < self.best
+        )
+        self.best, self.since_best = (value, 0) if better else (self.best, self.since_best + 1)
+        if self.since_best >= self.patience:
+            log.info(
+                "early stopping: %s has not improved for %d epochs (best %.4f)",
+                self.monitor,
+                self.patience,
+                self.best,
+            )
+            return True
+        return False
+
+
+def _describe(recipe: SegmentationRecipe, data: TrainingData, model: torch.nn.Module) -> None:
+    """Say at the start what the run read, how it split it and what it will do."""
+    source = recipe.data or (
+        "built-in synthetic cells"
+        if recipe.task == "segmentation"
+        else f"built-in synthetic {recipe.synthetic_regression} scenes"
+    )
+    params = f"{sum(p.numel() for p in model.parameters()):,}"
+    log.info("training %s (%s parameters) on %s", recipe.model, params, source)
+    if data.masks is not None:
+        log.info("masks: %s; target %s", data.masks.describe(), recipe.target)
+    log.info("split: %s", data.split)
+    log.info(
+        "budget: %d epochs x %d steps of %d %s crops = %d optimiser steps",
+        recipe.epochs,
+        recipe.steps_per_epoch,
+        recipe.batch_size,
+        "whole-image" if data.crop is None else f"{data.crop}-pixel",
+        total_steps(recipe),
+    )
+
+
+def fit_config(recipe: SegmentationRecipe) -> FitConfig:
+    """The recipe's optimisation settings as the trainer's typed config."""
+    return FitConfig(
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        momentum=recipe.momentum if recipe.optimizer == "sgd" else None,
+        scheduler=recipe.scheduler,
+        warmup_steps=recipe.warmup_steps,
+        precision=recipe.precision,
+        grad_accum=recipe.grad_accum,
+        grad_clip=recipe.grad_clip,
+        num_workers=recipe.num_workers,
+        seed=recipe.seed,
+        max_steps=recipe.max_steps,
+    )
 
 
 def train(
@@ -422,15 +377,16 @@ def train(
     adapters injected, only they train); ``save_model`` replaces the checkpoint writer
     (LoRA runs write adapter files); ``lora`` is recorded in the run's config.json.
     """
-    from unetkit.training.tasks import SupervisedTask
     from unetkit.training.trainer import fit
 
     torch.manual_seed(recipe.seed)
     given = model
     probe_model = given if given is not None else build_model(recipe, in_channels=1)
     crop = input_crop(probe_model, recipe.crop)
-    valid_crop = _largest_valid_input(probe_model) if probe_model.is_valid_padding else None
-    train_ds, val_ds, in_channels = build_datasets(recipe, crop, valid_crop)
+    valid = probe_model.is_valid_padding
+    valid_crop = _largest_valid_input(probe_model) if valid else None
+    data = build_datasets(recipe, crop, valid_crop, margin=crop - recipe.crop)
+    train_ds, val_ds, in_channels = data.train, data.val, data.in_channels
     if given is not None:
         model = given
         task = regression_task(recipe) if recipe.task == "regression" else None
@@ -440,52 +396,32 @@ def train(
     else:
         model = build_model(recipe, in_channels) if in_channels != 1 else probe_model
     if recipe.task == "segmentation":
-        if recipe.target == "semantic" and recipe.num_classes < 2:
-            raise ConfigError("num_classes must be at least 2 (background + one class)")
-        task = SupervisedTask(
-            SegmentationLoss(recipe),
-            SegmentationMetrics(target_channels(recipe)),
-            monitor="val/fg_dice",
-            mode="max",
-        )
-    log.info(
-        "training %s (%s parameters) on %s",
-        recipe.model,
-        f"{sum(p.numel() for p in model.parameters()):,}",
-        recipe.data
-        or (
-            "built-in synthetic cells"
-            if recipe.task == "segmentation"
-            else f"built-in synthetic {recipe.synthetic_regression} scenes"
-        ),
-    )
-    fit_config = FitConfig(
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        optimizer=recipe.optimizer,
-        weight_decay=recipe.weight_decay,
-        momentum=recipe.momentum if recipe.optimizer == "sgd" else None,
-        scheduler=recipe.scheduler,
-        warmup_steps=recipe.warmup_steps,
-        precision=recipe.precision,
-        grad_accum=recipe.grad_accum,
-        grad_clip=recipe.grad_clip,
-        num_workers=recipe.num_workers,
-        seed=recipe.seed,
-    )
+        task = segmentation_task(recipe)
+    _describe(recipe, data, model)
+    run = RunDirectory(run_dir)
+    if resume and run.has_state():  # a resumed run continues the draws where it stopped
+        train_ds.set_epoch(len(run.read_metrics()))
     result = fit(
         model,
         task,
         train_ds,
         val_ds,
-        fit_config,
+        fit_config(recipe),
         run_dir=Path(run_dir),
         resume=resume,
         progress=progress,
         checkpoint_extra=checkpoint_extra(recipe),
-        run_config={**cfg.to_dict(recipe), **({"lora": lora} if lora else {})},
+        run_config={**record(recipe), **({"lora": lora} if lora else {})},
         save_model=save_model,
+        on_epoch_end=_EpochEnd(train_ds, task.monitor, task.mode, recipe.early_stopping),
+    )
+    log.info(
+        "ran %d optimiser steps in %d epochs; best %s %.4f (epoch %s)",
+        result.step,
+        result.epochs_run,
+        result.monitor,
+        result.best_metric if result.best_metric is not None else float("nan"),
+        result.best_epoch,
     )
     if recipe.task == "segmentation" and recipe.target == "boundary":
         from unetkit.training import distributed

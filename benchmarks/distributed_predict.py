@@ -1,0 +1,159 @@
+"""Block-wise predict of one huge OME-Zarr image: wall time and peak memory per worker.
+
+    python benchmarks/distributed_predict.py                    # 16384², blocks 1024²
+    python benchmarks/distributed_predict.py --size 4096        # the small run
+    python benchmarks/distributed_predict.py --size 2048 --markdown table.md
+
+The image is generated (synthetic touching cells, uint8, OME-Zarr chunked ``--chunk``²);
+the model is the 482 k-parameter U-Net of the ``demo`` recipe (channels 16-32-64-128,
+3-class boundary target, random weights: the work per pixel does not depend on them).
+Cases, each in a fresh process so that its peak memory is its own:
+
+* ``whole``   — ``workflows.segment.predict_image`` on the whole image in memory (sizes
+  up to ``--whole-max``; the reference the block-wise mask equals bit for bit);
+* ``blocks``  — the single-process block-wise path (``unetkit predict`` on a Zarr, no
+  ``--cluster``);
+* ``local:N`` — a ``distributed.LocalCluster`` with N worker processes, 1 thread each.
+
+Peak memory: the process's peak resident set (``ru_maxrss``); for Dask, each worker
+process's own peak, read on the worker after the run. Torch runs on one thread per
+worker (and per single-process case), so ``local:2`` vs ``local:1`` measures scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_inputs(root: Path, size: int, chunk: int) -> tuple[Path, Path]:
+    """The demo-sized U-Net checkpoint and a size² synthetic OME-Zarr (chunk by chunk)."""
+    import torch
+    import zarr
+    from ome_zarr.writer import write_multiscales_metadata
+
+    import unetkit
+    from unetkit.data.synthetic import synth_cells
+
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(16, 32, 64, 128), out_channels=3)
+    ckpt = unetkit.save(net, root / "demo.safetensors", extra={"target": "boundary"})
+    image = root / "huge.ome.zarr"
+    group = zarr.open_group(str(image), mode="w")
+    arr = group.create_array("0", shape=(size, size), chunks=(chunk, chunk), dtype="uint8")
+    cells = max(1, chunk * chunk // 1700)  # about 25 px cells, as in the tests
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            picture, _ = synth_cells((chunk, chunk), seed=(y, x), n_cells=(cells, cells + 10))
+            arr[y : y + chunk, x : x + chunk] = (picture * 255).astype(np.uint8)
+    datasets = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]}]
+    write_multiscales_metadata(group, datasets, axes="yx")
+    return ckpt, image
+
+
+def run_case(case: str, ckpt: str, image: str, out: str, block: int, precision: str) -> dict:
+    """One case in this process; returns wall time and peak memory (MiB)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from unetkit.workflows.blocks import BlockOptions
+    from unetkit.workflows.dask_cluster import dask_client
+    from unetkit.workflows.distributed import predict_blocks
+    from unetkit.workflows.segment import InferenceOptions
+
+    options = InferenceOptions(precision=precision)
+    if case == "whole":
+        from unetkit.data.io import to_float_image
+        from unetkit.formats.ome_zarr import open_ngff
+        from unetkit.inference.backends import load_inference_model
+        from unetkit.workflows.segment import predict_image
+
+        model, meta = load_inference_model(ckpt)
+        start = time.perf_counter()
+        pixels = open_ngff(image).window(slice(None), slice(None))
+        predict_image(model, to_float_image(pixels), meta, options)
+        return {"wall_s": time.perf_counter() - start, "peak_mib": [_peak_mib()]}
+    cluster = None if case == "blocks" else case
+    with dask_client(cluster, dashboard=None) as client:
+        start = time.perf_counter()
+        rows = predict_blocks(
+            ckpt, [image], out, options, BlockOptions(block_size=block), client=client
+        )
+        wall = time.perf_counter() - start
+        peaks = [_peak_mib()] if client is None else sorted(client.run(_peak_mib).values())
+    return {"wall_s": wall, "peak_mib": peaks, "objects": rows[0]["objects"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=16384, help="image edge (pixels)")
+    parser.add_argument("--chunk", type=int, default=1024, help="input Zarr chunk edge")
+    parser.add_argument("--block-size", type=int, default=1024, help="block edge per task")
+    parser.add_argument("--cases", default="whole,blocks,local:1,local:2")
+    parser.add_argument("--whole-max", type=int, default=8192, help="largest size for 'whole'")
+    parser.add_argument("--precision", default="auto", help="fp32 | bf16 | auto (default)")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # case ckpt image out block
+    args = parser.parse_args()
+    if args.one:
+        case, ckpt, image, out, block = args.one
+        print(json.dumps(run_case(case, ckpt, image, out, int(block), args.precision)))
+        return
+    root = Path(tempfile.mkdtemp(prefix="unetkit_dist_bench_"))
+    t = time.perf_counter()
+    ckpt, image = make_inputs(root, args.size, args.chunk)
+    print(f"generated {args.size}² OME-Zarr in {time.perf_counter() - t:.0f} s: {image}")
+    rows = []
+    for case in args.cases.split(","):
+        if case == "whole" and args.size > args.whole_max:
+            continue
+        out = root / f"out_{case.replace(':', '')}"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--precision",
+            args.precision,
+            "--one",
+            case,
+            str(ckpt),
+            str(image),
+            str(out),
+            str(args.block_size),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode:
+            sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"case": case, **result})
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r["wall_s"] for r in rows if r["case"] == "local:1"), None)
+    lines = [
+        f"| case ({args.size}², blocks {args.block_size}², {args.precision}) | wall s | "
+        "peak MiB per process | speed-up vs local:1 |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{base / r['wall_s']:.2f}x" if base and r["case"].startswith("local") else ""
+        peaks = " / ".join(f"{p:.0f}" for p in r["peak_mib"])
+        lines.append(f"| {r['case']} | {r['wall_s']:.1f} | {peaks} | {speed} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
