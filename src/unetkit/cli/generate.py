@@ -11,7 +11,8 @@ from unetkit.cli import flags as F
 from unetkit.cli.sd_common import add_sd_options, parse_lora, progress, read_rgb, sd_size
 from unetkit.data.io import write_image
 from unetkit.diffusion.samplers import SCHEDULER_NAMES
-from unetkit.formats.lora_files import load_adapter
+from unetkit.formats.loading import base_checkpoint, is_adapter_file
+from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.outputs import output_file, output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
@@ -155,8 +156,13 @@ def run(args: argparse.Namespace) -> int:
     for i, spec in enumerate(args.lora):
         file, scale = parse_lora(spec)
         load_adapter(pipe.model, file, adapter_name=f"lora{i}", scale=scale)
-    loras = ", ".join(f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)) or "none"
-    print(f"using base {args.run_dir}; LoRA {loras}; sampler {args.sampler or pipe.sampler}")
+    loras = [f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)]
+    file = base_checkpoint(args.run_dir)
+    if is_adapter_file(file):  # a LoRA run: its adapter sits on the base it names
+        loras.insert(0, f"{file.name}:1 (the run's own adapter)")
+        file = Path(read_adapter(file).info.get("base_model") or file)
+    used = ", ".join(loras) or "none"
+    print(f"using base {file}; LoRA {used}; sampler {args.sampler or pipe.sampler}")
     steps, guidance = args.steps or RUN_STEPS, _or(args.guidance, RUN_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
