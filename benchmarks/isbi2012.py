@@ -38,7 +38,8 @@ from scipy import ndimage
 
 from unetkit import config as cfg
 from unetkit.data.datasets import FolderSegmentationDataset
-from unetkit.segmentation.metrics import dice, pixel_error, rand_error
+from unetkit.segmentation.instances import rand_error
+from unetkit.segmentation.metrics import dice, pixel_error
 from unetkit.workflows import segment_train as R
 from unetkit.workflows.segment import InferenceOptions, load_for_inference, predict_image
 

@@ -32,7 +32,8 @@ from skimage.feature import peak_local_max
 from unetkit.data.datasets import FolderSegmentationDataset
 from unetkit.data.io import write_image
 from unetkit.data.synthetic import synth_cells
-from unetkit.segmentation.metrics import dice, instance_ap
+from unetkit.segmentation.instances import instance_ap
+from unetkit.segmentation.metrics import dice
 from unetkit.workflows.segment import InferenceOptions, load_for_inference, predict_image
 
 SHAPE = (256, 512)

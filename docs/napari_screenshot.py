@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import npe2
+from napari._qt.dialogs.qt_notification import NapariQtNotification
 from qtpy.QtWidgets import QApplication
 
 import napari
@@ -40,8 +40,6 @@ def train(root: Path) -> Path:
 
 
 def main() -> None:
-    # napari notifies that its PyQt5 support is deprecated: keep the toast off the picture
-    warnings.filterwarnings("ignore", message="napari support for the PyQt5")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, help="a trained run directory")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "img" / "napari.png")
@@ -66,6 +64,8 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.05)
     viewer.reset_view()
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # e.g. napari's PyQt5 deprecation notice: not part of the picture
     app.processEvents()
     write_image(args.out, viewer.screenshot(canvas_only=False, flash=False))
     print(f"wrote {args.out}")

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "check_layers.py"
 # Function-level imports of unetkit modules on the real tree may only go down: the goal is 10
 # (issue #13); lower this as their owners move them to module level, never raise it.
-LOCAL_IMPORT_CEILING = 61
+LOCAL_IMPORT_CEILING = 41
 
 
 def _tool():
@@ -61,6 +61,8 @@ def test_the_source_tree_keeps_the_storeys() -> None:
     upward, unknown = tool.upward(tree)
     assert upward == [] and unknown == []
     listed, _ = tool.local_imports(tree, limit=10)
+    # over the ceiling: import at module level (CLI command modules load only when their
+    # command runs), or give the import a "# why:" reason and raise the ceiling in review
     assert len(listed) <= LOCAL_IMPORT_CEILING, "\n".join(listed)
 
 

@@ -40,6 +40,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
         RunLockedError: another live process holds the lock (the message names its pid).
     """
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_NAME
     _acquire(lock)
@@ -48,6 +49,8 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         if _owner(lock) == (os.getpid(), socket.gethostname()):
             lock.unlink(missing_ok=True)
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed before writing anything leaves no folder
 
 
 def _acquire(lock: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -53,6 +54,7 @@ def package(run: Path) -> Path:
     argv = ["export", str(run / "run" / "checkpoints" / "best.safetensors")]
     argv += ["--bioimageio", str(target), "--authors", "Ada Lovelace", "Alan Turing"]
     argv += ["--license", "MIT", "--cite", *CITE, "--tags", "nuclei"]
+    argv += ["--test-image", str(sorted((run / "data" / "images").iterdir())[0])]
     assert main(argv) == 0
     return target
 
@@ -73,12 +75,16 @@ def test_export_passes_bioimageio_core_test(package: Path) -> None:
         rdf = yaml.safe_load(z.read("rdf.yaml"))
         names = set(z.namelist())
     assert {"weights.onnx", "weights.pt", "cover.png", "test_input.npy"} <= names
+    with zipfile.ZipFile(package) as z:  # --test-image: one of the run's 48×48 images
+        assert np.load(io.BytesIO(z.read("test_input.npy"))).shape == (1, 1, 48, 48)
     assert rdf["format_version"].startswith("0.5")
     assert [a["name"] for a in rdf["authors"]] == ["Ada Lovelace", "Alan Turing"]
     assert rdf["license"] == "MIT" and CITE[1] in [c.get("doi") for c in rdf["cite"]]
     assert "nuclei" in rdf["tags"]
     steps = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
-    assert "zero_mean_unit_variance" in steps  # the run's zscore normalisation
+    normalize = unetkit.read_metadata(package.parent.parent / "run/checkpoints/best.safetensors")
+    spec_step = {"zscore": "zero_mean_unit_variance", "percentile": "scale_range"}
+    assert spec_step[normalize["normalize"]] in steps  # the run's own normalisation
     assert [p["id"] for p in rdf["outputs"][0]["postprocessing"]][0] == "softmax"
     assert [a.get("id", a["type"]) for a in rdf["inputs"][0]["axes"]] == [
         "batch",
@@ -103,8 +109,6 @@ def _rewrite(package: Path, target: Path, replace: dict[str, bytes]) -> Path:
 
 
 def _perturbed_state_dict(package: Path) -> bytes:
-    import io
-
     with zipfile.ZipFile(package) as z:
         state = torch.load(io.BytesIO(z.read("weights.pt")), weights_only=True)
     key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
@@ -215,7 +219,8 @@ def test_valid_padding_multichannel_percentile_package(tmp_path: Path) -> None:
         "unet", channels=(4, 8), padding="valid", in_channels=2, out_channels=1
     )
     info = PackageInfo("valid two channel", "A tiny valid-padding model.", ("Ada",))
-    target = export_package(model, {"normalize": "percentile"}, tmp_path / "v.zip", info)
+    meta = {"normalize": "percentile", "normalize_percentiles": [2.0, 99.8]}
+    target = export_package(model, meta, tmp_path / "v.zip", info)
     summary = check_package(target)
     assert summary.status == "passed", [d for d in summary.details if d.status != "passed"]
     import yaml
@@ -228,7 +233,8 @@ def test_valid_padding_multichannel_percentile_package(tmp_path: Path) -> None:
     kwargs = next(
         p["kwargs"] for p in rdf["inputs"][0]["preprocessing"] if p["id"] == "scale_range"
     )
-    assert (kwargs["min_percentile"], kwargs["max_percentile"]) == (1.0, 99.0)
+    assert (kwargs["min_percentile"], kwargs["max_percentile"]) == (2.0, 99.8)
+    assert load_package(target)[1]["normalize_percentiles"] == [2.0, 99.8]
 
 
 @pytest.mark.slow
@@ -244,6 +250,7 @@ def test_3d_package(tmp_path: Path) -> None:
     [
         (["export", "{ckpt}", "--bioimageio", "{tmp}/x.zip"], "--authors"),
         (["predict", "{tmp}/plain.zip", "{tmp}", "--out", "{tmp}/o"], "no rdf.yaml"),
+        (["predict", "{tmp}/missing.zip", "{tmp}", "--out", "{tmp}/o"], "no such"),
         (["predict", "{tmp}/foreign.zip", "{tmp}", "--out", "{tmp}/o"], "not a unetkit model"),
     ],
 )

@@ -44,6 +44,7 @@ def test_reads_images_ome_zarr_wrote(tmp_path: Path, fmt) -> None:
     assert img.axis_names == ("c", "y", "x") and img.channels == 2
     assert img.shape == (100, 70) and img.scale(0) == (0.5, 0.25)
     assert len(img.arrays) >= 2 and img.scale(1) == (1.0, 0.5)
+    assert img.translation(0) == (0.0, 0.0) and img.translation(1) != (0.0, 0.0)
     win = img.window(slice(10, 40), slice(5, 69))
     np.testing.assert_array_equal(win, np.moveaxis(data[:, 10:40, 5:69], 0, -1))
     coarse = np.asarray(img.arrays[1])  # level 1 as ome-zarr-py downsampled it
@@ -70,6 +71,7 @@ def test_prediction_store_validates_as_ngff(tmp_path: Path) -> None:
         (300, 200),
         chunk=64,
         scale=(0.5, 0.25),
+        translation=(3.0, -1.5),
         units={"y": "micrometer", "x": "micrometer"},
         num_classes=3,
         probabilities=True,
@@ -92,6 +94,9 @@ def test_prediction_store_validates_as_ngff(tmp_path: Path) -> None:
     assert [a["name"] for a in axes] == ["y", "x"] and axes[0]["unit"] == "micrometer"
     scales = [t[0]["scale"] for t in image.metadata["coordinateTransformations"]]
     assert scales == [[0.5 * 2**i, 0.25 * 2**i] for i in range(n_levels)]
+    shifts = [t[1]["translation"] for t in image.metadata["coordinateTransformations"]]
+    assert shifts == [[3.0, -1.5]] * n_levels  # levels sample pixel 0 of level 0 onwards
+    assert ome_zarr.open_ngff(out).translation(2) == (3.0, -1.5)
     # the reader walks from the image to its labels (and from the labels to their image)
     label_nodes = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
     assert len(label_nodes) == 1 and "labels/instances" in str(label_nodes[0].zarr)

@@ -13,21 +13,23 @@ import torch
 from skimage.transform import resize
 
 from unetkit.errors import ConfigError, InputSizeError
-from unetkit.nn.vit import (
-    DropPath,
-    PatchEmbed,
+from unetkit.nn.swin import (
     PatchExpanding,
     PatchMerging,
-    PositionEmbedding,
-    SelfAttention,
-    ViTEncoder,
     WindowAttention,
     depth_to_space,
     relative_position_index,
-    resize_position_embedding,
     space_to_depth,
     window_partition,
     window_reverse,
+)
+from unetkit.nn.vit import (
+    DropPath,
+    PatchEmbed,
+    PositionEmbedding,
+    SelfAttention,
+    ViTEncoder,
+    resize_position_embedding,
 )
 
 

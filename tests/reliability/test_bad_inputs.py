@@ -241,6 +241,27 @@ def _(z, w):
     return ["train", "--config", _s(conf), "--out", _s(w / "run")], "epoks"
 
 
+@case("train-config-epochs-0")
+def _(z, w):
+    conf = w / "zero.toml"
+    conf.write_text("epochs = 0\n")
+    return ["train", "--config", _s(conf), "--out", _s(w / "run")], "zero.toml"
+
+
+@case("train-config-lr-nan")
+def _(z, w):
+    conf = w / "nan.toml"
+    conf.write_text("lr = nan\n")
+    return ["train", "--config", _s(conf), "--out", _s(w / "run")], "nan.toml"
+
+
+@case("train-config-crop-text")
+def _(z, w):
+    conf = w / "text.toml"
+    conf.write_text('crop = "big"\n')
+    return ["train", "--config", _s(conf), "--out", _s(w / "run")], "text.toml"
+
+
 @case("train-malformed-model-option")
 def _(z, w):
     return ["train", "--out", _s(w / "run"), "--model-option", "channels=(4,8"], "--model-option"

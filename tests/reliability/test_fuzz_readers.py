@@ -32,10 +32,13 @@ from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.registry import create_model
 from unetkit.workflows.segment_train import SegmentationRecipe
 
+# derandomize: the same 500 examples on every run, so CI never flakes on a new find; run
+# with derandomize=False to explore further (each bug found that way became a fix)
 FUZZ = settings(
     max_examples=500,
     deadline=None,
     database=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 

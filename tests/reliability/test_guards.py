@@ -136,3 +136,68 @@ def test_lora_verify_fails_on_partly_unmatched_adapters_after_reporting(zoo, tmp
     out, err = capsys.readouterr()
     assert "layers touched: 32" in out  # the report comes first
     assert err.startswith(f"unetkit lora-verify: error: {odd}: 1 of 33 adapter modules match")
+
+
+def test_a_model_too_large_for_memory_is_one_line_and_leaves_no_run_folder(
+    zoo, tmp_path, capsys
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(zoo.data), "--out", str(run), "--no-progress"]
+    assert main([*argv, "--model-option", "channels=(200000,400000)"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unetkit train: error: out of memory (asked for ")
+    assert err.count("\n") == 1
+    assert not run.exists()
+
+
+def test_verbose_shows_the_traceback_before_the_line(zoo, tmp_path, capsys) -> None:
+    missing = tmp_path / "none.safetensors"
+    assert main(["-v", "predict", str(missing), str(zoo.grey), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.splitlines()[-1].startswith(
+        f"unetkit predict: error: {missing}"
+    )
+
+
+def test_an_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys) -> None:
+    def broken(args):
+        raise TypeError("'<' not supported between\ninstances of 'str' and 'int'")
+
+    import unetkit.cli.main as cli
+
+    monkeypatch.setattr(cli, "build_parser", _with_run(cli.build_parser, "models", broken))
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "unetkit models: error: unexpected TypeError: '<' not supported between; instances of "
+        "'str' and 'int' (rerun with -v for the traceback)\n"
+    )
+
+
+def _with_run(build, command: str, run):
+    def patched():
+        parser = build()
+        for action in parser._subparsers._group_actions:
+            action.choices[command].set_defaults(run=run)
+        return parser
+
+    return patched
+
+
+def test_a_real_process_prints_exactly_one_line(zoo, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import unetkit
+
+    env = {**os.environ, "PYTHONPATH": str(Path(unetkit.__file__).parents[1])}
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1)
+    cmd = [sys.executable, "-m", "unetkit.cli.main", "predict", str(pickled), str(zoo.grey)]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        f"unetkit predict: error: {pickled}: a pickled .pt file"
+    )

@@ -10,18 +10,20 @@ import pytest
 import torch
 
 from unetkit.errors import ConfigError, DataError
-from unetkit.segmentation.metrics import (
+from unetkit.segmentation.instances import (
     DSB_THRESHOLDS,
-    MetricAccumulator,
     best_rand_error,
-    dice,
-    evaluate_segmentation,
     instance_ap,
     instance_ap_range,
-    iou,
     match_instances,
-    pixel_error,
     rand_error,
+)
+from unetkit.segmentation.metrics import (
+    MetricAccumulator,
+    dice,
+    evaluate_segmentation,
+    iou,
+    pixel_error,
 )
 
 

@@ -12,7 +12,7 @@ from skimage.measure import regionprops
 from skimage.segmentation import find_boundaries
 
 from unetkit.errors import ConfigError, DataError
-from unetkit.segmentation.metrics import match_instances
+from unetkit.segmentation.instances import match_instances
 from unetkit.segmentation.postprocess import (
     count_instances,
     instances_from_boundary,

@@ -320,3 +320,28 @@ def test_cli_local_cluster_of_worker_processes(setup: dict, tmp_path: Path, caps
     np.testing.assert_array_equal(group["probabilities/0"][:], ref.probabilities)
     np.testing.assert_array_equal(mask, ref.labels)
     assert instances.max() == ref.instances.max()
+
+
+def test_valid_padding_model_overlap_tile_grid(setup: dict, tmp_path: Path) -> None:
+    """A paper-style valid-padding U-Net: the overlap-tile grid, block by block, at an
+    OME-Zarr level (level 1 as ome-zarr-py downsampled it), equal to the whole image."""
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(4, 8), padding="valid", norm="none")
+    ckpt = unetkit.save(net, tmp_path / "valid.safetensors", extra={"target": "semantic"})
+    options = InferenceOptions(tile=64, precision="fp32")
+    predict_blocks(
+        ckpt,
+        [setup["zarr"]],
+        tmp_path,
+        options,
+        BlockOptions(block_size=96, level=1),
+        probabilities=True,
+    )
+    pixels = zarr.open_array(str(setup["zarr"] / "s1"), mode="r")[:]  # ome-zarr-py's level 1
+    model, meta = load_inference_model(ckpt)
+    ref = predict_image(model, to_float_image(pixels), meta, options)
+    mask, _, group = _read(tmp_path / "cells.zarr")
+    np.testing.assert_array_equal(group["probabilities/0"][:], ref.probabilities)
+    np.testing.assert_array_equal(mask, ref.labels)
+    scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    assert scale["scale"] == [1.0, 1.0]  # level 1 of a 0.5 µm image

@@ -14,7 +14,7 @@ from unetkit.cli.main import main
 from unetkit.data.io import write_image
 from unetkit.data.masks import decode_mask
 from unetkit.errors import DataError
-from unetkit.segmentation.metrics import rand_error
+from unetkit.segmentation.instances import rand_error
 from unetkit.workflows.segment import evaluate_dataset, load_for_inference
 
 

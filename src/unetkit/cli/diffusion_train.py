@@ -10,9 +10,12 @@ from pathlib import Path
 
 from unetkit import config as cfg
 from unetkit.cli import flags as F
+from unetkit.diffusion.samplers import SCHEDULER_NAMES
+from unetkit.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_folder
 from unetkit.runlock import check_same_run, run_lock
+from unetkit.runtime import PRECISIONS
 from unetkit.training import distributed
 from unetkit.workflows import diffuse_train as R
 
@@ -58,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="image folder with captions (default: built-in digits)")
     p.add_argument("--captions", help="captions CSV/JSONL (default: found in --data)")
     p.add_argument("--size", type=F.int_at_least(8), help="image size (default 32)")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 RGB")
+    p.add_argument("--channels", type=int, choices=R.IMAGE_CHANNELS, help="1 grey or 3 RGB")
     p.add_argument("--preset", help="diffusion-unet preset (digits, tiny, sd15)")
     p.add_argument("--text-encoder", help="minilm (default) or a transformers model directory")
     p.add_argument("--max-length", type=F.positive_int, help="caption tokens (default 16)")
@@ -66,9 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=F.positive_int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=F.positive_int)
     p.add_argument("--lr", type=F.positive_float)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
-    p.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "cosine"])
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES)
+    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES)
     p.add_argument("--cond-dropout", type=F.fraction, help="caption dropout for guidance (0.1)")
     p.add_argument(
         "--ema-decay",
@@ -84,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--exclude-digits", help="built-in digits: comma-separated classes to leave out")
     p.add_argument("--sample-every", type=F.positive_int, help="write a sample grid every N epochs")
-    p.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp-2m", "euler"])
+    p.add_argument("--sampler", choices=SCHEDULER_NAMES)
     p.add_argument("--grad-accum", type=F.positive_int)
     p.add_argument("--num-workers", type=F.nonnegative_int)
     p.add_argument("--seed", type=F.nonnegative_int)

@@ -23,11 +23,13 @@ from unetkit.workflows.segment_files import read_float_input
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX (dynamic batch/size) or a torch.export program",
+        help="export a checkpoint to ONNX (dynamic batch/size), a torch.export program or a "
+        "bioimage.io model package",
         description="Write CHECKPOINT as an ONNX graph with dynamic batch, height and width "
         "(checked against PyTorch with onnxruntime at two other sizes before it is written) "
         "and/or as a torch.export program (.pt2; dynamic batch, fixed size). The checkpoint's "
-        "config and normalisation travel in the file, so `unetkit predict FILE.onnx` works.",
+        "config and normalisation travel in the file, so `unetkit predict FILE.onnx` works. "
+        "--bioimageio writes a bioimage.io model zoo package (see its flags below).",
     )
     p.add_argument("checkpoint", help="a unetkit .safetensors checkpoint")
     p.add_argument("--onnx", metavar="FILE", help="write an ONNX model here")

@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     default = Path(args.image).with_name(Path(args.image).stem + "_inpainted.png")
     inputs = [args.run_dir, args.image, args.mask]
     path = output_file(args.output or default, flag="--output", inputs=inputs)
+    for given in (args.image, args.mask):  # before the model is loaded (seconds to minutes)
+        if not Path(given).is_file():
+            raise DataError(f"{given}: file not found")
     out, mask = (_run_sd if is_sd_source(args.run_dir) else _run_pixels)(args)
     write_image(path, to_uint8(out)[0])
     print(f"wrote {path} ({int(mask.sum())} pixels repainted)")

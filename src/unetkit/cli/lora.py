@@ -22,6 +22,7 @@ from unetkit.formats.lora_files import convert_adapter, load_adapter, read_adapt
 from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
 from unetkit.outputs import output_file, output_folder
 from unetkit.runlock import check_same_run, run_lock
+from unetkit.runtime import PRECISIONS
 from unetkit.workflows.adapt import LoRAOptions, train_lora
 
 FORMATS = ("unetkit", "diffusers", "kohya")
@@ -52,7 +53,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=F.positive_int)
     p.add_argument("--batch-size", type=F.positive_int)
     p.add_argument("--lr", type=F.positive_float, default=1e-3)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--seed", type=F.nonnegative_int)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(

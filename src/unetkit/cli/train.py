@@ -13,10 +13,15 @@ from typing import Any
 
 from unetkit._atomic import atomic_write_text
 from unetkit.cli import flags as F
+from unetkit.data.datasets import TARGETS
+from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_folder
+from unetkit.regression.losses import OUTPUTS as REGRESSION_OUTPUTS
 from unetkit.runlock import check_same_run, run_lock
+from unetkit.runtime import PRECISIONS
 from unetkit.training import distributed
+from unetkit.training.optim import OPTIMIZERS, SCHEDULERS
 from unetkit.workflows import segment_train as R
 
 # flags that set the recipe field of the same name
@@ -79,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output",
-        choices=["depth", "linear"],
+        choices=REGRESSION_OUTPUTS,
         help="regression output: depth (log-depth network, silog loss) | linear",
     )
     p.add_argument(
@@ -105,10 +110,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="3: volumes (multi-page TIFF, NIfTI) and a 3D model",
     )
     p.add_argument("--num-classes", type=F.positive_int, help="classes in the masks (default 2)")
-    p.add_argument("--mask-mode", choices=["auto", "index", "binary", "instances"])
+    p.add_argument("--mask-mode", choices=MASK_MODES)
     p.add_argument(
         "--target",
-        choices=["semantic", "separated", "boundary"],
+        choices=TARGETS,
         help="boundary (default) learns background/interior/boundary -> instances",
     )
     p.add_argument("--model", help="registered model name (see `unetkit models`)")
@@ -146,8 +151,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "image when there are fewer than 5 (default 0.2)",
     )
     p.add_argument("--lr", type=F.positive_float)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"])
-    p.add_argument("--scheduler", choices=["constant", "cosine", "warmup_cosine", "poly"])
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument(
         "--loss",
         choices=["ce", "dice", "dice_ce", "weighted_ce", "l1", "l2", "silog"],
@@ -171,7 +176,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-affine", action="store_true", help="disable zoom and rotation augmentation"
     )
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--grad-accum", type=F.positive_int)
     p.add_argument("--num-workers", type=F.nonnegative_int)
     p.add_argument("--seed", type=F.nonnegative_int)
@@ -182,7 +187,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="start the run in --out over (its checkpoints are replaced), e.g. with new data",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    # a --config value is checked by the parser of the flag of the same name (one rule each)
+    checks = {a.dest: a.type for a in p._actions if a.type is not None and a.dest in _VALUE_FLAGS}
+    p.set_defaults(run=run, config_checks=checks)
+
+
+def check_config_values(values: dict[str, Any], checks: dict[str, Any], path: Path) -> None:
+    """ConfigError naming the file and key for a --config value its flag would refuse."""
+    for key, value in values.items():
+        check = checks.get(key)
+        if check is None or value is None:
+            continue
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+            check(repr(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:  # plain int/float parsers
+            raise ConfigError(f"--config {path}: {key} = {value!r}: {e}") from None
 
 
 def parse_model_options(items: list[str]) -> dict[str, Any]:
@@ -217,6 +238,7 @@ def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
             raise ConfigError(f"--config {path}: invalid TOML ({e})") from None
         except OSError as e:
             raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+        check_config_values(values, getattr(args, "config_checks", {}), path)
     for name in _VALUE_FLAGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

@@ -7,9 +7,10 @@
   model's size planner (``min + n*step``); a valid-padding model's output refers to the
   input's size minus the context it loses;
 * pre-processing that repeats the checkpoint's training normalisation (``zscore`` ->
-  ``zero_mean_unit_variance``, ``percentile`` -> ``scale_range`` 1..99, per channel over
-  the spatial axes; ``none`` -> nothing) and post-processing for the head (``sigmoid`` for
-  one output channel, else ``softmax`` over channels): the weights output logits;
+  ``zero_mean_unit_variance``, ``percentile`` -> ``scale_range`` at the recorded
+  percentiles, 1..99 by default; per channel over the spatial axes; ``none`` -> nothing)
+  and post-processing for the head (``sigmoid`` for one output channel, else ``softmax``
+  over channels): the weights output logits;
 * ``onnx`` weights (``formats.onnx.export_onnx``, onnxruntime-checked) and
   ``pytorch_state_dict`` weights whose architecture is ``build_model`` below, an importable
   callable whose kwargs are the registry name and the model config;
@@ -42,7 +43,7 @@ from unetkit import config as cfg
 from unetkit import registry
 from unetkit._atomic import atomic_path
 from unetkit._version import __version__
-from unetkit.data.transforms import Normalize
+from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import ConfigError
 from unetkit.formats._bioimageio_spec import require_spec
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
@@ -140,17 +141,29 @@ def _axis_sizes(model: nn.Module) -> tuple[int, int, int]:
     return lo, step, model.output_size_for((lo,))[0] - lo
 
 
-def _preprocessing(v5: Any, normalize: str, dims: int) -> list[Any]:
+def normalizer(meta: dict[str, Any]) -> Normalize | None:
+    """The checkpoint's training normalisation (None for ``"none"``); percentiles as
+    recorded, (1, 99) for checkpoints that recorded none."""
+    mode = meta.get("normalize", "zscore")
+    if mode == "none":
+        return None
+    percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+    return Normalize(mode, percentiles=percentiles)
+
+
+def _preprocessing(v5: Any, meta: dict[str, Any], dims: int) -> list[Any]:
     axes = [v5.AxisId(a) for a in _SPATIAL[-dims:]]
-    if normalize == "zscore":
+    norm = normalizer(meta)
+    if norm is None:
+        return []
+    if norm.mode == "zscore":
         kw = v5.ZeroMeanUnitVarianceKwargs(axes=axes, eps=_EPS)
         return [v5.ZeroMeanUnitVarianceDescr(kwargs=kw)]
-    if normalize == "percentile":
-        kw = v5.ScaleRangeKwargs(axes=axes, min_percentile=1.0, max_percentile=99.0, eps=_EPS)
+    if norm.mode == "percentile":
+        low, high = norm.percentiles
+        kw = v5.ScaleRangeKwargs(axes=axes, min_percentile=low, max_percentile=high, eps=_EPS)
         return [v5.ScaleRangeDescr(kwargs=kw)]
-    if normalize == "none":
-        return []
-    raise ConfigError(f"normalize={normalize!r} in the checkpoint has no bioimage.io equivalent")
+    raise ConfigError(f"normalize={norm.mode!r} in the checkpoint has no bioimage.io equivalent")
 
 
 def _tensors(v5: Any, model: nn.Module, meta: dict[str, Any], files: dict[str, Path]) -> tuple:
@@ -193,7 +206,7 @@ def _tensors(v5: Any, model: nn.Module, meta: dict[str, Any], files: dict[str, P
         axes=in_axes,
         test_tensor=v5.FileDescr(source=files["test_input"]),
         data=v5.IntervalOrRatioDataDescr(type="float32"),
-        preprocessing=_preprocessing(v5, normalize, model.dims),
+        preprocessing=_preprocessing(v5, meta, model.dims),
     )
     outputs = v5.OutputTensorDescr(
         id=v5.TensorId(OUTPUT_ID),
@@ -206,10 +219,12 @@ def _tensors(v5: Any, model: nn.Module, meta: dict[str, Any], files: dict[str, P
     return inputs, outputs
 
 
-def expected_output(model: nn.Module, image: np.ndarray, normalize: str) -> np.ndarray:
+def expected_output(model: nn.Module, image: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """What a package's consumer must get for ``image`` (float C×S in [0, 1]): unetkit's
-    training normalisation, the model in float32, then its probabilities; 1×K×S'."""
-    x = image if normalize == "none" else Normalize(normalize)({"image": image})["image"]
+    training normalisation (``normalizer(meta)``), the model in float32, then its
+    probabilities; 1×K×S'."""
+    norm = normalizer(meta)
+    x = image if norm is None else norm({"image": image})["image"]
     with torch.inference_mode():
         logits = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None])
         return model.probabilities(logits).numpy().astype(np.float32)
@@ -254,7 +269,7 @@ def _write_files(
         "env": folder / "environment.yaml",
     }
     np.save(files["test_input"], test_image[None].astype(np.float32))
-    np.save(files["test_output"], expected_output(model, test_image, meta["normalize"]))
+    np.save(files["test_output"], expected_output(model, test_image, meta))
     extra = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
     export_onnx(model, files["onnx"], metadata=extra)
     # a plain dict of tensors: what torch.load(weights_only=True) in every consumer reads

@@ -25,6 +25,8 @@ from unetkit.formats.checkpoint import load_state_dict_strict
 
 def _rdf_name(path: Path) -> str:
     """The RDF file inside a package zip; CheckpointError if it is no bioimage.io package."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such bioimage.io package file")
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
@@ -36,18 +38,6 @@ def _rdf_name(path: Path) -> str:
             f"{path}: zip has no rdf.yaml or bioimageio.yaml; not a bioimage.io model package"
         )
     return found[0]
-
-
-def is_package(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zip with a bioimage.io RDF (``rdf.yaml``/``bioimageio.yaml``)."""
-    p = Path(path)
-    if p.suffix.lower() != ".zip" or not p.is_file():
-        return False
-    try:
-        _rdf_name(p)
-    except CheckpointError:
-        return False
-    return True
 
 
 def _member(z: zipfile.ZipFile, descr: Any, source: Path) -> bytes:
@@ -68,8 +58,8 @@ def load_package(
     path: str | os.PathLike, *, backend: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a bioimage.io package whose architecture is a unetkit model, and the
-    metadata predict needs (normalisation, target; from ``config.unetkit``, else from the
-    pre-processing).
+    metadata predict needs (target and the rest from ``config.unetkit``; the normalisation
+    from the RDF's pre-processing, which every other consumer runs).
 
     Args:
         path: the package ``.zip``.
@@ -102,7 +92,7 @@ def load_package(
             "(`bioimageio predict`) or the tool it came from"
         )
     extra = getattr(descr.config, "model_extra", None) or {}
-    meta = {"normalize": _normalize_of(descr), "target": "semantic", **extra.get("unetkit", {})}
+    meta = {"target": "semantic", **extra.get("unetkit", {}), **_normalization_of(descr)}
     meta.update(model=arch.kwargs["model"], config=arch.kwargs["config"])
     with zipfile.ZipFile(source) as z:
         if backend == "onnx":
@@ -120,11 +110,15 @@ def load_package(
     return model.eval(), meta
 
 
-def _normalize_of(descr: Any) -> str:
-    ids = [p.id for p in descr.inputs[0].preprocessing]
-    if "zero_mean_unit_variance" in ids:
-        return "zscore"
-    return "percentile" if "scale_range" in ids else "none"
+def _normalization_of(descr: Any) -> dict[str, Any]:
+    """The input normalisation the RDF describes (what every consumer runs), as metadata."""
+    for step in descr.inputs[0].preprocessing:
+        if step.id == "zero_mean_unit_variance":
+            return {"normalize": "zscore"}
+        if step.id == "scale_range":
+            low, high = step.kwargs.min_percentile, step.kwargs.max_percentile
+            return {"normalize": "percentile", "normalize_percentiles": [low, high]}
+    return {"normalize": "none"}
 
 
 def _first(e: BaseException) -> str:

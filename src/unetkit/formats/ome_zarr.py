@@ -53,12 +53,14 @@ class NGFFImage:
         axes: NGFF axis dicts (``name``, ``type``, ``unit``) in array order.
         arrays: one Zarr array per resolution level, finest first.
         scales: per level, the ``scale`` coordinate transformation (one value per axis).
+        translations: per level, the ``translation`` (zeros where there is none).
     """
 
     path: Path
     axes: list[dict[str, Any]]
     arrays: list[Any]
     scales: list[list[float]]
+    translations: list[list[float]] = dataclasses.field(default_factory=list)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -84,6 +86,14 @@ class NGFFImage:
         s = self.scales[self._level(level)]
         names = self.axis_names
         return float(s[names.index("y")]), float(s[names.index("x")])
+
+    def translation(self, level: int = 0) -> tuple[float, float]:
+        """Physical (Y, X) offset of a level's first pixel (0, 0 without a translation)."""
+        if not self.translations:
+            return 0.0, 0.0
+        t = self.translations[self._level(level)]
+        names = self.axis_names
+        return float(t[names.index("y")]), float(t[names.index("x")])
 
     def units(self) -> dict[str, str]:
         return {a["name"]: a["unit"] for a in self.axes if a.get("unit")}
@@ -154,15 +164,18 @@ def open_ngff(path: str | os.PathLike) -> NGFFImage:
     names = [a["name"] for a in axes]
     if "y" not in names or "x" not in names:
         raise DataError(f"{p}: NGFF axes {names} have no 'y' and 'x'")
-    arrays, scales = [], []
+    arrays, scales, translations = [], [], []
     for ds in ms["datasets"]:
         arrays.append(group[ds["path"]])
-        scale = [1.0] * len(axes)
+        scale, shift = [1.0] * len(axes), [0.0] * len(axes)
         for t in ds.get("coordinateTransformations", []):
             if t.get("type") == "scale":
                 scale = [float(v) for v in t["scale"]]
+            elif t.get("type") == "translation":
+                shift = [float(v) for v in t["translation"]]
         scales.append(scale)
-    return NGFFImage(p, axes, arrays, scales)
+        translations.append(shift)
+    return NGFFImage(p, axes, arrays, scales, translations)
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -177,20 +190,30 @@ def _axes(units: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def _multiscale(
-    name: str, axes: list[dict[str, Any]], scale: Sequence[float], levels: int, channel: bool
+    name: str,
+    axes: list[dict[str, Any]],
+    scale: Sequence[float],
+    translation: Sequence[float],
+    levels: int,
+    channel: bool,
 ) -> dict[str, Any]:
     if channel:
         axes = [{"name": "c", "type": "channel"}, *axes]
     datasets = []
     for level in range(levels):
         s = [float(v) * 2**level for v in scale]
+        transforms: list[dict[str, Any]] = [
+            {"type": "scale", "scale": ([1.0] if channel else []) + s}
+        ]
+        # levels keep every 2**level-th pixel of level 0 (no averaging): pixel i of a level
+        # is pixel i * 2**level of level 0, so every level has level 0's offset
+        if any(translation):
+            t = [float(v) for v in translation]
+            transforms.append(
+                {"type": "translation", "translation": ([0.0] if channel else []) + t}
+            )
         datasets.append(
-            {
-                "path": f"{_LEVEL_PREFIX}{level}",
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": ([1.0] if channel else []) + s}
-                ],
-            }
+            {"path": f"{_LEVEL_PREFIX}{level}", "coordinateTransformations": transforms}
         )
     return {"name": name, "axes": axes, "datasets": datasets}
 
@@ -210,6 +233,7 @@ def create_prediction(
     *,
     chunk: int,
     scale: Sequence[float] = (1.0, 1.0),
+    translation: Sequence[float] = (0.0, 0.0),
     units: dict[str, str] | None = None,
     num_classes: int = 2,
     probabilities: bool = False,
@@ -226,6 +250,7 @@ def create_prediction(
         shape: (Y, X) of level 0.
         chunk: chunk edge in pixels.
         scale: physical (Y, X) pixel size of level 0.
+        translation: physical (Y, X) offset of level 0's first pixel.
         units: e.g. ``{"y": "micrometer", "x": "micrometer"}``.
         num_classes: probability channels.
         probabilities: also create the probability pyramid.
@@ -262,7 +287,7 @@ def create_prediction(
                     dimension_names=names,
                 )
             )
-        ms = _multiscale(key, axes, scale, levels, channel=channels is not None)
+        ms = _multiscale(key, axes, scale, translation, levels, channel=channels is not None)
         attrs: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": [ms]}
         if key == "instances":
             attrs["image-label"] = {

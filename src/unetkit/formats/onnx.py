@@ -39,7 +39,7 @@ from unetkit._version import __version__
 from unetkit.config import check_choice
 from unetkit.errors import CheckpointError, ConfigError, InputSizeError
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
-from unetkit.nn import vit
+from unetkit.nn import swin
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def clear_shape_caches() -> None:
     tensors; cached there, they would be handed to later eager calls."""
 
     for fn in ("relative_position_index", "window_attention_mask"):
-        clear = getattr(getattr(vit, fn, None), "cache_clear", None)
+        clear = getattr(getattr(swin, fn, None), "cache_clear", None)
         if clear is not None:
             clear()
 

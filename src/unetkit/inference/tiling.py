@@ -275,12 +275,40 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class TilePass:
+    """How one engine call runs its tiles (the engines' keyword arguments, typed once).
+
+    Attributes:
+        batch_size: tiles per forward pass (>= 1; does not change the result).
+        pad_mode: context beyond the border: one of ``PAD_MODES``.
+        activation: None/"logits", "probabilities" or a callable, applied per tile.
+        tta: False, True/"flip" or "flip_rot90".
+        runner: the prepared model (``runtime.prepared``); None: the model as it is, fp32.
+        reduce: None, "argmax" or a callable (see the engines).
+        out: optional preallocated output tensor.
+    """
+
+    batch_size: int = 4
+    pad_mode: str = "reflect"
+    activation: Activation = "probabilities"
+    tta: bool | str = False
+    runner: Runner | None = None
+    reduce: Reduce | None = None
+    out: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        check_choice("pad_mode", self.pad_mode, PAD_MODES)
+
+
 def _stream(
     model: nn.Module,
     image: torch.Tensor,
     grid: TileGrid,
     window: tuple[Sequence[int], Sequence[int]],
-    opts: dict,
+    opts: TilePass,
     weight: torch.Tensor | None = None,
     accumulate: bool = False,
     band: BandAccumulator | None = None,
@@ -290,21 +318,19 @@ def _stream(
     weighted predictions to ``band`` (bounded-memory blending).
 
     ``window`` = (offset, size) of each input tile relative to the tile's output start;
-    ``opts`` holds the engine's batch_size, pad_mode, activation, tta, runner, reduce
-    and out arguments; without ``band``, a ``reduce`` applies to each written tile part.
+    ``opts`` says how tiles run; without ``band``, a ``reduce`` applies to each written
+    tile part.
     Without a runner the model runs as it is, in fp32 (``runtime.prepared(model, "fp32")``).
     """
-    if opts["batch_size"] < 1:
-        raise ConfigError(f"batch_size={opts['batch_size']} must be >= 1")
-    reduce = None if opts["reduce"] is None or band else resolve_reduce(opts["reduce"])
+    reduce = None if opts.reduce is None or band else resolve_reduce(opts.reduce)
     positions = iter(grid)
-    result = opts["out"] if reduce is not None else None
+    result = opts.out if reduce is not None else None
     with contextlib.ExitStack() as stack:
-        runner = opts["runner"] or stack.enter_context(prepared(model, "fp32"))
-        predict = tile_predictor(runner, opts["activation"], opts["tta"], len(grid.tile))
-        while chunk := list(itertools.islice(positions, opts["batch_size"])):
+        runner = opts.runner or stack.enter_context(prepared(model, "fp32"))
+        predict = tile_predictor(runner, opts.activation, opts.tta, len(grid.tile))
+        while chunk := list(itertools.islice(positions, opts.batch_size)):
             starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
-            tiles = [extract_tile(image, s, window[1], opts["pad_mode"]) for s in starts]
+            tiles = [extract_tile(image, s, window[1], opts.pad_mode) for s in starts]
             y = predict(torch.stack(tiles))  # N×K×*tile, float32, on the model's device
             if tuple(y.shape[2:]) != grid.tile:
                 raise InputSizeError(
@@ -324,7 +350,7 @@ def _stream(
                     result = write_reduced(result, reduce, part, dst, grid.image_size)
                     continue
                 if result is None:
-                    result = _output(opts["out"], (y.shape[1], *grid.image_size), accumulate)
+                    result = _output(opts.out, (y.shape[1], *grid.image_size), accumulate)
                 target = result[(slice(None), *dst)]
                 target.add_(part) if accumulate else target.copy_(part)
         if band is not None:
@@ -415,8 +441,7 @@ def overlap_tile(
     logger.debug(
         "overlap_tile: %d tiles, input %s -> output %s, step %s", len(grid), tile_in, tile_o, step
     )
-    opts = dict(batch_size=batch_size, pad_mode=pad_mode, activation=activation, tta=tta)
-    opts.update(runner=runner, reduce=reduce, out=out)
+    opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out)
     return _stream(model, image, grid, (before, tile_in), opts)
 
 
@@ -496,8 +521,7 @@ def sliding_window(
     grid = TileGrid.sliding(size, tile, overlap)
     profiles = _profiles(tile, blend, sigma_scale)
     logger.debug("sliding_window: %d windows of %s over %s", len(grid), tile, size)
-    opts = dict(batch_size=batch_size, pad_mode=pad_mode, activation=activation, tta=tta)
-    opts.update(runner=runner, reduce=reduce, out=out)
+    opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out)
     weight = importance_map(tile, blend, sigma_scale) if blend == "gaussian" else None
     window = ((0,) * dims, tile)
     if reduce is not None:

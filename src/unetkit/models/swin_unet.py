@@ -32,15 +32,13 @@ from unetkit.errors import ConfigError
 from unetkit.models.base import SegmentationModel
 from unetkit.nn.dims import check_dims, conv_nd
 from unetkit.nn.sampling import crop_to, pad_to_multiple
-from unetkit.nn.vit import (
-    PatchEmbed,
+from unetkit.nn.swin import (
     PatchExpanding,
     PatchMerging,
-    PreNormBlock,
     WindowAttention,
     init_transformer_weights,
-    to_channels_first,
 )
+from unetkit.nn.vit import PatchEmbed, PreNormBlock, to_channels_first
 from unetkit.registry import register_model
 
 

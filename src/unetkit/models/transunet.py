@@ -38,9 +38,10 @@ from unetkit.models.base import SegmentationModel
 from unetkit.models.resnet import Bottleneck
 from unetkit.nn.conv import ConvNormAct, DoubleConv
 from unetkit.nn.dims import INTERP_MODES, activation, check_dims, conv_nd, norm_nd, pool_nd
-from unetkit.nn.init import he_init
+from unetkit.nn.init import he_init, is_meta
 from unetkit.nn.sampling import crop_to, pad_to_multiple
-from unetkit.nn.vit import ViTEncoder, init_transformer_weights
+from unetkit.nn.swin import init_transformer_weights
+from unetkit.nn.vit import ViTEncoder
 from unetkit.registry import register_model
 
 STRIDE = 16  # the CNN stem's total down-sampling; the ViT sees a grid of S/16
@@ -57,9 +58,13 @@ class WeightStandardization(nn.Module):
 
 def standardize_conv_weights(module: nn.Module) -> None:
     """Register WeightStandardization on the weight of every conv in ``module`` (after init)."""
+    # on the meta device (parameter counts) skip the trial call: it holds no values
+    unsafe = is_meta(module)
     for m in list(module.modules()):
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            parametrize.register_parametrization(m, "weight", WeightStandardization())
+            parametrize.register_parametrization(
+                m, "weight", WeightStandardization(), unsafe=unsafe
+            )
 
 
 class ResNetV2Stem(nn.Module):

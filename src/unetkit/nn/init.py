@@ -22,6 +22,8 @@ def he_init(module: nn.Module) -> None:
     output neuron, which for a stride-2 kernel-2 transposed conv is in_channels, so that is
     used instead.
     """
+    if is_meta(module):
+        return
     for m in module.modules():
         if isinstance(m, _CONVS):
             if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -31,6 +33,14 @@ def he_init(module: nn.Module) -> None:
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def is_meta(module: nn.Module) -> bool:
+    """True for a module built on the meta device (``registry.model_info`` counts parameters
+    there): it holds no values to initialise, and random init on meta tensors would load
+    torch's compiler (seconds of start-up for ``unetkit models``)."""
+    first = next(iter(module.parameters()), None)
+    return first is not None and first.is_meta
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -38,7 +38,8 @@ from skimage.segmentation import relabel_sequential, watershed
 
 from unetkit._atomic import atomic_write_text
 from unetkit.errors import ConfigError, DataError
-from unetkit.segmentation.metrics import _as_numpy, _compact
+from unetkit.segmentation.labels import as_numpy as _as_numpy
+from unetkit.segmentation.labels import compact_labels as _compact
 
 __all__ = [
     "count_instances",

@@ -122,20 +122,29 @@ class Source:
     scale: tuple[float, float]
     units: dict[str, str]
     read: Any
+    translation: tuple[float, float] = (0.0, 0.0)
 
     def window(self, ys: slice, xs: slice) -> np.ndarray:
         return self.read(ys, xs)
 
 
-@functools.lru_cache(maxsize=8)
 def open_source(path: str | os.PathLike, level: int = 0) -> Source:
-    """Open an image for block reads (cached: each worker opens a file once).
+    """Open an image for block reads (cached: each worker opens a file once per version).
 
     Args:
         path: an OME-Zarr image group, a TIFF (read through tifffile's Zarr store, tile by
             tile) or another image file (read whole: it must be small).
         level: the OME-Zarr resolution level (0 = full resolution).
     """
+    p = Path(path)
+    meta = p / "zarr.json" if (p / "zarr.json").is_file() else p
+    stamp = meta.stat().st_mtime_ns if meta.exists() else 0
+    return _open_source(str(p), level, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_source(path: str, level: int, stamp: int) -> Source:
+    """:func:`open_source`, cached by ``stamp`` (the file's modification time)."""
     p = Path(path)
     if ome_zarr.is_zarr(p):
         img = ome_zarr.open_ngff(p)
@@ -145,6 +154,7 @@ def open_source(path: str | os.PathLike, level: int = 0) -> Source:
             img.scale(level),
             img.units(),
             functools.partial(img.window, level=level),
+            img.translation(level),
         )
     if level:
         raise ConfigError(f"{p}: --level {level} needs an OME-Zarr input with that level")
@@ -256,12 +266,14 @@ def tile_plan(
         edge = round(tiling.DEFAULT_TILE_VOXELS**0.5) // 16 * 16
         margin = model.margin()[0] if valid else 0
         tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
-    tile = tiling._expand(tile, 2, "tile")
+    tile = (int(tile),) * 2 if isinstance(tile, int | np.integer) else tuple(map(int, tile))
+    if len(tile) != 2 or min(tile) < 1:
+        raise ConfigError(f"tile={options.tile!r}: expected a positive int or two of them")
     if not valid:
         grid = tiling.TileGrid.sliding(shape, tile, options.overlap)
         profiles = tuple(tiling.gaussian_profile(t) for t in tile)
         return TilePlan(grid, ((0, 0), tile), tiling.importance_map(tile), profiles)
-    period = tiling._shift_period(model, 2)
+    period = tiling._shift_period(model, 2)  # the spacing of its valid input sizes
     want = [max(min(t, n), p) for t, n, p in zip(tile, shape, period, strict=True)]
     tile_in = model.input_size_for(want)
     tile_o = model.output_size_for(tile_in)

@@ -20,7 +20,7 @@ from unetkit.formats.checkpoint import read_metadata, save
 from unetkit.formats.loading import is_adapter_file, load_with_metadata, user_metadata
 from unetkit.formats.lora_files import read_adapter, write_adapter
 from unetkit.inference.tiling import predict_tiled
-from unetkit.segmentation.metrics import instance_ap
+from unetkit.segmentation.instances import instance_ap
 from unetkit.segmentation.postprocess import instances_from_boundary
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ from unetkit.training.trainer import fit
 from unetkit.workflows.diffuse import DiffusionPipeline, clips_x0_estimate
 
 log = logging.getLogger(__name__)
+IMAGE_CHANNELS = (1, 3)  # grey or RGB folder images
 
 DIGIT_PROMPTS = tuple(
     f"a handwritten digit {w}"
@@ -72,7 +73,7 @@ class DiffusionRecipe:
     data: str | None = None
     captions: str | None = None
     size: int = 32
-    channels: int = 1
+    channels: int = 1  # one of IMAGE_CHANNELS
     model: str = "diffusion-unet"
     preset: str | None = "digits"
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)

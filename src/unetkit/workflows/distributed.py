@@ -83,9 +83,16 @@ class _Job:
 
 
 # --- worker side -------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
 def _worker_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Loaded once per worker process (and checkpoint), then reused by every block.
+    """The checkpoint's model, loaded once per worker process and file version (a worker
+    of a long-lived cluster sees a checkpoint rewritten at the same path as new)."""
+    stat = os.stat(checkpoint)
+    return _load_model(checkpoint, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(checkpoint: str, mtime_ns: int, size: int) -> tuple[torch.nn.Module, dict]:
+    """Loaded once per worker process (and checkpoint version), reused by every block.
 
     A worker process runs torch on as many threads as Dask gave it (not on every core);
     threads of this process (``processes=False``) keep the process's setting. Reductions
@@ -290,6 +297,7 @@ def _prepare(
         source.shape,
         chunk=blocks.block_size,
         scale=source.scale,
+        translation=source.translation,
         units=source.units,
         num_classes=channels,
         probabilities=probabilities,

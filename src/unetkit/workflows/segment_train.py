@@ -188,6 +188,11 @@ def make_recipe(name: str | None = None, /, **overrides: Any) -> SegmentationRec
         values["steps_per_epoch"] = -(-int(samples) // int(values.get("batch_size", 8)))
     if values.get("task") == "regression" and values.get("loss", "dice_ce") == "dice_ce":
         values["loss"] = "silog" if values.get("output", "depth") == "depth" else "l1"
+    if not isinstance(values.get("model_options") or {}, dict):
+        raise ConfigError(
+            f"recipe: model_options must be a table of model config overrides (e.g. "
+            f"channels = [16, 32]), got {values['model_options']!r}"
+        )
     if values.get("model", "unet") == "unet" and values.get("preset") is None:
         options = dict(values.get("model_options") or {})
         options.setdefault("channels", DEFAULT_UNET_CHANNELS)
