@@ -244,7 +244,9 @@ class DiffusionPipeline:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=kwargs.get("steps", 50), desc="sample grid", leave=False)
+            steps = kwargs.get("steps", 50)
+            # mininterval 0: every step is drawn (a step takes far longer than drawing)
+            bar = tqdm(total=steps, desc="sample grid", leave=False, mininterval=0)
             kwargs["callback"] = lambda i, t, x: bar.update(1)
         try:
             images = self.generate([p for p in prompts for _ in range(per_prompt)], **kwargs)
