@@ -25,6 +25,12 @@ def test_best_threshold_separates_touching_cells() -> None:
     assert threshold == 0.7 and ap == 1.0
 
 
+def test_tied_thresholds_choose_the_strictest() -> None:
+    probs, truth = _touching_pair()
+    threshold, ap = best_seed_threshold([probs], [truth], thresholds=(0.5, 0.7, 0.8), min_size=1)
+    assert threshold == 0.8 and ap == 1.0  # 0.7 and 0.8 both separate the pair
+
+
 def test_calibration_is_stored_in_the_checkpoint(tmp_path: Path) -> None:
     net = unetkit.create_model("unet", channels=(4, 8), out_channels=3)
     path = unetkit.save(net, tmp_path / "b.safetensors", extra={"target": "boundary"})

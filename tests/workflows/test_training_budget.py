@@ -53,7 +53,7 @@ def test_one_image_trains_without_val_data_and_says_how(tmp_path, caplog) -> Non
         result = R.train(recipe, tmp_path / "run", progress=False)
     text = caplog.text
     assert "1 mask(s): instance labels; 3.0 objects/image" in text
-    assert "split spatially" in text and "20%" in text and "W axis" in text
+    assert "1 image split spatially: the last 20% of its W axis" in text
     assert "= 4 optimiser steps" in text and "ran 4 optimiser steps" in text
     assert result.step == 4
     config = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
@@ -68,7 +68,7 @@ def test_spatial_split_regions_do_not_overlap(tmp_path) -> None:
     for (i, train_region), (j, val_region) in zip(base.items, val.items, strict=True):
         assert i == j
         assert train_region[1].stop == val_region[1].start == 32  # 40 px: last 8 held out
-    assert "2 image(s) split spatially" in data.split
+    assert "2 images split spatially" in data.split
 
 
 def test_whole_images_are_held_out_from_larger_folders(tmp_path) -> None:

@@ -23,6 +23,7 @@ from unetkit.runtime import PRECISIONS
 from unetkit.training import distributed
 from unetkit.training.optim import OPTIMIZERS, SCHEDULERS
 from unetkit.workflows import segment_train as R
+from unetkit.workflows.report import heldout_report
 
 # flags that set the recipe field of the same name
 _VALUE_FLAGS = (
@@ -300,8 +301,6 @@ def run(args: argparse.Namespace) -> int:
         f"epochs; best {result.monitor} {result.best_metric:.4f} (epoch {result.best_epoch})"
     )
     if recipe.data is None:  # built-in data: score freshly generated, never-seen images
-        from unetkit.workflows.report import heldout_report
-
         summary = heldout_report(recipe, out)
         print("held-out synthetic images: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     extra = ", heldout.csv, samples/" if recipe.data is None else ""

@@ -24,7 +24,6 @@ crops and warps them together with the image.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -34,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset
 
 from unetkit.data.io import IMAGE_EXTENSIONS, list_images, read_image, to_float_image
+from unetkit.data.mask_summary import MaskSummary, MaskTally, components
 from unetkit.data.masks import check_mask_options, decode_mask, looks_like_instances
 from unetkit.data.synthetic import STYLES, synth_cells
 from unetkit.data.transforms import Transform
@@ -48,7 +47,6 @@ from unetkit.errors import ConfigError, DataError, did_you_mean
 __all__ = [
     "TARGETS",
     "FolderSegmentationDataset",
-    "MaskSummary",
     "SyntheticCellsDataset",
     "boundary_target",
     "split_indices",
@@ -113,55 +111,6 @@ def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarra
         n_val = min(max(n_val, 1), n - 1)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSummary:
-    """How a folder's masks were read: stated at the start of a training run.
-
-    Args:
-        files: number of masks.
-        instance_files: masks read as instance labels (the others as class masks).
-        classes: class values found in the class masks (background 0 included).
-        objects: objects per image (instances, or connected components of each class).
-        empty: masks with no foreground pixel.
-        shapes: spatial shape of each image.
-    """
-
-    files: int
-    instance_files: int
-    classes: tuple[int, ...]
-    objects: tuple[int, ...]
-    empty: int
-    shapes: tuple[tuple[int, ...], ...]
-
-    def describe(self) -> str:
-        """One line, e.g. ``1 mask: instance labels; 64 objects/image (64-64)``."""
-        if self.instance_files == self.files:
-            how = "instance labels"
-        elif self.instance_files == 0:
-            how = "class masks, classes " + ",".join(str(c) for c in self.classes)
-        else:
-            how = f"{self.instance_files} instance label files, the rest class masks"
-        counts = np.asarray(self.objects)
-        text = (
-            f"{self.files} mask(s): {how}; {counts.mean():.1f} objects/image "
-            f"(min {counts.min()}, max {counts.max()})"
-        )
-        return text + (f"; {self.empty} all-background" if self.empty else "")
-
-
-def _components(mask: np.ndarray) -> np.ndarray:
-    """Instance labels from a class mask: connected components of each foreground class."""
-    instances = np.zeros(mask.shape, np.int64)
-    offset = 0
-    for c in np.unique(mask):
-        if c <= 0:
-            continue
-        labels, count = ndimage.label(mask == c)
-        instances[labels > 0] = labels[labels > 0] + offset
-        offset += count
-    return instances
 
 
 class _SegmentationDataset(Dataset):
@@ -269,7 +218,7 @@ class _SegmentationDataset(Dataset):
             out["instances"] = instances.astype(np.int32)
         objects = instances
         if objects is None and (self.target != "semantic" or self.weight_map is not None):
-            objects = _components(classes)  # no instance file: separate by connectivity
+            objects = components(classes)  # no instance file: separate by connectivity
         if self.target == "semantic":
             mask = classes if classes is not None else (instances > 0).astype(np.int64)
         elif self.target == "separated":
@@ -394,26 +343,9 @@ class FolderSegmentationDataset(_SegmentationDataset):
         Returns:
             how the masks were read (:class:`MaskSummary`).
         """
-        loaded: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
-        validate_all(self, self.images_dir.parent, lambda r: loaded.append(r[1:]))
-        instance_files, classes, objects, empty = 0, set(), [], 0
-        for _, mask, instances in loaded:
-            if instances is not None:
-                instance_files += 1
-                objects.append(int(np.count_nonzero(np.unique(instances))))
-                empty += int(not instances.any())
-            else:
-                classes.update(int(c) for c in np.unique(mask))
-                objects.append(int(_components(mask).max(initial=0)))
-                empty += int(not mask.any())
-        return MaskSummary(
-            files=len(loaded),
-            instance_files=instance_files,
-            classes=tuple(sorted(classes)),
-            objects=tuple(objects),
-            empty=empty,
-            shapes=tuple(tuple(image.shape[1:]) for image, _, _ in loaded),
-        )
+        tally = MaskTally()
+        validate_all(self, self.images_dir.parent, lambda loaded: tally.add(*loaded[1:]))
+        return tally.summary()
 
 
 def validate_all(dataset: Any, root: Path, visit: Callable[[Any], None] | None = None) -> None:

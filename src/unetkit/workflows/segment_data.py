@@ -19,13 +19,18 @@ from unetkit import config as cfg
 from unetkit.data import transforms as T
 from unetkit.data.datasets import (
     FolderSegmentationDataset,
-    MaskSummary,
     SyntheticCellsDataset,
     fmt_size,
     split_indices,
 )
+from unetkit.data.mask_summary import MaskSummary
 from unetkit.data.sampling import RandomDraws, spatial_split
 from unetkit.errors import DataError
+from unetkit.regression import (
+    FolderRegressionDataset,
+    SyntheticDenoiseDataset,
+    SyntheticDepthDataset,
+)
 
 if TYPE_CHECKING:  # typing only: the recipe module imports this one
     from unetkit.workflows.segment_train import SegmentationRecipe
@@ -171,12 +176,16 @@ def _folder_data(
             shapes.append(
                 tuple(len(range(*sl.indices(s))) for sl, s in zip(tr, shape, strict=True))
             )
-        axis_name = _AXES.get(len(masks.shapes[0]), "")[axis] if n == 1 else "longest"
-        split = (
-            f"{n} image(s) split spatially: the last {recipe.val_fraction:.0%} of the "
-            f"{axis_name} axis of each is held out for validation (training region "
-            f"{fmt_size(shapes[0])}{' in the first image' if n > 1 else ''})"
-        )
+        if n == 1:
+            axis_name = _AXES.get(len(masks.shapes[0]), "")[axis]
+            share = f"{recipe.val_fraction:.0%}"
+            where = f"1 image split spatially: the last {share} of its {axis_name} axis"
+        else:
+            where = (
+                f"{n} images split spatially: the last {recipe.val_fraction:.0%} of each "
+                "image's longest axis"
+            )
+        split = f"{where} is held out for validation (training region {fmt_size(shapes[0])})"
         return data.select(train_items), data.select(val_items), split, masks, shapes
     tr_idx, va_idx = split_indices(n, recipe.val_fraction, recipe.seed)
     split = (
@@ -197,12 +206,6 @@ def _check_foreground(masks: MaskSummary, where: str) -> None:
 
 
 def _regression_datasets(recipe: SegmentationRecipe, crop: int | None) -> TrainingData:
-    from unetkit.regression import (
-        FolderRegressionDataset,
-        SyntheticDenoiseDataset,
-        SyntheticDepthDataset,
-    )
-
     train_tf, eval_tf = build_transforms(recipe, crop)
     if recipe.data is None:
         cfg.check_choice("synthetic_regression", recipe.synthetic_regression, ("depth", "denoise"))

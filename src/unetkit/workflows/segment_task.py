@@ -10,6 +10,7 @@ import torch
 
 from unetkit.errors import ConfigError
 from unetkit.nn.sampling import center_crop
+from unetkit.regression import RegressionMetrics, build_regression_loss
 from unetkit.segmentation.losses import build_loss
 from unetkit.segmentation.metrics import dice, pixel_error
 from unetkit.training.tasks import SupervisedTask
@@ -83,8 +84,6 @@ class SegmentationMetrics:
 
 def regression_task(recipe: SegmentationRecipe) -> Any:
     """Loss and metrics of a regression recipe (silog/L1/L2; AbsRel, RMSE, δ or PSNR)."""
-    from unetkit.regression import RegressionMetrics, build_regression_loss
-
     metrics = RegressionMetrics(recipe.output)
     loss = build_regression_loss(recipe.loss, output=recipe.output)
     return SupervisedTask(loss, metrics, monitor=metrics.monitor, mode=metrics.mode)

@@ -22,8 +22,11 @@ from unetkit import registry
 from unetkit.data import transforms as T
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError
+from unetkit.training import distributed
 from unetkit.training.fit_config import FitConfig
 from unetkit.training.logging import RunDirectory
+from unetkit.training.trainer import fit
+from unetkit.workflows.calibrate import calibrate_seed_threshold
 from unetkit.workflows.segment_data import TrainingData, build_datasets
 from unetkit.workflows.segment_task import regression_task, segmentation_task, target_channels
 
@@ -382,8 +385,6 @@ def train(
     adapters injected, only they train); ``save_model`` replaces the checkpoint writer
     (LoRA runs write adapter files); ``lora`` is recorded in the run's config.json.
     """
-    from unetkit.training.trainer import fit
-
     torch.manual_seed(recipe.seed)
     given = model
     probe_model = given if given is not None else build_model(recipe, in_channels=1)
@@ -428,10 +429,6 @@ def train(
         result.best_metric if result.best_metric is not None else float("nan"),
         result.best_epoch,
     )
-    if recipe.task == "segmentation" and recipe.target == "boundary":
-        from unetkit.training import distributed
-        from unetkit.workflows.calibrate import calibrate_seed_threshold
-
-        if distributed.is_main():
-            calibrate_seed_threshold(Path(run_dir) / "checkpoints" / "best.safetensors", val_ds)
+    if recipe.task == "segmentation" and recipe.target == "boundary" and distributed.is_main():
+        calibrate_seed_threshold(Path(run_dir) / "checkpoints" / "best.safetensors", val_ds)
     return result
