@@ -43,7 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "export": (
         "unetkit.cli.export",
-        "export a checkpoint to ONNX (dynamic batch/size) or a torch.export program",
+        "export a checkpoint to ONNX (dynamic batch/size), a torch.export program or a "
+        "bioimage.io model package",
     ),
     "lora-train": (
         "unetkit.cli.lora",
