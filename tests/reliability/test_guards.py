@@ -175,8 +175,8 @@ def test_an_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys) ->
 
 
 def _with_run(build, command: str, run):
-    def patched():
-        parser = build()
+    def patched(*args, **kwargs):
+        parser = build(*args, **kwargs)
         for action in parser._subparsers._group_actions:
             action.choices[command].set_defaults(run=run)
         return parser

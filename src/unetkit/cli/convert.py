@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unetkit.formats.unet_files import FORMATS
+from unetkit.formats.unet_files import FORMATS, detect_unet_format, read_unet, write_unet
 from unetkit.outputs import output_file, output_folder
 
 
@@ -34,8 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetkit.formats.unet_files import detect_unet_format, read_unet, write_unet
-
     src, dest = Path(args.source), Path(args.dest)
     guard = output_folder if args.dst_format == "diffusers" else output_file
     guard(dest, flag="DEST", inputs=[src, args.config])

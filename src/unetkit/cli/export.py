@@ -12,8 +12,10 @@ from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
 from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
 from unetkit.formats.bioimageio_load import check_package
-from unetkit.formats.loading import load_with_metadata
-from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS
+from unetkit.formats.checkpoint import load, read_metadata
+from unetkit.formats.loading import load_with_metadata, user_metadata
+from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS, export_onnx, read_onnx_metadata
+from unetkit.formats.torch_export import export_torch
 from unetkit.nn.lora_inject import lora_layers, merge_and_unload
 from unetkit.outputs import output_file
 from unetkit.workflows.segment import check_inference_metadata, overlay, predict_image
@@ -126,9 +128,6 @@ def run(args: argparse.Namespace) -> int:
         run_bioimageio(args)
         if not args.onnx and not args.torch_export:
             return 0
-    from unetkit.formats.checkpoint import load, read_metadata
-    from unetkit.formats.loading import user_metadata
-
     meta = read_metadata(args.checkpoint)  # CheckpointError (one line) for other files
     check_inference_metadata(meta, source=args.checkpoint)  # e.g. a diffusion U-Net
     model = load(args.checkpoint)
@@ -137,8 +136,6 @@ def run(args: argparse.Namespace) -> int:
     if args.size:
         size = tuple(args.size) * model.dims if len(args.size) == 1 else tuple(args.size)
     if args.onnx:
-        from unetkit.formats.onnx import export_onnx, read_onnx_metadata
-
         export_onnx(
             model,
             args.onnx,
@@ -152,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
         shape = "dynamic" if info["dynamic_spatial"] else "×".join(map(str, info["size"]))
         print(f"wrote {args.onnx} (opset {info['opset']}, batch dynamic, size {shape})")
     if args.torch_export:
-        from unetkit.formats.torch_export import export_torch
-
         path = export_torch(model, args.torch_export, size=size, metadata=extra)
         print(f"wrote {path} (torch.export, batch dynamic)")
     return 0

@@ -9,10 +9,14 @@ from pathlib import Path
 
 from unetkit.cli import flags as F
 from unetkit.cli.sd_common import add_sd_options, parse_lora, progress, read_rgb, sd_size
+from unetkit.data.io import write_image
 from unetkit.diffusion.samplers import SCHEDULER_NAMES
+from unetkit.formats.loading import base_checkpoint, is_adapter_file
+from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.outputs import output_file, output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.diffuse import DiffusionPipeline, save_grid, to_uint8
+from unetkit.workflows.sd_pipeline import StableDiffusion, is_sd_source
 
 SD_STEPS, SD_GUIDANCE, RUN_STEPS, RUN_GUIDANCE = 25, 7.5, 50, 3.0
 
@@ -71,14 +75,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _or(value: float | None, default: float) -> float:
+    """A flag's value, or the source kind's default when it was not given (0 is a value)."""
+    return default if value is None else value
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "sample"
 
 
 def open_sd(args: argparse.Namespace):
     """The Stable Diffusion pipeline of ``args.run_dir`` with its LoRA files loaded."""
-    from unetkit.workflows.sd_pipeline import StableDiffusion
-
     sd = StableDiffusion.from_pretrained(
         args.run_dir, tokenizer=args.tokenizer, sampler=args.sampler, precision=args.precision
     )
@@ -91,7 +98,7 @@ def open_sd(args: argparse.Namespace):
 def _run_sd(args: argparse.Namespace) -> int:
     sd = open_sd(args)
     n = args.n if args.n != 16 else 1  # 16 is the digits default; one SD image unless asked
-    steps, guidance = args.steps or SD_STEPS, args.guidance or SD_GUIDANCE
+    steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
         if args.image:
@@ -116,8 +123,6 @@ def _run_sd(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, images, what: str) -> None:
-    from unetkit.data.io import write_image
-
     grid = _grid(args)
     save_grid(images, grid)
     print(f"wrote {grid} ({what})")
@@ -134,8 +139,6 @@ def _grid(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetkit.workflows.sd_pipeline import is_sd_source
-
     # check both outputs before sampling: nothing is written (not even the grid in the
     # working folder) when one of them is refused
     inputs = [args.run_dir, args.image, *(parse_lora(s)[0] for s in args.lora)]
@@ -151,13 +154,16 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     for i, spec in enumerate(args.lora):
-        from unetkit.formats.lora_files import load_adapter
-
         file, scale = parse_lora(spec)
         load_adapter(pipe.model, file, adapter_name=f"lora{i}", scale=scale)
-    loras = ", ".join(f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)) or "none"
-    print(f"using base {args.run_dir}; LoRA {loras}; sampler {args.sampler or pipe.sampler}")
-    steps, guidance = args.steps or RUN_STEPS, args.guidance or RUN_GUIDANCE
+    loras = [f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)]
+    file = base_checkpoint(args.run_dir)
+    if is_adapter_file(file):  # a LoRA run: its adapter sits on the base it names
+        loras.insert(0, f"{file.name}:1 (the run's own adapter)")
+        file = Path(read_adapter(file).info.get("base_model") or file)
+    used = ", ".join(loras) or "none"
+    print(f"using base {file}; LoRA {used}; sampler {args.sampler or pipe.sampler}")
+    steps, guidance = args.steps or RUN_STEPS, _or(args.guidance, RUN_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
         images = pipe.generate(

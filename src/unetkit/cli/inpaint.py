@@ -12,12 +12,16 @@ from unetkit.cli.generate import (
     RUN_STEPS,
     SD_GUIDANCE,
     SD_STEPS,
+    _or,
     add_sampling_options,
     open_sd,
 )
 from unetkit.cli.sd_common import progress, read_rgb, sd_size
+from unetkit.data.io import write_image
 from unetkit.errors import DataError
 from unetkit.outputs import output_file
+from unetkit.workflows.diffuse import DiffusionPipeline, to_uint8
+from unetkit.workflows.sd_pipeline import is_sd_source
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +71,7 @@ def _run_sd(args: argparse.Namespace) -> tuple:
     sd = open_sd(args)
     image, _ = read_rgb(args.image, None)
     image, mask = _load_pair(args, sd_size(*image.shape[-2:], sd.codec.scale), grey=False)
-    steps, guidance = args.steps or SD_STEPS, args.guidance or SD_GUIDANCE
+    steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "inpainting", args.no_progress)
     try:
         out = sd.inpaint(
@@ -80,8 +84,6 @@ def _run_sd(args: argparse.Namespace) -> tuple:
 
 
 def _run_pixels(args: argparse.Namespace) -> tuple:
-    from unetkit.workflows.diffuse import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_checkpoint(
         args.run_dir,
         text_encoder=args.text_encoder,
@@ -96,7 +98,7 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
         mask,
         args.prompt,
         steps=args.steps or RUN_STEPS,
-        guidance=args.guidance or RUN_GUIDANCE,
+        guidance=_or(args.guidance, RUN_GUIDANCE),
         resample=args.resample,
         seed=args.seed,
     )
@@ -104,10 +106,6 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unetkit.data.io import write_image
-    from unetkit.workflows.diffuse import to_uint8
-    from unetkit.workflows.sd_pipeline import is_sd_source
-
     default = Path(args.image).with_name(Path(args.image).stem + "_inpainted.png")
     inputs = [args.run_dir, args.image, args.mask]
     path = output_file(args.output or default, flag="--output", inputs=inputs)

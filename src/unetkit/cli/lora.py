@@ -11,6 +11,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from unetkit.cli import flags as F
 from unetkit.errors import CheckpointError, ConfigError, NonFiniteError
 from unetkit.finite import check_finite_tensors
@@ -193,8 +195,6 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    import torch
-
     model = load(base_checkpoint(args.base)).eval()
     config = model.config
     gen = torch.Generator().manual_seed(0)

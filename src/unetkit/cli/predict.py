@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tqdm import tqdm
+
 from unetkit.cli import flags as F
 from unetkit.data.io import parse_channels
+from unetkit.formats.ome_zarr import is_zarr
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
+from unetkit.workflows.blocks import BlockOptions
+from unetkit.workflows.dask_cluster import dask_client
+from unetkit.workflows.distributed import predict_blocks
 from unetkit.workflows.segment import InferenceOptions
 from unetkit.workflows.segment_files import predict_files
 from unetkit.workflows.segment_outputs import LABEL_FORMATS, OBJECT_TYPES, OutputOptions
@@ -157,8 +163,6 @@ def outputs_from_args(args: argparse.Namespace) -> OutputOptions:
 
 def add_block_flags(p: argparse.ArgumentParser) -> None:
     """Block-wise prediction of huge images / many images (OME-Zarr out, Dask optional)."""
-    from unetkit.workflows.blocks import BlockOptions
-
     g = p.add_argument_group(
         "huge images and many images",
         "with --cluster, --block-size, --level or an OME-Zarr input: block-wise prediction, "
@@ -195,20 +199,12 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _block_wise(args: argparse.Namespace) -> bool:
-    from unetkit.formats.ome_zarr import is_zarr
-
     chosen = args.cluster or args.block_size or args.level
     return bool(chosen) or any(is_zarr(i) for i in args.inputs)
 
 
 def run_blocks(args: argparse.Namespace) -> int:
     """Block-wise predict; prints the Dask dashboard address and a progress bar."""
-    from tqdm import tqdm
-
-    from unetkit.workflows.blocks import BlockOptions
-    from unetkit.workflows.dask_cluster import dask_client
-    from unetkit.workflows.distributed import predict_blocks
-
     blocks = BlockOptions(
         block_size=args.block_size or BlockOptions.block_size,
         label_halo=args.label_halo,

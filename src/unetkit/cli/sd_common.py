@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unetkit.data.io import read_image
 from unetkit.errors import ConfigError, DataError, NonFiniteError
 
 
@@ -74,8 +75,6 @@ def read_rgb(
     ``size`` (H, W) if given (bicubic; masks nearest). Returns the tensor and a note on the
     resize ('' if none)."""
     from PIL import Image
-
-    from unetkit.data.io import read_image
 
     arr = np.asarray(read_image(path))
     if arr.ndim not in (2, 3):

@@ -43,10 +43,13 @@ from unetkit import config as cfg
 from unetkit import registry
 from unetkit._atomic import atomic_path
 from unetkit._version import __version__
+from unetkit.data.io import write_image
+from unetkit.data.synthetic import synth_cells
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import ConfigError
 from unetkit.formats._bioimageio_spec import require_spec
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
+from unetkit.formats.onnx import DEFAULT_OPSET, export_onnx
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 INPUT_ID, OUTPUT_ID = "input", "probabilities"
@@ -110,8 +113,6 @@ class PackageInfo:
 def default_test_image(model: nn.Module) -> np.ndarray:
     """A float C×(D×)H×W test image in [0, 1]: synthetic cells, one copy per channel
     (a 3-D model gets the cells slightly shifted per slice)."""
-    from unetkit.data.synthetic import synth_cells
-
     edge = _TEST_EDGE[model.dims]
     size = _planned_size(model, (edge,) * model.dims)
     image, _ = synth_cells(size[-2:], seed=0, n_cells=(4, 8))
@@ -256,9 +257,6 @@ def _write_files(
     test_image: np.ndarray,
     cover: np.ndarray | None,
 ) -> dict[str, Path]:
-    from unetkit.data.io import write_image
-    from unetkit.formats.onnx import export_onnx
-
     files = {
         "test_input": folder / "test_input.npy",
         "test_output": folder / "test_output.npy",
@@ -338,11 +336,6 @@ def export_package(
     with tempfile.TemporaryDirectory(prefix="unetkit-bioimageio-") as tmp:
         files = _write_files(Path(tmp), model, meta, info, image, cover)
         inputs, outputs = _tensors(v5, model, meta, files)
-        arch = v5.ArchitectureFromLibraryDescr(
-            import_from=__name__,
-            callable=v5.Identifier("build_model"),
-            kwargs={"model": name, "config": cfg.to_dict(model.config)},
-        )
         authors = [v5.Author(name=a.strip()) for a in info.authors]
         training = DatasetDescr(
             name=f"{info.name} training data",
@@ -363,23 +356,34 @@ def export_package(
             inputs=[inputs],
             outputs=[outputs],
             training_data=training,
-            weights=v5.WeightsDescr(
-                pytorch_state_dict=v5.PytorchStateDictWeightsDescr(
-                    source=files["state_dict"],
-                    architecture=arch,
-                    pytorch_version=v5.Version(torch.__version__.split("+")[0]),
-                    dependencies=v5.FileDescr(source=files["env"]),
-                ),
-                onnx=v5.OnnxWeightsDescr(
-                    source=files["onnx"], opset_version=17, parent="pytorch_state_dict"
-                ),
-            ),
+            weights=_weights(v5, model, files),
             config=v5.Config(unetkit={**_jsonable(meta), "unetkit_version": __version__}),
         )
         packed = spec.save_bioimageio_package(descr, output_path=Path(tmp) / "package.zip")
         with atomic_path(path) as target:
             shutil.copyfile(packed, target)
     return Path(path)
+
+
+def _weights(v5: Any, model: nn.Module, files: dict[str, Path]) -> Any:
+    """State dict (architecture: ``build_model`` with the registry name and config) and the
+    ONNX graph exported from it."""
+    arch = v5.ArchitectureFromLibraryDescr(
+        import_from=ARCHITECTURE_MODULE,
+        callable=v5.Identifier("build_model"),
+        kwargs={"model": registry.name_of(model), "config": cfg.to_dict(model.config)},
+    )
+    return v5.WeightsDescr(
+        pytorch_state_dict=v5.PytorchStateDictWeightsDescr(
+            source=files["state_dict"],
+            architecture=arch,
+            pytorch_version=v5.Version(torch.__version__.split("+")[0]),
+            dependencies=v5.FileDescr(source=files["env"]),
+        ),
+        onnx=v5.OnnxWeightsDescr(
+            source=files["onnx"], opset_version=DEFAULT_OPSET, parent="pytorch_state_dict"
+        ),
+    )
 
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:

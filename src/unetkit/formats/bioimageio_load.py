@@ -21,6 +21,7 @@ from unetkit.errors import CheckpointError, ConfigError
 from unetkit.formats._bioimageio_spec import require_spec
 from unetkit.formats.bioimageio import ARCHITECTURE_MODULE, RDF_NAMES, build_model
 from unetkit.formats.checkpoint import load_state_dict_strict
+from unetkit.formats.onnx import OnnxModel
 
 
 def _rdf_name(path: Path) -> str:
@@ -96,8 +97,6 @@ def load_package(
     meta.update(model=arch.kwargs["model"], config=arch.kwargs["config"])
     with zipfile.ZipFile(source) as z:
         if backend == "onnx":
-            from unetkit.formats.onnx import OnnxModel
-
             if descr.weights.onnx is None:
                 raise CheckpointError(f"{source}: package has no onnx weights; use --backend torch")
             model = OnnxModel(_member(z, descr.weights.onnx, source), source_name=str(source))

@@ -159,11 +159,11 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     return model.to(map_location).eval()
 
 
-def load_state_dict_strict(
-    model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str
+def check_state_dict(
+    own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *, source: str
 ) -> None:
-    """Load ``tensors`` into ``model``; a key or shape mismatch raises CheckpointError."""
-    own = model.state_dict()
+    """Raise CheckpointError listing missing/unexpected keys and shape mismatches of
+    ``tensors`` (meta tensors will do) against a model's state dict ``own``."""
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     shapes = [
@@ -178,6 +178,13 @@ def load_state_dict_strict(
                 more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
                 parts.append(f"{title} keys: {', '.join(items[:10])}{more}")
         raise CheckpointError(f"{source}: weights do not match the model; " + "; ".join(parts))
+
+
+def load_state_dict_strict(
+    model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str
+) -> None:
+    """Load ``tensors`` into ``model``; a key or shape mismatch raises CheckpointError."""
+    check_state_dict(model.state_dict(), tensors, source=source)
     model.load_state_dict(tensors, strict=True)
 
 

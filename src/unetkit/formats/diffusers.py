@@ -21,7 +21,7 @@ import torch
 
 from unetkit._atomic import atomic_path, atomic_write_text
 from unetkit.errors import CheckpointError, ConfigError, UnetkitError
-from unetkit.formats.checkpoint import load_state_dict_strict, unwrap
+from unetkit.formats.checkpoint import check_state_dict, unwrap
 from unetkit.models.diffusion_unet import DiffusionUNet, DiffusionUNetConfig
 
 log = logging.getLogger(__name__)
@@ -195,31 +195,41 @@ def _unet_dir(path: Path) -> Path:
     return path
 
 
-def _read_weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
     stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-    elif single.is_file():
-        files = [single]
-    else:
-        pickles = sorted(p.name for p in folder.glob("*.bin"))
-        hint = (
-            f"only pickled weights ({', '.join(pickles)}) were found; unetkit never unpickles "
-            f"files. Convert them once with diffusers: UNet2DConditionModel.from_pretrained(dir)"
-            f".save_pretrained(dir, safe_serialization=True)"
-            if pickles
-            else "no weights file found"
-        )
-        raise CheckpointError(f"{folder}: expected {single.name}; {hint}")
+        return sorted({folder / f for f in weight_map.values()})
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    hint = (
+        f"only pickled weights ({', '.join(pickles)}) were found; unetkit never unpickles "
+        f"files. Convert them once with diffusers: UNet2DConditionModel.from_pretrained(dir)"
+        f".save_pretrained(dir, safe_serialization=True)"
+        if pickles
+        else "no weights file found"
+    )
+    raise CheckpointError(f"{folder}: expected {single.name}; {hint}")
+
+
+def _load_weights(config: DiffusionUNetConfig, files: list[Path], source: str) -> DiffusionUNet:
+    """The model with the files' tensors assigned, not copied: safetensors maps the file, so
+    peak memory is one copy of the weights (as in diffusers), not the model plus the file
+    (6.9 GB instead of 3.4 GB for an SD U-Net in float32). Keys and shapes are checked
+    first; a mismatch lists them."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             tensors.update(safetensors.torch.load_file(str(f)))
         except (safetensors.SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable .safetensors file ({e})") from None
-    return tensors
+    with torch.device("meta"):  # no allocation: every tensor is assigned below
+        model = DiffusionUNet(config)
+    check_state_dict(model.state_dict(), tensors, source=source)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model
 
 
 def build_empty(config: DiffusionUNetConfig) -> DiffusionUNet:
@@ -253,8 +263,7 @@ def load_diffusers_unet(
         config = config_from_diffusers(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, UnetkitError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from None
-    model = build_empty(config)
-    load_state_dict_strict(model, _read_weights(folder, variant), source=str(folder))
+    model = _load_weights(config, _weight_files(folder, variant), str(folder))
     return model.to(dtype).eval()
 
 

@@ -229,14 +229,20 @@ def load_adapter(
     for component, (module, part) in targets.items():
         if component == "unet" and not part.tensors and adapter.others:
             continue  # a text-encoder-only file
-        done = load_lora_state_dict(
-            module,
-            part.tensors,
-            alphas=part.alphas,
-            adapter_name=adapter_name,
-            strict=strict,
-            source=source if component == "unet" else f"{source} [{component}]",
-        )
+        try:
+            done = load_lora_state_dict(
+                module,
+                part.tensors,
+                alphas=part.alphas,
+                adapter_name=adapter_name,
+                strict=strict,
+                source=source if component == "unet" else f"{source} [{component}]",
+            )
+        except CheckpointError as e:
+            base = adapter.info.get("base_model")  # e.g. Kohya's ss_base_model_version
+            raise CheckpointError(
+                f"{e} (the file names its base: {base})" if base else str(e)
+            ) from None
         for name in done:
             module.get_submodule(name).set_scale(scale, adapter_name)
         if component == "unet":

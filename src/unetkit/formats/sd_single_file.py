@@ -22,6 +22,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from unetkit import config as cfg
 from unetkit._atomic import atomic_path
 from unetkit.errors import CheckpointError
 from unetkit.formats import ldm
@@ -239,6 +240,4 @@ _CLIP_KEYS = (
 
 
 def _unet_meta(unet: torch.nn.Module) -> dict[str, str]:
-    from unetkit import config as cfg
-
     return {"unetkit_config": cfg.to_json(unet.config)}

@@ -32,6 +32,7 @@ from unetkit._atomic import atomic_write_text
 from unetkit.errors import CheckpointError, ConfigError
 from unetkit.formats import checkpoint, diffusers, ldm
 from unetkit.models.diffusion_unet import DiffusionUNet, DiffusionUNetConfig
+from unetkit.registry import build_config
 
 FORMATS = ("diffusers", "ldm", "unetkit")
 SIDECAR_NAME = "unetkit.json"
@@ -135,8 +136,6 @@ def infer_ldm_config(
 
 def _config_arg(spec: str | None) -> DiffusionUNetConfig | None:
     """``--config``: a diffusers config.json or a diffusion-unet preset name (None: detect)."""
-    from unetkit.registry import build_config
-
     if not spec:
         return None
     if Path(spec).is_file():

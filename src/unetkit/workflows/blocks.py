@@ -28,6 +28,7 @@ from unetkit import runtime
 from unetkit.data.io import read_image, to_float_image
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
+from unetkit.inference import grid as tile_grid
 from unetkit.inference import tiling
 from unetkit.workflows.segment import InferenceOptions
 
@@ -243,7 +244,7 @@ class TilePlan:
     of each input tile relative to its output start; ``weight`` the Gaussian importance
     map (sliding window) or None (overlap-tile: each pixel written by one tile)."""
 
-    grid: tiling.TileGrid
+    grid: tile_grid.TileGrid
     window: tuple[tuple[int, ...], tuple[int, ...]]
     weight: torch.Tensor | None
     profiles: tuple[torch.Tensor, ...]
@@ -270,16 +271,16 @@ def tile_plan(
     if len(tile) != 2 or min(tile) < 1:
         raise ConfigError(f"tile={options.tile!r}: expected a positive int or two of them")
     if not valid:
-        grid = tiling.TileGrid.sliding(shape, tile, options.overlap)
-        profiles = tuple(tiling.gaussian_profile(t) for t in tile)
-        return TilePlan(grid, ((0, 0), tile), tiling.importance_map(tile), profiles)
+        grid = tile_grid.TileGrid.sliding(shape, tile, options.overlap)
+        profiles = tuple(tile_grid.gaussian_profile(t) for t in tile)
+        return TilePlan(grid, ((0, 0), tile), tile_grid.importance_map(tile), profiles)
     period = tiling._shift_period(model, 2)  # the spacing of its valid input sizes
     want = [max(min(t, n), p) for t, n, p in zip(tile, shape, period, strict=True)]
     tile_in = model.input_size_for(want)
     tile_o = model.output_size_for(tile_in)
     before = tuple((i - o) // 2 for i, o in zip(tile_in, tile_o, strict=True))
     step = [o // p * p for o, p in zip(tile_o, period, strict=True)]
-    grid = tiling.TileGrid.stepped(shape, tile_o, step)
+    grid = tile_grid.TileGrid.stepped(shape, tile_o, step)
     return TilePlan(grid, (before, tuple(tile_in)), None, ())
 
 
@@ -330,14 +331,14 @@ def region_probabilities(
     ``predict_tiled`` over the whole (normalised) image with the same tile options.
 
     Reads only the pixels the touching tiles need (mirrored at the image's edges, as
-    ``tiling.extract_tile`` does), normalises them with the whole image's ``stats``.
+    ``tile_grid.extract_tile`` does), normalises them with the whole image's ``stats``.
     """
     tiles = _touching(plan, region)
     size = plan.grid.image_size
     (offset, extent) = plan.window
     reads = [
         [
-            tiling.mirror_index(
+            tile_grid.mirror_index(
                 torch.arange(s[a] - offset[a], s[a] - offset[a] + extent[a]), size[a]
             )
             for a in (0, 1)

@@ -21,10 +21,14 @@ import torch
 
 from unetkit import runtime
 from unetkit.data.io import write_image
+from unetkit.diffusion.inpainting import InpaintingGuide
 from unetkit.diffusion.samplers import build_scheduler
+from unetkit.diffusion.sampling import generate
+from unetkit.diffusion.schedules import NoiseSchedule
 from unetkit.errors import CheckpointError
 from unetkit.formats.checkpoint import read_metadata
 from unetkit.formats.loading import base_checkpoint, load_model_or_adapter
+from unetkit.text import CaptionEmbeddingCache, load_text_encoder
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -103,9 +107,6 @@ class DiffusionPipeline:
         cls, path: str | os.PathLike, *, text_encoder: str | None = None, **options: Any
     ) -> DiffusionPipeline:
         """Load a run directory (its best checkpoint) or a checkpoint file."""
-        from unetkit.diffusion.schedules import NoiseSchedule
-        from unetkit.text import CaptionEmbeddingCache, load_text_encoder
-
         model, described = load_model_or_adapter(base_checkpoint(path))
         file = described
         meta = read_metadata(described).get("diffusion")
@@ -148,7 +149,6 @@ class DiffusionPipeline:
         return build_scheduler(name, self.schedule)
 
     def _run(self, prompts: list[str], **kwargs: Any) -> torch.Tensor:
-        from unetkit.diffusion.sampling import generate
 
         device = runtime.model_device(self.model)
         context, null = self.encode(prompts)
@@ -206,7 +206,6 @@ class DiffusionPipeline:
         known-region replacement (with RePaint resampling if ``resample > 1``).
         ``callback(i, t, x)`` runs after each step (progress, cancelling). Returns (n, C, H, W).
         """
-        from unetkit.diffusion.inpainting import InpaintingGuide
 
         in_ch = getattr(getattr(self.model, "config", None), "in_channels", self.channels)
         mode = "concat" if in_ch == 2 * self.channels + 1 else "replace"
@@ -245,7 +244,9 @@ class DiffusionPipeline:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=kwargs.get("steps", 50), desc="sample grid", leave=False)
+            steps = kwargs.get("steps", 50)
+            # mininterval 0: every step is drawn (a step takes far longer than drawing)
+            bar = tqdm(total=steps, desc="sample grid", leave=False, mininterval=0)
             kwargs["callback"] = lambda i, t, x: bar.update(1)
         try:
             images = self.generate([p for p in prompts for _ in range(per_prompt)], **kwargs)

@@ -32,7 +32,9 @@ from unetkit.diffusion.latent import (
 from unetkit.diffusion.samplers import build_scheduler
 from unetkit.diffusion.schedules import NoiseSchedule
 from unetkit.errors import ConfigError, DataError
+from unetkit.formats.lora_files import load_adapter
 from unetkit.formats.sd_files import SDFiles, load_pipeline_dir, sampler_from_config
+from unetkit.formats.sd_single_file import is_single_file, load_single_file
 from unetkit.runtime import DEFAULT_PRECISION, prepared
 
 
@@ -42,8 +44,6 @@ def is_sd_source(path: str | os.PathLike) -> bool:
     if path.is_dir():
         return (path / "model_index.json").is_file() or (path / "vae").is_dir()
     if path.suffix == ".safetensors" and path.is_file():
-        from unetkit.formats.sd_single_file import is_single_file
-
         return is_single_file(path)
     return False
 
@@ -82,15 +82,11 @@ class StableDiffusion:
         path = Path(path)
         if path.is_dir():
             return cls(load_pipeline_dir(path), **options)
-        from unetkit.formats.sd_single_file import load_single_file
-
         return cls(load_single_file(path, tokenizer=tokenizer), **options)
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> list[str]:
         """Stack a LoRA file (any layout) with runtime ``scale``; text-encoder parts go into
         the CLIP text encoder. Returns the U-Net layers adapted."""
-        from unetkit.formats.lora_files import load_adapter
-
         name = f"lora{len(self.adapters)}"
         done = load_adapter(
             self.unet,
