@@ -42,6 +42,22 @@ def test_segment_equals_the_predict_engine(run):
     np.testing.assert_array_equal(seg.segment(rgb, precision="fp32").instances, res.instances)
 
 
+def test_segment_reports_tile_progress_and_stops_when_it_raises(run):
+    root, image, _ = run
+    seg = Segmenter(root / "base")
+    calls = []
+    seg.segment(image, tile=16, precision="fp32", progress=lambda d, t: calls.append((d, t)))
+    total = calls[-1][1]
+    assert total > 1 and calls[-1][0] == total
+    assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # increasing
+
+    def stop(done: int, total: int) -> None:
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        seg.segment(image, tile=16, precision="fp32", progress=stop)
+
+
 def test_bad_images_are_one_clear_error(run):
     root, _, _ = run
     seg = Segmenter(root / "base")

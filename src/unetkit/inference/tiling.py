@@ -142,6 +142,8 @@ class TilePass:
         runner: the prepared model (``runtime.prepared``); None: the model as it is, fp32.
         reduce: None, "argmax" or a callable (see the engines).
         out: optional preallocated output tensor.
+        progress: called as ``progress(tiles_done, tiles_total)`` after every batch of
+            tiles (a front-end's progress bar; raising from it stops the pass).
     """
 
     batch_size: int = 4
@@ -151,6 +153,7 @@ class TilePass:
     runner: Runner | None = None
     reduce: Reduce | None = None
     out: torch.Tensor | None = None
+    progress: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -183,6 +186,7 @@ def _stream(
     with contextlib.ExitStack() as stack:
         runner = opts.runner or stack.enter_context(prepared(model, "fp32"))
         predict = tile_predictor(runner, opts.activation, opts.tta, len(grid.tile))
+        done = 0
         while chunk := list(itertools.islice(positions, opts.batch_size)):
             starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
             tiles = [extract_tile(image, s, window[1], opts.pad_mode) for s in starts]
@@ -208,6 +212,9 @@ def _stream(
                     result = _output(opts.out, (y.shape[1], *grid.image_size), accumulate)
                 target = result[(slice(None), *dst)]
                 target.add_(part) if accumulate else target.copy_(part)
+            done += len(chunk)
+            if opts.progress is not None:
+                opts.progress(done, len(grid))
         if band is not None:
             result = band.finish()  # inside inference mode: the band is an inference tensor
     return result
@@ -238,6 +245,7 @@ def overlap_tile(
     runner: Runner | None = None,
     reduce: Reduce | None = None,
     out: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Overlap-tile prediction with a valid-padding model (Ronneberger et al. 2015, Fig. 2).
 
@@ -296,7 +304,7 @@ def overlap_tile(
     logger.debug(
         "overlap_tile: %d tiles, input %s -> output %s, step %s", len(grid), tile_in, tile_o, step
     )
-    opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out)
+    opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out, progress)
     return _stream(model, image, grid, (before, tile_in), opts)
 
 
@@ -324,6 +332,7 @@ def sliding_window(
     runner: Runner | None = None,
     reduce: Reduce | None = None,
     out: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Sliding-window prediction with a same-padding model, blended (nnU-Net style).
 
@@ -376,7 +385,7 @@ def sliding_window(
     grid = TileGrid.sliding(size, tile, overlap)
     profiles = axis_profiles(tile, blend, sigma_scale)
     logger.debug("sliding_window: %d windows of %s over %s", len(grid), tile, size)
-    opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out)
+    opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out, progress)
     weight = importance_map(tile, blend, sigma_scale) if blend == "gaussian" else None
     window = ((0,) * dims, tile)
     if reduce is not None:
@@ -404,6 +413,7 @@ def predict_tiled(
     activation: Activation = "probabilities",
     runner: Runner | None = None,
     reduce: Reduce | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Predict a whole image of any size: overlap-tile for valid-padding models, Gaussian
     sliding window otherwise.
@@ -426,6 +436,7 @@ def predict_tiled(
             bf16 (AVX512-BF16/AMX); None runs ``model`` as it is, in fp32 (exact).
         reduce: None, "argmax" (uint8 label map ``*S``) or a callable on ``K×*R``
             probabilities: store only that, in bounded memory (see ``sliding_window``).
+        progress: ``progress(tiles_done, tiles_total)`` after every batch of tiles.
 
     Returns:
         ``out_channels×*S`` float32 tensor on CPU, or the ``reduce``-d result.
@@ -462,7 +473,7 @@ def predict_tiled(
             raise ConfigError(f"tile {tile}: give one size or {dims} (one per axis)")
         tile = tuple(min(int(t), n) for t, n in zip(per_axis, size, strict=True))
     common = dict(batch_size=batch_size, activation=activation, tta=tta)
-    common.update(runner=runner, reduce=reduce)
+    common.update(runner=runner, reduce=reduce, progress=progress)
     if valid:
         return overlap_tile(model, image, tile_out=tile, **common)
     return sliding_window(model, image, tile=tile, overlap=overlap, **common)

@@ -107,14 +107,11 @@ class Segmenter:
         precision: str = "auto",
         progress: ProgressFn | None = None,
     ) -> SegmentResult:
-        """Segment one 2-D image; ``progress(done, total)`` is called per step taken."""
+        """Segment one 2-D image; ``progress(tiles_done, tiles_total)`` is called as tiles
+        finish (an exception raised by it, e.g. a cancelled job's, stops the work)."""
         x = as_channels_first(image, self.in_channels)
         options = InferenceOptions(tile=tile, tta=tta, precision=precision)
-        if progress:
-            progress(0, 1)
-        pred = predict_image(self.model, x, self.meta, options)
-        if progress:
-            progress(1, 1)
+        pred = predict_image(self.model, x, self.meta, options, progress=progress)
         table = object_table(pred.instances, x)
         return SegmentResult(
             pred.instances, pred.labels, pred.probabilities, table, overlay(x, pred.instances)

@@ -168,17 +168,20 @@ def predict_image(
     options: InferenceOptions = InferenceOptions(),
     *,
     scale: float = 1.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Prediction:
     """Segment one float image C×H×W (scaled as read, e.g. by ``to_float_image``).
 
     ``scale`` (see :func:`scale_factor`): the image is zoomed by it before prediction
-    and the results are mapped back to its own grid (labels by nearest neighbour)."""
+    and the results are mapped back to its own grid (labels by nearest neighbour).
+    ``progress(tiles_done, tiles_total)`` is called as tiles finish (raising stops)."""
     if abs(scale - 1.0) > 0.01:
         shape = image.shape[1:]
         zoomed = tuple(max(1, round(n * scale)) for n in shape)
         small = scale < 1
         image = resize(image, (image.shape[0], *zoomed), order=1, anti_aliasing=small)
-        return _rescaled(predict_image(model, image.astype(np.float32), meta, options), shape)
+        pred = predict_image(model, image.astype(np.float32), meta, options, progress=progress)
+        return _rescaled(pred, shape)
     x = normalize_input(image, meta)
     with runtime.prepared(model, options.precision) as runner:
         probs = predict_tiled(
@@ -189,6 +192,7 @@ def predict_image(
             tta=options.tta,
             batch_size=options.batch_size,
             runner=runner,
+            progress=progress,
         ).numpy()
     target = meta.get("target", "semantic")
     if target == "boundary":
