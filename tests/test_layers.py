@@ -28,7 +28,7 @@ def _tool():
 
 def _run(root: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(TOOL), "--root", str(root), "--quiet", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:

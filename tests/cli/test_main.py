@@ -44,7 +44,7 @@ def test_help_imports_no_command_module_and_no_torch() -> None:
         "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('unetkit.cli.')]\n"
         "print('LOADED', sorted(loaded))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "LOADED ['unetkit.cli.main']" in out.stdout
     for name in cli.COMMANDS:
@@ -61,7 +61,7 @@ def test_a_command_loads_only_its_module() -> None:
 
 def test_import_unetkit_is_lazy_and_the_api_loads_on_use() -> None:
     code = "import sys, unetkit\nassert 'torch' not in sys.modules\nprint(unetkit.create_model)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "function create_model" in out.stdout
     import unetkit

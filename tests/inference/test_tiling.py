@@ -337,7 +337,7 @@ def test_large_image_memory_stays_bounded() -> None:
         print((after - before) / 1024, *out.shape, float((out - ref).abs().max()))
     """)
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     rise, *shape, error = (float(v) for v in result.stdout.split())
     assert shape == [4, 2048, 2048]
@@ -418,7 +418,7 @@ def test_banded_argmax_memory_stays_below_the_float_output() -> None:
         print((after - before) / 1024, int((out != ref).sum()))
     """)
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     rise, wrong = (float(v) for v in result.stdout.split())
     assert wrong == 0

@@ -179,12 +179,11 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 90
+        # no deadline of our own: how long start-up takes depends on the machine; a hang is
+        # stopped by pytest's per-test timeout
         while not state.exists():
             if proc.poll() is not None:
                 pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint within 90 s")
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)  # right after a commit: likely mid-way through last/best
         proc.wait(timeout=30)
