@@ -26,10 +26,10 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "modern",
         data=str(root / "data"),
         model_options={"channels": (4, 8)},
-        epochs=1,
+        epochs=2,  # enough steps that the model finds separate cells (not one blob)
         batch_size=2,
         crop=32,
-        samples_per_epoch=8,
+        samples_per_epoch=32,
     )
     R.train(recipe, root / "seg", progress=False)
     model = unetkit.create_model(

@@ -10,6 +10,7 @@ from pathlib import Path
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_folder
+from unetkit.web.models import ModelList
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"serve: needs the web extra ({e.name} is missing); pip install 'unetkit[web]'"
         ) from None
-    from unetkit.web.models import ModelList  # why: start-up time of every other command
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected 1..65535")
