@@ -14,6 +14,7 @@ from typing import Any
 from unetkit._atomic import atomic_write_text
 from unetkit.cli import flags as F
 from unetkit.data.datasets import TARGETS
+from unetkit.data.io import parse_channels
 from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_folder
@@ -29,6 +30,8 @@ from unetkit.workflows.report import heldout_report
 _VALUE_FLAGS = (
     "data",
     "val_data",
+    "channels",
+    "pixel_size",
     "num_classes",
     "mask_mode",
     "target",
@@ -104,6 +107,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "regression); default: built-in synthetic data",
     )
     p.add_argument("--val-data", help="separate validation folder")
+    p.add_argument(
+        "--channels",
+        type=parse_channels,
+        help="image channels to train on, in order, e.g. 1,0 (cytoplasm, nucleus); "
+        "predict then reads inputs the same way; default: all channels",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=F.positive_float,
+        help="µm per pixel of the training images (default: what the files state); "
+        "recorded so `predict --pixel-size` can rescale other magnifications",
+    )
     p.add_argument(
         "--spatial-dims",
         type=int,
@@ -262,6 +277,7 @@ def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
 RUN_IDENTITY = (
     "data",
     "val_data",
+    "channels",
     "task",
     "model",
     "preset",

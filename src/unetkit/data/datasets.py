@@ -35,7 +35,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from unetkit.data.io import IMAGE_EXTENSIONS, list_images, read_image, to_float_image
+from unetkit.data.io import (
+    IMAGE_EXTENSIONS,
+    list_images,
+    load_image,
+    read_image,
+    to_float_image,
+)
 from unetkit.data.mask_summary import MaskSummary, MaskTally, components
 from unetkit.data.masks import check_mask_options, decode_mask, looks_like_instances
 from unetkit.data.synthetic import STYLES, synth_cells
@@ -265,6 +271,8 @@ class FolderSegmentationDataset(_SegmentationDataset):
         spatial_dims: 2 for images, 3 for volumes (multi-page ``.tif``/``.tiff`` or NIfTI
             ``.nii``/``.nii.gz``, read with :func:`unetkit.data.volumes.read_volume`).
         seed: seed of the augmentation stream.
+        channels: image channels to use, in this order (``--channels 1,0``), read
+            axis-aware by :func:`unetkit.data.io.load_image`; None keeps all.
 
     Example:
         >>> ds = FolderSegmentationDataset("data/cells", mask_mode="instances")  # doctest: +SKIP
@@ -283,9 +291,11 @@ class FolderSegmentationDataset(_SegmentationDataset):
         weight_map: Mapping[str, Any] | None = None,
         spatial_dims: int = 2,
         seed: int = 0,
+        channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__(target=target, transform=transform, weight_map=weight_map, seed=seed)
         check_mask_options(num_classes, mask_mode)
+        self.channels = tuple(channels) if channels is not None else None
         if spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims={spatial_dims}: use 2 (images) or 3 (volumes)")
         if isinstance(root, (str, os.PathLike)):
@@ -315,7 +325,11 @@ class FolderSegmentationDataset(_SegmentationDataset):
             raw_image, raw = read_volume(image_path)[0], read_volume(mask_path)[0]
         else:
             raw_image, raw = read_image(image_path, palette_to_rgb=True), read_image(mask_path)
-        image = to_float_image(raw_image, path=image_path, spatial_dims=self.spatial_dims)
+        if self.channels is not None and self.spatial_dims == 2:
+            # axis-aware, as predict reads it (OME/ImageJ channel axes, --channels order)
+            image = load_image(image_path, channels=self.channels).image
+        else:
+            image = to_float_image(raw_image, path=image_path, spatial_dims=self.spatial_dims)
         mode = self.mask_mode
         if mode == "auto" and looks_like_instances(raw, self.num_classes):
             mode = "instances"

@@ -156,6 +156,7 @@ def _folder_data(
         num_classes=recipe.num_classes,
         mask_mode=recipe.mask_mode,
         seed=recipe.seed,
+        channels=recipe.channels,
         **common,
     )
     data = FolderSegmentationDataset(recipe.data, **options)

@@ -194,7 +194,8 @@ def _predict_one(
 
     ``prefix``: the output folder joined with the image's unique output name."""
     volumes = getattr(model, "dims", 2) == 3
-    loaded = read_input(path, volumes=volumes, channels=options.channels)
+    channels = options.channels if options.channels is not None else trained_channels(meta)
+    loaded = read_input(path, volumes=volumes, channels=channels)
     _check_channels(path, loaded.image, model)
     pixel_size = loaded.pixel_size
     if options.pixel_size is not None:  # the user's size wins; a file's z spacing is kept
@@ -214,6 +215,12 @@ def _predict_one(
         overlay_picture=overlay(loaded.image, pred.instances),
     )
     return {**row, "scale": round(scale, 4)} if scale != 1 else row
+
+
+def trained_channels(meta: dict[str, Any]) -> tuple[int, ...] | None:
+    """The ``--channels`` a model was trained with (checkpoint metadata), or None."""
+    value = meta.get("channels")
+    return tuple(int(c) for c in value) if isinstance(value, list) and value else None
 
 
 def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> None:

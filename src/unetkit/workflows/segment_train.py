@@ -20,6 +20,7 @@ import torch
 from unetkit import config as cfg
 from unetkit import registry
 from unetkit.data import transforms as T
+from unetkit.data.io import list_images, read_pixel_size
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError
 from unetkit.training import distributed
@@ -52,6 +53,10 @@ class SegmentationRecipe:
         data: folder with ``images/`` and ``masks/``; None trains on built-in synthetic cells.
         val_data: separate validation folder (default: split ``data``: whole images when it
             holds 5 or more, else the last ``val_fraction`` of each image's longest axis).
+        channels: image channels to train on, in order (Cellpose's "cytoplasm, nucleus"
+            habit); recorded in the checkpoint so predict reads inputs the same way.
+        pixel_size: µm per pixel of the training images (default: what the first image
+            file states); recorded so predict can rescale inputs of another magnification.
         num_classes, mask_mode: how masks are read (see unetkit.data.io.decode_mask).
         target: semantic | separated | boundary (3 classes; gives instances by watershed).
         model, preset, model_options: registry name, preset and config overrides (the
@@ -80,6 +85,8 @@ class SegmentationRecipe:
     synthetic_regression: str = "depth"
     data: str | None = None
     val_data: str | None = None
+    channels: tuple[int, ...] | None = None
+    pixel_size: float | None = None
     spatial_dims: int = 2
     num_classes: int = 2
     mask_mode: str = "auto"
@@ -285,7 +292,21 @@ def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
     }
     if recipe.normalize == "percentile":
         extra["normalize_percentiles"] = list(recipe.norm_percentiles)
+    if recipe.channels is not None:
+        extra["channels"] = list(recipe.channels)  # predict reads inputs the same way
+    pixel_size = recipe.pixel_size or _data_pixel_size(recipe)
+    if pixel_size is not None:
+        extra["pixel_size"] = pixel_size  # the training scale predict rescales inputs to
     return extra
+
+
+def _data_pixel_size(recipe: SegmentationRecipe) -> float | None:
+    """The pixel size (µm) the first training image states, if any."""
+    if recipe.data is None or recipe.spatial_dims != 2:
+        return None
+    images = list_images(Path(recipe.data) / "images")
+    size = read_pixel_size(images[0]) if images else None
+    return size.x if size is not None else None
 
 
 def checkpoint_recipe_fields(meta: dict[str, Any]) -> dict[str, Any]:
