@@ -16,15 +16,19 @@ from unetkit.cli import flags as F
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import parse_channels
 from unetkit.data.masks import MASK_MODES
+from unetkit.data.transforms import Normalize
 from unetkit.errors import ConfigError
 from unetkit.outputs import output_folder
+from unetkit.regression.losses import LOSSES as REGRESSION_LOSSES
 from unetkit.regression.losses import OUTPUTS as REGRESSION_OUTPUTS
 from unetkit.runlock import check_same_run, run_lock
 from unetkit.runtime import PRECISIONS
+from unetkit.segmentation.losses import LOSSES as SEGMENTATION_LOSSES
 from unetkit.training import distributed
 from unetkit.training.optim import OPTIMIZERS, SCHEDULERS
 from unetkit.workflows import segment_train as R
 from unetkit.workflows.report import heldout_report
+from unetkit.workflows.segment_data import SYNTHETIC_REGRESSION
 
 # flags that set the recipe field of the same name
 _VALUE_FLAGS = (
@@ -83,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--task",
-        choices=["segmentation", "regression"],
+        choices=R.TASKS,
         help="regression: continuous targets (depth, restoration) from targets/",
     )
     p.add_argument(
@@ -98,7 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--synthetic-regression",
-        choices=["depth", "denoise"],
+        choices=SYNTHETIC_REGRESSION,
         help="built-in regression data: rendered depth scenes or denoising",
     )
     p.add_argument(
@@ -122,7 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--spatial-dims",
         type=int,
-        choices=[2, 3],
+        choices=R.SPATIAL_DIMS,
         help="3: volumes (multi-page TIFF, NIfTI) and a 3D model",
     )
     p.add_argument("--num-classes", type=F.positive_int, help="classes in the masks (default 2)")
@@ -171,7 +175,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument(
         "--loss",
-        choices=["ce", "dice", "dice_ce", "weighted_ce", "l1", "l2", "silog"],
+        choices=(*SEGMENTATION_LOSSES, *REGRESSION_LOSSES),
         help="segmentation: ce | dice | dice_ce | "
         "weighted_ce; regression: l1 | l2 | silog (scale-invariant log)",
     )
@@ -180,7 +184,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sigma", type=F.positive_float, help="border weight sigma in px (paper 5)")
     p.add_argument("--crop", type=F.positive_int, help="training patch (output) size")
-    p.add_argument("--normalize", choices=["zscore", "percentile", "none"])
+    p.add_argument("--normalize", choices=(*Normalize.MODES, "none"))
     p.add_argument(
         "--norm-percentiles",
         type=F.finite_float(0, 100),

@@ -359,6 +359,7 @@ _LOSSES: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "dice_ce": (dice_ce_loss, False),
     "weighted_ce": (cross_entropy, True),  # the U-Net paper's loss
 }
+LOSSES = tuple(_LOSSES)  # the segmentation loss names build_loss takes
 
 
 class Loss:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 SPATIAL_SPLIT_BELOW = 5  # fewer images than this: hold out a strip of each, not whole images
 _AXES = {2: "HW", 3: "DHW"}
 
+SYNTHETIC_REGRESSION = ("depth", "denoise")  # the built-in regression data
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
@@ -209,7 +211,7 @@ def _check_foreground(masks: MaskSummary, where: str) -> None:
 def _regression_datasets(recipe: SegmentationRecipe, crop: int | None) -> TrainingData:
     train_tf, eval_tf = build_transforms(recipe, crop)
     if recipe.data is None:
-        cfg.check_choice("synthetic_regression", recipe.synthetic_regression, ("depth", "denoise"))
+        cfg.check_choice("synthetic_regression", recipe.synthetic_regression, SYNTHETIC_REGRESSION)
         cls = (
             SyntheticDepthDataset
             if recipe.synthetic_regression == "depth"

@@ -131,6 +131,8 @@ class SegmentationRecipe:
 
 
 DEFAULT_UNET_CHANNELS = (16, 32, 64, 128, 256)
+TASKS = ("segmentation", "regression")
+SPATIAL_DIMS = (2, 3)
 # fields that mean something for one task only: left out of the other task's config.json
 REGRESSION_FIELDS = ("output", "target_scale", "synthetic_regression")
 SEGMENTATION_FIELDS = ("num_classes", "mask_mode", "target", "w0", "sigma")
