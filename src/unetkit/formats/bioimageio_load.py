@@ -101,9 +101,9 @@ def load_package(
                 raise CheckpointError(f"{source}: package has no onnx weights; use --backend torch")
             model = OnnxModel(_member(z, descr.weights.onnx, source), source_name=str(source))
             return model, {**meta, **model.meta}
-        state = torch.load(
-            io.BytesIO(_member(z, weights, source)), map_location="cpu", weights_only=True
-        )  # the restricted loader: tensors and containers only
+        raw = io.BytesIO(_member(z, weights, source))
+        # the restricted loader: tensors and containers only, never arbitrary objects
+        state = torch.load(raw, map_location="cpu", weights_only=True)
     model = build_model(**arch.kwargs)
     load_state_dict_strict(model, state, source=str(source))
     return model.eval(), meta
