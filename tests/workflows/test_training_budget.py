@@ -123,3 +123,28 @@ def test_early_stopping_stops_after_patience() -> None:
     stop = R._EpochEnd(draws, "val/fg_dice", "max", patience=2)
     answers = [stop(e, {"val/fg_dice": v}, None) for e, v in enumerate([0.5, 0.6, 0.6, 0.59], 1)]
     assert answers == [False, False, False, True] and draws.epoch == 4
+
+
+def test_dim_16_bit_images_are_normalised_whole_before_augmentation(tmp_path) -> None:
+    # A real 16-bit nuclei image often uses 0..~250 of 0..65535: after dtype scaling its
+    # signal is ~0.004, so intensity noise or offsets added before normalisation drown it,
+    # and a background-only crop normalised on its own is stretched to look like nuclei.
+    shape = (64, 96)
+    labels = np.zeros(shape, np.uint16)
+    image = np.full(shape, 10, np.uint16)
+    for k, (y, x) in enumerate([(10, 10), (10, 40), (40, 20), (40, 60)], start=1):
+        labels[y : y + 12, x : x + 12] = k
+        image[y : y + 12, x : x + 12] = 235
+    write_image(tmp_path / "images" / "a.tif", image)
+    write_image(tmp_path / "masks" / "a.tif", labels)
+    recipe = R.make_recipe(data=str(tmp_path), epochs=1, steps_per_epoch=4, **TINY)
+    data = build_datasets(recipe, 16)
+    for i in range(len(data.train)):
+        s = data.train[i]
+        img, fg = s["image"].numpy()[0], s["mask"].numpy() > 0
+        if fg.any() and (~fg).any():  # nuclei stay clearly brighter than background
+            assert img[fg].mean() - img[~fg].mean() > 0.5
+        if not fg.any():  # a background-only crop is not stretched to full range
+            assert np.ptp(img) < 0.5
+    held_out = data.val.sample(0, None)["image"].numpy()  # background only, whole-image scale
+    assert np.abs(held_out).max() < 0.05

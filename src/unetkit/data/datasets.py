@@ -147,11 +147,23 @@ class _SegmentationDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.items: list[Item] | None = None  # None: every file, whole
+        self.normalize: Transform | None = None
         self._cache: OrderedDict[int, tuple[str, dict[str, Any]]] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream: sample i of epoch e uses rng([seed, i, e])."""
         self.epoch = int(epoch)
+
+    def set_normalize(self, normalize: Transform | None) -> None:
+        """Normalise each file's whole image once, before regions, crops and augmentation.
+
+        Prediction normalises the whole image, so training crops and held-out regions must
+        see the whole image's statistics too: a crop's own percentiles would stretch an
+        empty background patch to full range, and absolute intensity augmentation on a
+        dim 16-bit image (values ≪ 1 after dtype scaling) would drown the signal.
+        """
+        self.normalize = normalize
+        self._cache = OrderedDict()
 
     def _count(self) -> int:
         """Number of files (images) behind the data set."""
@@ -210,6 +222,8 @@ class _SegmentationDataset(Dataset):
             self._cache.move_to_end(file_index)
             return self._cache[file_index]
         name, image, classes, instances = self._load(file_index)
+        if self.normalize is not None:
+            image = self.normalize({"image": image})["image"]
         arrays = {"image": image, **self._targets(classes, instances)}
         for a in arrays.values():
             a.flags.writeable = False  # shared by every draw: transforms must copy

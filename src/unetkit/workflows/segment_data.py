@@ -66,13 +66,16 @@ class TrainingData:
 
 def build_transforms(
     recipe: SegmentationRecipe, crop: int | None, valid_crop: Any = None
-) -> tuple[T.Compose, T.Compose]:
-    """(train, eval) transforms: augmentation then normalisation; eval only normalises
-    (after ``valid_crop``, a CenterCrop to sizes a valid-padding model accepts).
+) -> tuple[T.Compose, T.Compose, T.Normalize | None]:
+    """(train augmentation, eval transform, whole-image normalisation or None).
 
+    Segmentation data sets normalise each whole image once (``set_normalize``), as
+    prediction does; the augmentation then works in normalised units, so its intensity
+    noise and offsets mean the same on a dim 16-bit image as on a full-range 8-bit one.
     The modern recipe crops, zooms, rotates and warps in one resampling
     (:class:`RandomSpatial`); ``affine=False`` (the paper recipe) keeps the paper's elastic
-    deformation of the whole image followed by a crop.
+    deformation of the whole image followed by a crop. The eval transform is ``valid_crop``
+    (a CenterCrop to sizes a valid-padding model accepts) or nothing.
     """
     train: list[Any] = []
     if recipe.affine and crop is not None:
@@ -91,11 +94,11 @@ def build_transforms(
     if recipe.intensity and not restoration:
         train.append(T.IntensityJitter())
     # restoration targets share the input's intensity scale: no per-image normalisation
-    norm = []
+    norm = None
     if not restoration and recipe.normalize != "none":
-        norm = [T.Normalize(recipe.normalize, percentiles=recipe.norm_percentiles)]
-    eval_tf = [valid_crop, *norm] if valid_crop is not None else norm
-    return T.Compose([*train, *norm]), T.Compose(eval_tf)
+        norm = T.Normalize(recipe.normalize, percentiles=recipe.norm_percentiles)
+    eval_tf = [valid_crop] if valid_crop is not None else []
+    return T.Compose(train), T.Compose(eval_tf), norm
 
 
 def clamp_crop(crop: int, shapes: list[tuple[int, ...]], option: str = "crop") -> int:
@@ -142,8 +145,10 @@ def build_datasets(
         train, val, split, masks, shapes = _folder_data(recipe, common)
     if crop is not None:
         crop = clamp_crop(crop - margin, shapes) + margin
-    train_tf, eval_tf = build_transforms(recipe, crop, valid_crop)
+    train_tf, eval_tf, norm = build_transforms(recipe, crop, valid_crop)
     train.transform, val.transform = train_tf, eval_tf
+    train.set_normalize(norm)
+    val.set_normalize(norm)
     draws = RandomDraws(train, recipe.steps_per_epoch * recipe.batch_size, seed=recipe.seed)
     in_channels = int(val.sample(0, None)["image"].shape[0])
     return TrainingData(draws, val, in_channels, crop, split, masks)
@@ -209,7 +214,10 @@ def _check_foreground(masks: MaskSummary, where: str) -> None:
 
 
 def _regression_datasets(recipe: SegmentationRecipe, crop: int | None) -> TrainingData:
-    train_tf, eval_tf = build_transforms(recipe, crop)
+    train_aug, eval_aug, norm = build_transforms(recipe, crop)
+    # regression data sets have no whole-image hook: normalise after augmentation, per sample
+    train_tf = T.Compose([*train_aug.transforms, *([norm] if norm else [])])
+    eval_tf = T.Compose([*eval_aug.transforms, *([norm] if norm else [])])
     if recipe.data is None:
         cfg.check_choice("synthetic_regression", recipe.synthetic_regression, SYNTHETIC_REGRESSION)
         cls = (
