@@ -13,7 +13,9 @@ case loads that folder in a fresh process (so its peak resident memory is its ow
 - ``unetkit fp32``: our ``DiffusionUNet`` from the same folder;
 - ``unetkit bf16``: our U-Net through ``runtime.prepared(model, "bf16")``, what ``generate``
   runs with ``--precision auto`` on a CPU with native bf16 (a frozen copy with prepacked
-  weights; elsewhere bf16 autocast).
+  weights; elsewhere bf16 autocast), loaded as ``generate`` loads it there: weights read
+  tensor by tensor straight into the frozen copy's dtypes (``frozen_dtype``), never all
+  in float32.
 
 Each case: ``--warmup`` untimed steps, then ``--repeats`` timed ones; the table shows the
 median, speed-ups against both diffusers cases, and peak RSS. On a machine shared with
@@ -75,8 +77,10 @@ def _load(case: str, folder: Path):
         dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).eval()
     from unetkit.formats.diffusers import load_diffusers_unet
+    from unetkit.runtime import fastpath
 
-    return load_diffusers_unet(folder)
+    store = fastpath.frozen_dtype("bf16") if case == "unetkit-bf16" else None
+    return load_diffusers_unet(folder, frozen_dtype=store)
 
 
 def run_case(case: str, folder: Path, quick: bool, warmup: int, repeats: int) -> dict:
@@ -104,9 +108,21 @@ def run_case(case: str, folder: Path, quick: bool, warmup: int, repeats: int) ->
             float(out.float().abs().mean())  # the result is used: nothing is skipped
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     params = sum(p.numel() for p in model.parameters())
     return {"case": case, "seconds": times, "peak_rss_mib": peak, "params": params}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` where Linux has it, because
+    ``ru_maxrss`` carries the parent's peak across fork + exec (a parent that drew the
+    weights would show up in every case)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _inference:

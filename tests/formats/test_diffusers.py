@@ -149,3 +149,23 @@ def test_full_sd15_parity() -> None:
     assert _rel_err(got, want) < 1e-5
     del ref, ours
     gc.collect()
+
+
+def test_weights_read_straight_into_the_fast_path_dtypes(tmp_path: Path) -> None:
+    """``frozen_dtype``: each weight read on its own and cast as the frozen copy keeps it
+    (norms float32); the same tensors as loading in float32 and casting, and a sharded
+    folder (diffusers' own ``max_shard_size``) reads the same."""
+    from unetkit.runtime import fastpath
+
+    ref = _reference()
+    ref.save_pretrained(tmp_path / "one")
+    ref.save_pretrained(tmp_path / "shards", max_shard_size="60KB")
+    assert (tmp_path / "shards" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    want = fastpath.cast_weights(load_diffusers_unet(tmp_path / "one"), torch.bfloat16)
+    for folder in ("one", "shards"):
+        got = load_diffusers_unet(tmp_path / folder, frozen_dtype=torch.bfloat16)
+        a, b = got.state_dict(), want.state_dict()
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert got.down_blocks[0].resnets[0].norm1.weight.dtype == torch.float32
+    assert got.conv_in.weight.dtype == torch.bfloat16 and not got.conv_in.weight.requires_grad

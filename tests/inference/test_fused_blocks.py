@@ -37,7 +37,7 @@ def _nonzero(module: nn.Module) -> nn.Module:
 
 def _bf16(module: nn.Module) -> nn.Module:
     out = copy.deepcopy(module)
-    fastpath._cast(out, torch.bfloat16)
+    fastpath.cast_weights(out, torch.bfloat16)
     return out
 
 

@@ -23,6 +23,7 @@ pytest.importorskip("peft")
 
 import sd_tiny  # noqa: E402  (registered by conftest.py)
 
+from unetkit.runtime import fastpath  # noqa: E402
 from unetkit.workflows.sd_pipeline import StableDiffusion  # noqa: E402
 
 TOL = 1e-5
@@ -249,3 +250,51 @@ def test_sd15_shapes_give_sd15_configs() -> None:
         }
     )
     assert got == {k: getattr(cfg, k) for k in got}
+
+
+@pytest.mark.skipif(fastpath.frozen_dtype("bf16") is None, reason="no CPU bf16 fast path here")
+def test_bf16_pipeline_stores_the_unet_as_the_fast_path_runs_it(pipe_dir, tmp_path) -> None:
+    """With the fast path the U-Net is read straight into bf16 (norms float32), never all in
+    float32, and gives the very images of freezing a float32 U-Net; with a LoRA (merged in
+    float32 arithmetic into the bf16 weights, its own A and B held in bf16) it stays within
+    twice the error bf16 has when freezing the float32 U-Net with the same LoRA."""
+    from unetkit.errors import ConfigError
+    from unetkit.formats.lora_files import save_adapter
+    from unetkit.formats.sd_files import load_pipeline_dir
+    from unetkit.nn.lora_inject import inject_lora
+    from unetkit.runtime import prepared
+
+    folder, _ = pipe_dir
+    kw = dict(negative="blurry", steps=3, guidance=4.0, seed=3)
+    sd = StableDiffusion.from_pretrained(folder, precision="bf16")
+    assert sd.unet.conv_in.weight.dtype == torch.bfloat16
+    assert sd.unet.conv_norm_out.weight.dtype == torch.float32
+    full = StableDiffusion(load_pipeline_dir(folder), precision="bf16")
+    assert full.unet.conv_in.weight.dtype == torch.float32
+    got = sd.txt2img(["the cat"], **kw)
+    assert torch.equal(got, full.txt2img(["the cat"], **kw))
+    exact = StableDiffusion.from_pretrained(folder, precision="fp32")
+    err = np.abs(_np(got) - _np(exact.txt2img(["the cat"], **kw))).max()
+    assert err < 0.05
+
+    lora = load_pipeline_dir(folder).unet
+    inject_lora(lora, targets="attn", r=4)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 5.0)
+    save_adapter(lora, tmp_path / "style.safetensors")
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 600.0]), torch.randn(2, 12, 16)
+    with torch.inference_mode():
+        plain = exact.unet(x, t, ctx)
+    outs = []
+    for pipe in (sd, full, exact):  # bf16 stored, float32 stored run in bf16, float32
+        pipe.load_lora(tmp_path / "style.safetensors", 0.8)
+        with prepared(pipe.unet, pipe.precision) as run:
+            outs.append(run(x, t, ctx).float())
+    stored, frozen, want = outs
+    ref_err = (frozen - want).abs().max()  # what bf16 costs when freezing float32 weights
+    assert (want - plain).abs().max() > 10 * ref_err  # the adapter matters
+    assert (stored - want).abs().max() < 2 * ref_err  # measured: 1.3x
+    with pytest.raises(ConfigError, match="precision='fp32' needs float32 weights"):
+        StableDiffusion(sd.files, precision="fp32")

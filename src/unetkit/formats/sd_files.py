@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from unetkit.errors import CheckpointError, ConfigError
@@ -146,8 +147,15 @@ def _from_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
         raise CheckpointError(f"{folder}: cannot load the {what} ({first})") from None
 
 
-def load_pipeline_dir(path: str | os.PathLike) -> SDFiles:
+def load_pipeline_dir(
+    path: str | os.PathLike, *, frozen_dtype: torch.dtype | None = None
+) -> SDFiles:
     """Load the five components of a diffusers Stable Diffusion pipeline folder.
+
+    Args:
+        path: the pipeline folder.
+        frozen_dtype: store the U-Net's weights as the CPU fast path's frozen copy keeps
+            them (``load_diffusers_unet``), for a U-Net run only at that precision.
 
     Raises:
         CheckpointError: a component is missing or unreadable, or the VAE's latent
@@ -157,7 +165,7 @@ def load_pipeline_dir(path: str | os.PathLike) -> SDFiles:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_pipeline_dir(path)
-    unet = load_diffusers_unet(path / "unet")
+    unet = load_diffusers_unet(path / "unet", frozen_dtype=frozen_dtype)
     vae = _from_pretrained(AutoencoderKL, path / "vae", "VAE", use_safetensors=True)
     te = _from_pretrained(
         CLIPTextModel, path / "text_encoder", "text encoder", use_safetensors=True

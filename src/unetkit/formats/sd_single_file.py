@@ -29,6 +29,7 @@ from unetkit.formats import ldm
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.sd_files import SDFiles, check_components
 from unetkit.formats.unet_files import read_unet
+from unetkit.runtime import fastpath
 
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -132,8 +133,19 @@ def _load_tokenizer(tokenizer: str | os.PathLike | None, path: Path) -> Any:
         raise CheckpointError(f"{tokenizer}: not a CLIP tokenizer folder ({e})") from None
 
 
-def load_single_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None) -> SDFiles:
-    """Load an original SD 1.x-family single-file checkpoint into ``SDFiles``."""
+def load_single_file(
+    path: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None,
+    frozen_dtype: torch.dtype | None = None,
+) -> SDFiles:
+    """Load an original SD 1.x-family single-file checkpoint into ``SDFiles``.
+
+    Args:
+        path: the ``.safetensors`` file. tokenizer: a CLIP tokenizer folder.
+        frozen_dtype: store the U-Net's weights as the CPU fast path's frozen copy keeps
+            them (``runtime.fastpath.cast_weights``), for a U-Net run only at that precision.
+    """
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -154,6 +166,8 @@ def load_single_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | 
         what = "VAE (first_stage_model.*)" if not vae_t else "text encoder (cond_stage_model.*)"
         raise CheckpointError(f"{path}: a single-file checkpoint without its {what}")
     unet, _ = read_unet(path, "ldm")
+    if frozen_dtype is not None:  # float32 weights released one by one
+        fastpath.cast_weights(unet, frozen_dtype)
     vae_cfg = json.loads(meta["unetkit_vae_config"]) if "unetkit_vae_config" in meta else None
     vae = AutoencoderKL(**(vae_cfg or _infer_vae_config(vae_t)))
     table = _vae_table(vae)

@@ -20,6 +20,8 @@ Tests compare each fused block with the block it was built from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -145,24 +147,44 @@ def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
 
 
+def replace_modules(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace, in place, every module for which ``make`` returns a new one (top down; a
+    replaced module's children are not visited); returns how many were replaced.
+
+    The walk holds no list of the whole tree, so each replaced module (with its weights)
+    is released as soon as it is swapped: freezing an SD U-Net needs one copy of its
+    weights plus one block, not two copies.
+    """
+    swapped = 0
+    for name in list(model._modules):
+        child = model._modules[name]
+        if child is None:
+            continue
+        new = make(child)
+        if new is not None:
+            model._modules[name] = new
+            swapped += 1
+        else:
+            swapped += replace_modules(child, make)
+        del child, new  # the replaced module goes now, not when the loop ends
+    return swapped
+
+
 def fuse_blocks(model: nn.Module, pack: type[nn.Module]) -> int:
     """Swap the diffusion blocks of ``model`` (bf16 weights) for fused ones, in place.
 
     Blocks with active dropout or with projections that are not plain linears / 1x1
     convs (an unmerged LoRA wrapper) stay as they are. Returns how many were swapped.
     """
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            new = None
-            if isinstance(child, SpatialTransformer) and _fusable_transformer(child):
-                new = FusedSpatialTransformer(child)
-            elif isinstance(child, TimestepResBlock) and not _active(child.dropout):
-                new = FusedResBlock(child, pack)
-            if new is not None:
-                parent._modules[name] = new
-                swapped += 1
-    return swapped
+
+    def fused(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, SpatialTransformer) and _fusable_transformer(child):
+            return FusedSpatialTransformer(child)
+        if isinstance(child, TimestepResBlock) and not _active(child.dropout):
+            return FusedResBlock(child, pack)
+        return None
+
+    return replace_modules(model, fused)
 
 
 def _is_linear(m: nn.Module) -> bool:
