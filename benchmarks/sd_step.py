@@ -142,7 +142,7 @@ class _inference:
         return self._ctx.__exit__(*exc)
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln)
@@ -156,7 +156,7 @@ def table(results: list[dict], repeats: int, quick: bool) -> str:
     lines = [
         f"SD 1.x U-Net ({results[0]['params'] / 1e6:.1f} M params), one denoising step, "
         f"batch 2, {'tiny config' if quick else '64×64 latents, 77×768 context'}; "
-        f"median of {repeats} timed step(s) after warm-up; {_cpu()}; torch "
+        f"median of {repeats} timed step(s) after warm-up; {cpu_name()}; torch "
         f"{__import__('torch').__version__}",
         "",
         "| case | s/step | vs diffusers bf16 | vs diffusers fp32 | peak RSS (MiB) |",

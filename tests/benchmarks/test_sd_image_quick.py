@@ -1,0 +1,32 @@
+"""benchmarks/sd_image.py runs end to end on tiny components (the real run is by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.compare
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "sd_image.py"
+
+
+def test_quick_run_times_every_case(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("sd_image", SCRIPT)
+    sd_image = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_image)
+    out = tmp_path / "r.json"
+    args = ["--quick", "--steps", "3", "--inline", "--json", str(out)]
+    args += ["--pipeline", str(tmp_path / "sd"), "--cases", "unetkit,diffusers-bf16,unetkit"]
+    assert sd_image.main(args) == 0
+    results = json.loads(out.read_text())
+    assert [r["case"] for r in results] == ["unetkit", "diffusers-bf16", "unetkit"]
+    assert (tmp_path / "sd" / "model_index.json").is_file()
+    for r in results:  # one image each; two step gaps timed by the callbacks
+        assert len(r["seconds"]) == 1 and r["seconds"][0] > r["step_seconds"][0] > 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert len(rows) == 1 + 2  # header + one row per case, the repeated case merged
