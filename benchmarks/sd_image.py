@@ -62,7 +62,15 @@ TINY_VAE = dict(
     layers_per_block=1,
     norm_num_groups=8,
 )
-SD_CLIP: dict = {}  # transformers' CLIPTextConfig defaults are ViT-L/14's text tower
+SD_CLIP = dict(  # OpenAI CLIP ViT-L/14's text tower, SD 1.x's text encoder (123 M)
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -237,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [sys.executable, __file__, "--_case", case, "--pipeline", str(folder)]
                     cmd += ["--images", str(args.images), "--steps", str(args.steps)]
                     cmd += ["--quick"] if args.quick else []
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                    res = json.loads(out.strip().splitlines()[-1])
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode:
+                        sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
+                    res = json.loads(done.stdout.strip().splitlines()[-1])
                 results.append(res)
                 print(f"{case}: {res['seconds']} s/image", file=sys.stderr, flush=True)
                 if args.json:  # after every case: a long run keeps what it has
