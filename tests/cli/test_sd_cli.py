@@ -97,3 +97,14 @@ def test_bad_sd_input_is_one_line(sd_dir: Path, tmp_path: Path, capsys) -> None:
     assert "\n" not in err and "missing text_encoder/config.json" in err
     assert main(["generate", str(sd_dir), "x", "--lora", "nofile.safetensors:x2"]) == 2
     assert "FILE:SCALE" in capsys.readouterr().err
+
+
+def test_generate_names_what_it_used_and_draws_a_progress_bar(sd_dir: Path, tmp_path: Path, capsys):
+    """The issue's ask: which base, adapters and sampler, and a bar over the steps (stderr);
+    ``--precision auto`` here, the fast path where the CPU has it."""
+    grid = tmp_path / "g.png"
+    assert main(["generate", str(sd_dir), "the cat", "--steps", "3", "--grid", str(grid)]) == 0
+    cap = capsys.readouterr()
+    assert f"using base {sd_dir}; LoRA none; sampler ddim" in cap.out
+    assert "sampling" in cap.err and "3/3" in cap.err
+    assert grid.is_file()
