@@ -10,6 +10,7 @@ API `unetkit train` uses, for exactly ``--steps`` optimiser steps each:
 
     python benchmarks/isbi2012.py --steps 300                  # both configurations
     python benchmarks/isbi2012.py --only modern --steps 100
+    python benchmarks/isbi2012.py --score-only --out runs/isbi2012   # rescore, no training
 
 ``--data`` defaults to ../shared/data/isbi2012 beside the checkout (see its README);
 relative paths are taken from the current directory. Scores on slices 25-29, two ways:
@@ -35,8 +36,10 @@ table says what each budget reaches.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from scipy import ndimage
 
 from unetkit import config as cfg
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.formats.checkpoint import read_metadata
 from unetkit.segmentation.instances import rand_error
 from unetkit.segmentation.isbi import isbi2012_errors
 from unetkit.segmentation.metrics import dice, pixel_error
@@ -142,30 +146,57 @@ def recipes(steps: int, folders: dict[str, Path]) -> dict[str, R.SegmentationRec
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DATA, help=f"default {DATA}")
-    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per configuration")
-    ap.add_argument("--only", choices=["paper", "modern"])
-    ap.add_argument("--out", type=Path, default=Path("runs/isbi2012"))
-    args = ap.parse_args(argv)
-    if args.steps < 1:
-        sys.exit(f"isbi2012.py: error: --steps {args.steps}: need at least 1")
-    folders = split_folders(check_data(args.data), args.out.resolve() / "data")
+def read_run(run: Path) -> tuple[Path, int | str, str, int | str]:
+    """An existing run folder's best checkpoint, its step, training minutes and epoch."""
+    checkpoint = run / "checkpoints" / "best.safetensors"
+    if not checkpoint.is_file():
+        sys.exit(f"isbi2012.py: error: --score-only: {checkpoint} does not exist")
+    training = read_metadata(checkpoint).get("training", {})
+    minutes = ""
+    if (run / "metrics.csv").is_file():  # the trainer logs each epoch's seconds
+        with open(run / "metrics.csv", newline="") as f:
+            seconds = [float(r["seconds"]) for r in csv.DictReader(f) if r.get("seconds")]
+        minutes = f"{sum(seconds) / 60:.1f}" if seconds else ""
+    return checkpoint, training.get("step", "?"), minutes, training.get("epoch", "?")
+
+
+def score_runs(data: Path, out: Path, only: str | None) -> list[tuple]:
+    """Rows for the runs already in ``out`` (its ``paper/`` and/or ``modern/``), scored
+    without training; nothing is written into ``out``."""
+    names = [only] if only else [n for n in ("paper", "modern") if (out / n).is_dir()]
+    if not names:
+        sys.exit(f"isbi2012.py: error: --score-only: {out} holds no paper/ or modern/ run")
     rows = []
-    for name, recipe in recipes(args.steps, folders).items():
-        if args.only and name != args.only:
+    with tempfile.TemporaryDirectory(prefix="isbi2012-") as tmp:
+        test = split_folders(data, Path(tmp))["test"]
+        for name in names:
+            checkpoint, step, minutes, epoch = read_run(out / name)
+            scores = evaluate(checkpoint, test, tile=388 if name == "paper" else None)
+            rows.append((name, step, minutes, epoch, scores))
+    return rows
+
+
+def train_and_score(data: Path, out: Path, steps: int, only: str | None) -> list[tuple]:
+    """Train each configuration for exactly ``steps`` steps, then score it."""
+    folders = split_folders(data, out.resolve() / "data")
+    rows = []
+    for name, recipe in recipes(steps, folders).items():
+        if only and name != only:
             continue
         print(f"{name}: {cfg.to_json(recipe)}", flush=True)
         start = time.time()
-        result = R.train(recipe, args.out / name, resume=False, progress=True)
-        minutes = (time.time() - start) / 60
+        result = R.train(recipe, out / name, resume=False, progress=True)
+        minutes = f"{(time.time() - start) / 60:.1f}"
         scores = evaluate(
-            args.out / name / "checkpoints" / "best.safetensors",
+            out / name / "checkpoints" / "best.safetensors",
             folders["test"],
             tile=388 if name == "paper" else None,
         )
         rows.append((name, result.step, minutes, result.best_epoch, scores))
+    return rows
+
+
+def print_table(rows: list[tuple]) -> None:
     print("\nslices 00-19 train, 20-24 select the checkpoint, 25-29 test")
     print(
         "challenge = 1 - maximal F-score over thresholds 0.0-0.9 of the cell probability "
@@ -179,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(head))
     for name, steps, minutes, best, s in rows:
         print(
-            f"| {name} | {steps} | {minutes:.1f} | {best} | "
+            f"| {name} | {steps} | {minutes} | {best} | "
             f"{s['challenge_pixel_error']:.4f} (t={s['challenge_pixel_threshold']:.1f}) | "
             f"{s['challenge_rand_error']:.4f} (t={s['challenge_rand_threshold']:.1f}) | "
             f"{s['pixel_error']:.4f} | {s['rand_error']:.4f} | {s['dice']:.4f} |"
@@ -188,6 +219,28 @@ def main(argv: list[str] | None = None) -> None:
         f"| paper (hidden test set, ~10 GPU hours) | | | | {PAPER['pixel_error']} | "
         f"{PAPER['rand_error']} | | | |"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA, help=f"default {DATA}")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per configuration")
+    ap.add_argument("--only", choices=["paper", "modern"])
+    ap.add_argument("--out", type=Path, default=Path("runs/isbi2012"))
+    ap.add_argument(
+        "--score-only",
+        action="store_true",
+        help="score the runs already in --out (paper/, modern/) on slices 25-29; no training",
+    )
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        sys.exit(f"isbi2012.py: error: --steps {args.steps}: need at least 1")
+    data = check_data(args.data)
+    if args.score_only:
+        rows = score_runs(data, args.out, args.only)
+    else:
+        rows = train_and_score(data, args.out, args.steps, args.only)
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ def test_two_steps_report_challenge_and_argmax_errors(tmp_path, capsys):
     for value in cells[6:9]:  # argmax pixel error, argmax Rand error, Dice
         assert 0.0 <= float(value) <= 1.0
 
+    # --score-only rescoring of the same run: the same numbers, nothing written into it
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    isbi2012.main(["--data", str(data), "--score-only", "--out", str(out)])
+    rescored = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| modern |")]
+    assert [c.strip() for c in rescored[0].strip("|").split("|")][4:] == cells[4:]
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
 
 def test_missing_slices_are_one_line(tmp_path):
     spec = importlib.util.spec_from_file_location("isbi2012", SCRIPT)
@@ -67,3 +74,9 @@ def test_missing_slices_are_one_line(tmp_path):
     spec.loader.exec_module(isbi2012)
     with pytest.raises(SystemExit, match="60 of 60 files missing"):
         isbi2012.main(["--data", str(tmp_path), "--steps", "2", "--out", str(tmp_path / "o")])
+    data = _membrane_stack(tmp_path / "isbi", size=16)
+    with pytest.raises(SystemExit, match="holds no paper/ or modern/ run"):
+        isbi2012.main(["--data", str(data), "--score-only", "--out", str(tmp_path / "o")])
+    (tmp_path / "o" / "modern").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="best.safetensors does not exist"):
+        isbi2012.main(["--data", str(data), "--score-only", "--out", str(tmp_path / "o")])
