@@ -147,17 +147,20 @@ def recipes(steps: int, folders: dict[str, Path]) -> dict[str, R.SegmentationRec
 
 
 def read_run(run: Path) -> tuple[Path, int | str, str, int | str]:
-    """An existing run folder's best checkpoint, its step, training minutes and epoch."""
+    """An existing run folder's best checkpoint, the steps it trained, its training minutes
+    and the best checkpoint's epoch."""
     checkpoint = run / "checkpoints" / "best.safetensors"
     if not checkpoint.is_file():
         sys.exit(f"isbi2012.py: error: --score-only: {checkpoint} does not exist")
     training = read_metadata(checkpoint).get("training", {})
-    minutes = ""
-    if (run / "metrics.csv").is_file():  # the trainer logs each epoch's seconds
+    steps, minutes = training.get("step", "?"), ""
+    if (run / "metrics.csv").is_file():  # the trainer logs each epoch's step and seconds
         with open(run / "metrics.csv", newline="") as f:
-            seconds = [float(r["seconds"]) for r in csv.DictReader(f) if r.get("seconds")]
+            epochs = list(csv.DictReader(f))
+        seconds = [float(r["seconds"]) for r in epochs if r.get("seconds")]
         minutes = f"{sum(seconds) / 60:.1f}" if seconds else ""
-    return checkpoint, training.get("step", "?"), minutes, training.get("epoch", "?")
+        steps = epochs[-1].get("step") or steps if epochs else steps
+    return checkpoint, steps, minutes, training.get("epoch", "?")
 
 
 def score_runs(data: Path, out: Path, only: str | None) -> list[tuple]:
