@@ -12,7 +12,13 @@ import numpy as np
 
 from unetkit.workflows.segment import overlay
 
-__all__ = ["comparison", "grey_picture", "map_with_colorbar", "side_by_side"]
+__all__ = [
+    "attention_preview",
+    "comparison",
+    "grey_picture",
+    "map_with_colorbar",
+    "side_by_side",
+]
 
 _GAP = 4  # white pixels between panels
 
@@ -67,10 +73,26 @@ def map_with_colorbar(
     cmap: str = "magma",
     vmin: float | None = None,
     vmax: float | None = None,
+    background: np.ndarray | None = None,
+    opacity: float = 0.5,
 ) -> np.ndarray:
     """A 2-D map (depth, attention, probability) in colour with a labelled colour bar.
 
-    Drawn by matplotlib (Agg) at the map's own pixel size, plus room for the bar.
+    Drawn by matplotlib (Agg) at the map's own pixel size, plus room for the bar. Volumes
+    (D×H×W) are drawn as their maximum projection along D.
+
+    Args:
+        values: H×W (or D×H×W) map; NaN/inf are left blank.
+        label: the colour bar's caption (the quantity and its unit).
+        cmap: a matplotlib colormap name.
+        vmin, vmax: the colour scale (default: the map's finite range).
+        background: an H×W×3 RGB uint8 picture to draw the map over (e.g.
+            :func:`grey_picture` of the input); the bar shows the map's full colours.
+        opacity: the map's weight over ``background``, in [0, 1].
+
+    Example:
+        >>> map_with_colorbar(np.zeros((40, 30)), label="α").shape[1] > 30
+        True
     """
     # plotting: imported when a picture is drawn (start-up time); Agg needs no display
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,11 +108,40 @@ def map_with_colorbar(
     dpi = 100
     fig = Figure(figsize=((w + 90) / dpi, max(h, 120) / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, w / (w + 90), min(1.0, h / max(h, 120))))
-    shown = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-12))
+    alpha = 1.0
+    if background is not None:
+        ax.imshow(background, interpolation="nearest")
+        alpha = opacity
+    shown = ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap=cmap,
+        vmin=lo,
+        vmax=max(hi, lo + 1e-12),
+        alpha=alpha,
+        interpolation="nearest",
+    )
     ax.set_axis_off()
     bar = fig.add_axes((w / (w + 90) + 0.04, 0.1, 12 / (w + 90), 0.8))
-    fig.colorbar(shown, cax=bar, label=label)
+    colorbar = fig.colorbar(shown, cax=bar, label=label)
+    colorbar.solids.set_alpha(1.0)  # the scale in full colour, whatever the blend
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return np.ascontiguousarray(rgba[..., :3])
+
+
+def attention_preview(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """An attention gate's coefficients over the input, with a colour bar from 0 to 1.
+
+    Args:
+        image: the float C×H×W input. alpha: H×W coefficients in [0, 1]
+            (``unetkit.inference.attention_maps.attention_coefficients``).
+    """
+    return map_with_colorbar(
+        alpha,
+        label="attention coefficient α",
+        cmap="jet",
+        vmin=0.0,
+        vmax=1.0,
+        background=grey_picture(image),
+    )
