@@ -8,7 +8,12 @@ from matplotlib import colormaps
 
 import unetkit
 from unetkit.data.io import read_image, write_image
-from unetkit.workflows.pictures import attention_preview, comparison, map_with_colorbar
+from unetkit.workflows.pictures import (
+    attention_preview,
+    comparison,
+    map_with_colorbar,
+    regression_picture,
+)
 from unetkit.workflows.segment_files import predict_files
 
 
@@ -110,3 +115,43 @@ def test_predict_writes_attention_previews_with_colour_bars(tmp_path):
     preview = read_image(tmp_path / "out" / "cells_attention_level1_preview.png")
     assert preview.shape[1] == 40 + 90 and preview.shape[0] >= 24
     assert _has_colour_bar(preview[:, 40:], "jet")
+
+
+def test_evaluate_writes_input_prediction_truth_pictures(tmp_path, capsys):
+    from unetkit.cli.main import main
+
+    torch.manual_seed(0)
+    net = unetkit.create_model("unet", channels=(4, 8))
+    extra = {"task": "segmentation", "target": "semantic", "normalize": "zscore"}
+    ck = unetkit.save(net, tmp_path / "m.safetensors", extra=extra)
+    mask = np.full((30, 44), 255, np.uint8)
+    mask[14, :] = 0  # a membrane: two cells, the truth's connected components
+    image = np.where(mask > 0, 180, 40).astype(np.uint8)
+    for sub, arr in (("images", image), ("masks", mask)):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        write_image(tmp_path / "data" / sub / "em.png", arr)
+    args = ["evaluate", str(ck), "--data", str(tmp_path / "data")]
+    assert main([*args, "--pictures", str(tmp_path / "pics")]) == 0
+    pic = read_image(tmp_path / "pics" / "em_comparison.png")
+    assert pic.shape == (30, 3 * 44 + 2 * 4, 3)
+    truth = pic[:, 2 * 48 :]
+    yellow = np.array([255, 229, 0])
+    # the truth's two cells are outlined on both sides of the membrane row
+    for row in (13, 15):
+        assert (np.abs(truth[row].astype(int) - yellow).max(axis=1) <= 1).all()
+    assert main([*args, "--pictures", str(ck)]) == 2  # a file, not a folder: one line
+    assert "--pictures" in capsys.readouterr().err
+
+
+def test_depth_picture_has_colour_bars_on_one_scale():
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 32, 40))
+    target = np.tile(np.linspace(1.0, 5.0, 40), (1, 32, 1))
+    pic = regression_picture(image, target[:, :, ::-1].copy(), target, output="depth")
+    assert pic.dtype == np.uint8 and pic.shape[1] == 40 + 2 * (40 + 90) + 2 * 4
+    first_map = pic[:, 44 : 44 + 130]
+    second_map = pic[:, 44 + 130 + 4 :]
+    for panel in (first_map, second_map):
+        assert _has_colour_bar(panel[:, 40:], "magma_r")
+    restored = regression_picture(image, image, image, output="linear")
+    assert restored.shape == (32, 3 * 40 + 2 * 4, 3)

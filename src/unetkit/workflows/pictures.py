@@ -6,15 +6,20 @@ Volumes are drawn as maximum projections along depth.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
-from unetkit.workflows.segment import overlay
+from unetkit.segmentation.postprocess import instances_from_semantic
+from unetkit.workflows.segment import Prediction, overlay
 
 __all__ = [
     "attention_preview",
     "comparison",
+    "evaluation_picture",
+    "regression_picture",
     "grey_picture",
     "map_with_colorbar",
     "side_by_side",
@@ -145,3 +150,41 @@ def attention_preview(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         vmax=1.0,
         background=grey_picture(image),
     )
+
+
+def _array(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def evaluation_picture(sample: Mapping[str, Any], prediction: Prediction) -> np.ndarray:
+    """Input | prediction | truth of one scored sample, the objects as evaluate scores them:
+    the sample's ``instances`` where it has them, else the connected components of its
+    ``mask``'s foreground (cells between membranes). Volumes: maximum projections.
+
+    Args:
+        sample: a dataset sample with ``image`` (C×H×W) and ``mask`` (and ``instances``).
+        prediction: what ``predict_image`` returned for it.
+    """
+    truth = sample.get("instances")
+    truth = instances_from_semantic(_array(sample["mask"])) if truth is None else _array(truth)
+    return comparison(_array(sample["image"]), prediction.instances, truth)
+
+
+def regression_picture(
+    image: np.ndarray, prediction: np.ndarray, target: np.ndarray, *, output: str
+) -> np.ndarray:
+    """Input | prediction | truth of a regression model. Depth: both maps in colour with a
+    colour bar in metres on the truth's scale; restoration: grey pictures clipped to [0, 1].
+
+    Args:
+        image: C×H×W input. prediction, target: K×H×W. output: "depth" or "linear".
+    """
+    image, prediction, target = (_array(x) for x in (image, prediction, target))
+    if output == "depth":
+        lo, hi = float(target.min()), float(target.max())
+        maps = [
+            map_with_colorbar(m[0], label="depth (m)", cmap="magma_r", vmin=lo, vmax=hi)
+            for m in (prediction, target)
+        ]
+        return side_by_side([grey_picture(image), *maps])
+    return side_by_side([grey_picture(np.clip(x, 0, 1)) for x in (image, prediction, target)])
