@@ -109,6 +109,9 @@ def test_train_folds_then_predict_and_evaluate_the_ensemble(tmp_path, capsys):
     assert "fold 1:" in capsys.readouterr().out
     assert main(["predict", str(run), str(data / "images"), "--out", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*_instances.png"))) == 5
+    onnx = ["predict", str(run), str(data / "images"), "--out", str(tmp_path / "o")]
+    assert main([*onnx, "--backend", "onnx"]) == 2
+    assert "runs with --backend torch" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--data", str(data)]) == 0
     assert "dice_mean" in capsys.readouterr().out
 
