@@ -106,6 +106,8 @@ def test_train_folds_then_predict_and_evaluate_the_ensemble(tmp_path, capsys):
         assert not trained & validated and len(trained | validated) == 5
     model, meta = load_model_file(run)
     assert isinstance(model, ProbabilityEnsemble) and len(model.members) == 2
+    first = sorted((data / "images").iterdir())[0]
+    assert unetkit.predict(run, first).probabilities.shape[1:] == (48, 40)  # the Python API
     assert "fold 1:" in capsys.readouterr().out
     assert main(["predict", str(run), str(data / "images"), "--out", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*_instances.png"))) == 5
