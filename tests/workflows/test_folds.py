@@ -116,6 +116,9 @@ def test_train_folds_then_predict_and_evaluate_the_ensemble(tmp_path, capsys):
     assert "runs with --backend torch" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--data", str(data)]) == 0
     assert "dice_mean" in capsys.readouterr().out
+    # the same --out with another K would resume models split otherwise: refused
+    assert main(["train", "--data", str(data), "--folds", "3", "--out", str(run), *TINY]) == 2
+    assert "holds --folds 2" in capsys.readouterr().err
 
 
 def test_folds_refuse_what_they_cannot_do(tmp_path, capsys):

@@ -61,6 +61,23 @@ def _link_view(pairs: list[tuple[Path, Path]], root: Path) -> str:
     return str(root)
 
 
+def _check_same_folds(run: Path, record: dict, images: list[str], resume: bool) -> None:
+    """ConfigError when ``run`` resumes folds of other data, K or seed: its fold models
+    would continue on images they were not split from."""
+    path = run / FOLDS_FILE
+    if not resume or not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    old_images = sorted(i for f in old.get("folds", []) for i in f["validation_images"])
+    same = all(old.get(key) == record[key] for key in ("data", "k", "seed"))
+    # folds.json grows fold by fold: an interrupted run has listed only some images
+    if not same or not set(old_images) <= set(images):
+        raise ConfigError(
+            f"{run}: holds --folds {old.get('k')} of {old.get('data')} (seed "
+            f"{old.get('seed')}); use another --out, or --restart to train these folds anew"
+        )
+
+
 def train_folds(
     recipe: SegmentationRecipe,
     run_dir: str | os.PathLike,
@@ -99,7 +116,9 @@ def train_folds(
         )
     run = Path(run_dir)
     fold = fold_of_each(len(pairs), k, recipe.seed)
-    record: dict[str, Any] = {"k": k, "seed": recipe.seed, "folds": []}
+    source = str(Path(recipe.data).resolve())
+    record: dict[str, Any] = {"data": source, "k": k, "seed": recipe.seed, "folds": []}
+    _check_same_folds(run, record, [str(image) for image, _ in pairs], resume)
     results = []
     for f in range(k):
         held = [p for p, g in zip(pairs, fold, strict=True) if g == f]
