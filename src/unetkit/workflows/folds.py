@@ -118,7 +118,7 @@ def train_folds(
     fold = fold_of_each(len(pairs), k, recipe.seed)
     source = str(Path(recipe.data).resolve())
     record: dict[str, Any] = {"data": source, "k": k, "seed": recipe.seed, "folds": []}
-    _check_same_folds(run, record, [str(image) for image, _ in pairs], resume)
+    _check_same_folds(run, record, [str(image.resolve()) for image, _ in pairs], resume)
     results = []
     for f in range(k):
         held = [p for p, g in zip(pairs, fold, strict=True) if g == f]
@@ -140,6 +140,8 @@ def train_folds(
                 fold_recipe, run / f"{FOLD_PREFIX}{f}", resume=resume, progress=progress
             )
         )
-        record["folds"].append({"fold": f, "validation_images": [str(image) for image, _ in held]})
+        record["folds"].append(
+            {"fold": f, "validation_images": [str(image.resolve()) for image, _ in held]}
+        )
         atomic_write_text(run / FOLDS_FILE, json.dumps(record, indent=2) + "\n")
     return results
