@@ -111,6 +111,8 @@ def load_with_metadata(path: str | os.PathLike) -> tuple[nn.Module, dict[str, An
     folds = fold_checkpoints(path)
     if folds:  # a `train --folds K` run directory
         return load_ensemble(folds)
+    if Path(path).is_dir():  # a run directory: its best (else last) checkpoint
+        path = base_checkpoint(path)
     model, described, inference = _load(path)
     return model, {**read_metadata(described), **inference}
 
