@@ -13,6 +13,7 @@ from typing import Any
 
 from unetkit._atomic import atomic_write_text
 from unetkit.cli import flags as F
+from unetkit.cli.folds import add_folds_flag, run_folds
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import parse_channels
 from unetkit.data.masks import MASK_MODES
@@ -27,7 +28,6 @@ from unetkit.segmentation.losses import LOSSES as SEGMENTATION_LOSSES
 from unetkit.training import distributed
 from unetkit.training.optim import OPTIMIZERS, SCHEDULERS
 from unetkit.workflows import segment_train as R
-from unetkit.workflows.folds import train_folds
 from unetkit.workflows.report import heldout_report
 from unetkit.workflows.segment_data import SYNTHETIC_REGRESSION
 
@@ -120,14 +120,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="start the run in --out over (its checkpoints are replaced), e.g. with new data",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--folds",
-        type=F.positive_int,
-        metavar="K",
-        help="train K models, each validated on its own 1/K of the --data images (nnU-Net "
-        "cross-validation), into --out/fold_<k>/; predict and evaluate given --out average "
-        "the K models' probabilities",
-    )
+    add_folds_flag(p)
 
 
 def _add_data_flags(g: argparse._ArgumentGroup) -> None:
@@ -372,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         saved = R.record(recipe)  # as config.json records it
         check_same_run(out, {k: saved[k] for k in RUN_IDENTITY if k in saved})
     if args.folds is not None:
-        return _run_folds(recipe, out, args)
+        return run_folds(recipe, out, args)
     start = time.time()
     with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
         result = R.train(
@@ -405,31 +398,5 @@ def run(args: argparse.Namespace) -> int:
             indent=2,
             default=str,
         ),
-    )
-    return 0
-
-
-def _run_folds(recipe: R.SegmentationRecipe, out: Path, args: argparse.Namespace) -> int:
-    """``--folds K``: K fold models (workflows.folds), one line per fold."""
-    start = time.time()
-    with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
-        results = train_folds(
-            recipe,
-            out,
-            args.folds,
-            resume=not (args.no_resume or args.restart),
-            progress=not args.no_progress,
-        )
-    if not distributed.is_main():
-        return 0
-    for k, result in enumerate(results):
-        print(
-            f"fold {k}: {result.step} optimiser steps; best {result.monitor} "
-            f"{result.best_metric:.4f} (epoch {result.best_epoch})"
-        )
-    print(
-        f"trained {len(results)} fold models in {(time.time() - start) / 60:.1f} min; "
-        f"results in {out}/ (fold_<k>/, folds.json); `unetkit predict {out} ...` averages "
-        "their probabilities"
     )
     return 0
