@@ -111,8 +111,12 @@ def test_predict_writes_attention_previews_with_colour_bars(tmp_path):
     write_image(tmp_path / "in" / "cells.png", image)
     predict_files(ck, [tmp_path / "in"], tmp_path / "out", attention_maps=True)
     heat = read_image(tmp_path / "out" / "cells_attention_level1.png")
+    # the previews do not match the heat maps' pattern (scripts glob *_attention_level*.png)
+    assert [p.name for p in (tmp_path / "out").glob("*_attention_level*.png")] == [
+        "cells_attention_level1.png"
+    ]
     assert heat.shape == (24, 40, 3)  # pixel for pixel, as before
-    preview = read_image(tmp_path / "out" / "cells_attention_level1_preview.png")
+    preview = read_image(tmp_path / "out" / "cells_attention_preview_level1.png")
     assert preview.shape[1] == 40 + 90 and preview.shape[0] >= 24
     assert _has_colour_bar(preview[:, 40:], "jet")
 

@@ -129,7 +129,7 @@ def predict_files(
     :mod:`unetkit.workflows.segment_outputs`). Images finished by an earlier run with the
     same settings are skipped (``outputs.overwrite`` redoes them).
     ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net)
-    and ``_attention_level<l>_preview.png`` with a colour bar;
+    and ``_attention_preview_level<l>.png`` with a colour bar;
     regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
     ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
     (``checkpoint`` may then be an ``.onnx`` file).
@@ -220,14 +220,14 @@ def _predict_one(
 
 def _write_attention(model: torch.nn.Module, image: torch.Tensor, prefix: Path) -> None:
     """``<prefix>_attention_level<l>.png`` (blended, pixel for pixel) and
-    ``<prefix>_attention_level<l>_preview.png`` (the same over the input, with a colour bar
+    ``<prefix>_attention_preview_level<l>.png`` (the same over the input, with a colour bar
     of the coefficient from 0 to 1) per gate."""
     coefficients = attention_coefficients(model, image)
     write_attention_heatmaps(coefficients, image, prefix)
     picture = image.detach().cpu().numpy().astype(np.float64)
     for level, alpha in coefficients:
         preview = attention_preview(picture, alpha)
-        write_image(f"{prefix}_attention_level{level}_preview.png", preview)
+        write_image(f"{prefix}_attention_preview_level{level}.png", preview)
 
 
 def trained_channels(meta: dict[str, Any]) -> tuple[int, ...] | None:
