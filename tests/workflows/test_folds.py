@@ -133,3 +133,14 @@ def test_folds_refuse_what_they_cannot_do(tmp_path, capsys):
     assert "at least 2 folds" in capsys.readouterr().err
     assert main(["train", "--folds", "2", *out]) == 2  # built-in synthetic data: no folder
     assert "--folds 2" in capsys.readouterr().err
+
+
+def test_a_plain_run_directory_runs_with_the_onnx_backend(tmp_path):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    extra = {"task": "segmentation", "target": "semantic", "normalize": "zscore"}
+    unetkit.save(_nets(1)[0], run / "checkpoints" / "best.safetensors", extra=extra)
+    write_synthetic_folder(tmp_path / "data", 1, shape=(32, 32), seed=2)
+    args = ["predict", str(run), str(tmp_path / "data" / "images"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--backend", "onnx"]) == 0
+    assert (run / "checkpoints" / "best.safetensors.onnx").is_file()  # exported beside it

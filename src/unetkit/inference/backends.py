@@ -165,7 +165,9 @@ def load_inference_model(
             f"{source}: a --folds run ({len(folds)} models averaged); it runs with --backend "
             "torch (or export one fold's checkpoint to ONNX)"
         )
-    return load_model_file(source if is_onnx else cached_onnx(base_checkpoint(source)))
+    if Path(source).is_dir():  # a run directory: its best (else last) checkpoint
+        source = base_checkpoint(source)
+    return load_model_file(source if is_onnx else cached_onnx(source))
 
 
 def options_for(model: nn.Module, options: Any) -> Any:
