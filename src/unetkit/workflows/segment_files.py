@@ -29,6 +29,7 @@ from unetkit.data.io import (
     write_image,
 )
 from unetkit.data.tiff import PixelSize
+from unetkit.data.vendor import VENDOR_EXTENSIONS
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
@@ -75,7 +76,7 @@ def read_input(
     raw, _ = read_volume(path)  # NIfTI too; a single 2-D page becomes one slice
     image = to_float_image(raw, path=path, spatial_dims=3, channels=channels)
     pixel_size = None
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if path.suffix.lower() in (".tif", ".tiff", *VENDOR_EXTENSIONS):
         pixel_size = read_pixel_size(path)
     return LoadedImage(image, pixel_size, "ZYXC")
 
@@ -88,7 +89,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False)
         if p.is_dir():
             found = list_images(p, extensions=VOLUME_EXTENSIONS) if volumes else list_images(p)
             if not found:
-                kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
+                kinds = ", ".join(VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS)
                 raise DataError(f"{p}: folder has no images ({kinds})")
             # entries named like images but unreadable are named by list_images itself
             endings = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
