@@ -20,6 +20,7 @@ import pytest
 from unetkit.data.io import list_images, load_image, read_image, read_pixel_size
 from unetkit.data.volumes import read_volume
 from unetkit.errors import DataError
+from unetkit.workflows.segment_files import read_input
 
 
 def _czi():
@@ -85,7 +86,9 @@ def test_czi_zstack_reads_as_volume_and_refused_for_2d(tmp_path: Path) -> None:
         load_image(path)
 
 
-def test_train_and_predict_on_czi_folder_then_corrupt_czi_on_cli(tmp_path: Path) -> None:
+def test_train_and_predict_on_czi_folder_then_corrupt_czi_on_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from unetkit.cli.main import main
     from unetkit.data.synthetic import write_synthetic_folder
 
@@ -107,6 +110,10 @@ def test_train_and_predict_on_czi_folder_then_corrupt_czi_on_cli(tmp_path: Path)
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(float(r["pixel_size_um"]) == 0.5 for r in rows)
     assert read_image(out / "cell_000_mask.png").shape == (32, 32)
+    # --scene travels from the CLI to the reader: these files hold one scene
+    czi = str(data / "images" / "cell_000.czi")
+    assert main(["predict", str(ckpt), czi, "--out", str(tmp_path / "s"), "--scene", "1"]) == 2
+    assert "scene 1 does not exist; the file holds 1 scene(s)" in capsys.readouterr().err
     bad = tmp_path / "broken.czi"
     bad.write_bytes(b"junk" * 50)
     proc = subprocess.run(
@@ -156,6 +163,13 @@ def test_corrupt_file_is_one_line_naming_it(tmp_path: Path, suffix: str) -> None
         assert str(err.value).startswith(f"{path}: cannot read") and "\n" not in str(err.value)
 
 
+def test_scene_refused_for_files_without_scenes(tmp_path: Path) -> None:
+    png = tmp_path / "plain.png"
+    png.write_bytes(b"")  # the flag is checked before the file is read
+    with pytest.raises(DataError, match=r"plain\.png: --scene applies to CZI/ND2/LIF files only"):
+        load_image(png, scene=0)
+
+
 def test_truncated_czi_is_one_line(tmp_path: Path) -> None:
     path, _ = _two_channel(tmp_path)
     cut = tmp_path / "cut.czi"
@@ -190,6 +204,7 @@ def test_multi_scene_reads_first_and_warns(
         for r in caplog.records
     )
     assert np.all(load_image(path, scene=2).image == 3 / 255)
+    assert np.all(read_input(path, scene=1).image == 2 / 255)  # what predict reads
     with pytest.raises(DataError, match=r"project\.lif: scene 3 does not exist; .* 3 scene"):
         load_image(path, scene=3)
 

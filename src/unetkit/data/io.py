@@ -135,7 +135,7 @@ def read_pixel_size(path: str | os.PathLike, *, scene: int | None = None) -> Pix
     path = Path(path)
     if path.suffix.lower() in VENDOR_EXTENSIONS and path.is_file():
         return vendor_pixel_size(path, scene=scene)  # metadata only: no pixels decoded
-    return _read_any(path, palette_to_rgb=False)[2]
+    return _read_any(path, palette_to_rgb=False, scene=scene)[2]
 
 
 def _read_any(
@@ -150,6 +150,8 @@ def _read_any(
         raise DataError(
             f"{path}: unsupported image type {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}"
         )
+    if scene is not None and suffix not in VENDOR_EXTENSIONS:  # never ignore a flag silently
+        raise DataError(f"{path}: --scene applies to CZI/ND2/LIF files only")
     try:
         if suffix in _TIFF:
             arr, axes, pixel_size = read_tiff(path)

@@ -88,13 +88,15 @@ def _nibabel(path: Path) -> ModuleType:
     return nibabel
 
 
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Spacing]:
+def read_volume(path: str | os.PathLike, *, scene: int | None = None) -> tuple[np.ndarray, Spacing]:
     """Read a 3D volume and its voxel spacing.
 
     Args:
         path: a multi-page TIFF (``.tif``/``.tiff``, read with
             :func:`unetkit.data.io.read_image`, which stacks the pages) or a NIfTI file
-            (``.nii``/``.nii.gz``, needs nibabel).
+            (``.nii``/``.nii.gz``, needs nibabel), or a CZI/ND2/LIF Z-stack (the
+            formats extra; spacing from its physical voxel size in µm).
+        scene: CZI/ND2/LIF only: the scene to read (None: the first).
 
     Returns:
         (array, spacing): the array is D×H×W or D×H×W×C (z, y, x[, channel]) in the file's
@@ -112,12 +114,16 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Spacing]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if kind == "vendor":
-        return _read_vendor_volume(path)
+        return _read_vendor_volume(path, scene)
+    if scene is not None:
+        raise DataError(f"{path}: --scene applies to CZI/ND2/LIF files only")
     return _read_nifti(path) if kind == "nifti" else _read_tiff_volume(path)
 
 
-def _read_vendor_volume(path: Path) -> tuple[np.ndarray, Spacing]:
-    arr, axes, pixel_size = read_vendor(path)  # DataError naming the file if unreadable
+def _read_vendor_volume(path: Path, scene: int | None) -> tuple[np.ndarray, Spacing]:
+    arr, axes, pixel_size = read_vendor(
+        path, scene=scene
+    )  # DataError naming the file if unreadable
     if not axes.startswith("Z"):  # a single plane: one slice, as for a 2D TIFF
         arr = arr[None]
     if pixel_size is None:

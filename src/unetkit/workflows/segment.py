@@ -66,6 +66,8 @@ class InferenceOptions:
     ``object_diameter``: typical object diameter in the inputs (pixels). With the
     checkpoint's ``pixel_size`` / ``object_diameter`` (the training scale), inputs are
     rescaled to that scale, predicted, and the results mapped back to the input grid.
+    ``scene``: the scene of CZI/ND2/LIF inputs (from 0); None: the first (warning when a
+    file holds more).
     """
 
     tile: int | None = None
@@ -77,8 +79,11 @@ class InferenceOptions:
     channels: tuple[int, ...] | None = None
     pixel_size: float | None = None
     object_diameter: float | None = None
+    scene: int | None = None
 
     def __post_init__(self) -> None:
+        if self.scene is not None and self.scene < 0:
+            raise ConfigError(f"--scene {self.scene}: expected a scene number from 0")
         for flag, value in (
             ("--pixel-size", self.pixel_size),
             ("--object-diameter", self.object_diameter),
@@ -369,7 +374,7 @@ def predict(
             z-scored images, semantic).
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
         options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size,
-            precision, channels, pixel_size, object_diameter). A file is read axis-aware
+            precision, channels, pixel_size, object_diameter, scene). A file is read axis-aware
             (OME/ImageJ TIFF) and rescaled to the checkpoint's training scale when its
             pixel size and the checkpoint's are known.
 
@@ -384,7 +389,7 @@ def predict(
     opts = options_for(model, InferenceOptions(**options))
     pixel_size = None
     if isinstance(image, (str, os.PathLike)):
-        loaded = load_image(image, channels=opts.channels)
+        loaded = load_image(image, channels=opts.channels, scene=opts.scene)
         array, pixel_size = loaded.image, loaded.pixel_size
     else:
         array = to_float_image(np.asarray(image), channels=opts.channels)
