@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from unetkit import config as cfg
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.inference import TileOptions
 from unetkit.segmentation.instances import rand_error
 from unetkit.segmentation.metrics import dice, pixel_error
 from unetkit.workflows import segment_train as R
@@ -88,9 +89,10 @@ def evaluate(checkpoint: Path, test: Path, tile: int | None) -> dict[str, float]
     model, meta = load_for_inference(checkpoint)
     data = FolderSegmentationDataset(test, target="semantic")
     scores = []
+    options = InferenceOptions(TileOptions(tile=tile))
     for i in range(len(data)):
         s = data.sample(i, None)
-        pred = predict_image(model, s["image"].numpy(), meta, InferenceOptions(tile=tile))
+        pred = predict_image(model, s["image"].numpy(), meta, options)
         truth = s["mask"].numpy()
         cells_pred = ndimage.label(pred.labels == 1)[0]
         cells_true = ndimage.label(truth == 1)[0]
