@@ -56,7 +56,11 @@ def tile_options_from_args(args: argparse.Namespace) -> TileOptions:
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     add_tile_flags(p)
     p.add_argument(
-        "--min-size", type=F.nonnegative_int, default=10, help="drop objects smaller (px)"
+        "--min-size",
+        type=F.nonnegative_int,
+        default=None,
+        help="drop objects with fewer pixels (default: 10%% of the median training "
+        "object's area, as the checkpoint records it, else 10)",
     )
     p.add_argument(
         "--precision",

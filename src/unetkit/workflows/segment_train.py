@@ -77,8 +77,9 @@ def _largest_valid_input(model: torch.nn.Module) -> T.CenterCrop:
     return T.CenterCrop(size)
 
 
-def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
-    """Facts `unetkit predict` needs besides the weights."""
+def checkpoint_extra(recipe: SegmentationRecipe, masks: Any = None) -> dict[str, Any]:
+    """Facts `unetkit predict` needs besides the weights (``masks``: the run's MaskSummary,
+    whose median object diameter is the training scale)."""
     if recipe.task == "regression":
         restoration = recipe.output == "linear"
         return {
@@ -100,6 +101,8 @@ def checkpoint_extra(recipe: SegmentationRecipe) -> dict[str, Any]:
     pixel_size = recipe.pixel_size or _data_pixel_size(recipe)
     if pixel_size is not None:
         extra["pixel_size"] = pixel_size  # the training scale predict rescales inputs to
+    if masks is not None and masks.object_diameter is not None:
+        extra["object_diameter"] = masks.object_diameter  # for --object-diameter, min size
     return extra
 
 
@@ -220,7 +223,7 @@ def train(
         run_dir=Path(run_dir),
         resume=resume,
         progress=progress,
-        checkpoint_extra=checkpoint_extra(recipe),
+        checkpoint_extra=checkpoint_extra(recipe, data.masks),
         run_config={**record(recipe), **({"lora": lora} if lora else {})},
         save_model=save_model,
         on_epoch_end=_EpochEnd(train_ds, task.monitor, task.mode, recipe.early_stopping),
