@@ -112,8 +112,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "checkpoint",
-        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors) or an "
-        ".onnx file from `unetkit export`",
+        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors), a run "
+        "directory, a `train --folds K` run directory (its K models' probabilities are "
+        "averaged) or an .onnx file from `unetkit export`",
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")

@@ -32,6 +32,8 @@ from unetkit.errors import ConfigError, UnetkitError
 from unetkit.formats.bioimageio_load import load_package
 from unetkit.formats.loading import (
     PACKAGE_SUFFIX,
+    base_checkpoint,
+    fold_checkpoints,
     load_model_file,
     load_with_metadata,
     user_metadata,
@@ -157,6 +159,14 @@ def load_inference_model(
         return model, meta
     if compile:
         raise ConfigError("--compile applies to --backend torch; onnxruntime optimises itself")
+    folds = fold_checkpoints(source)
+    if folds:
+        raise ConfigError(
+            f"{source}: a --folds run ({len(folds)} models averaged); it runs with --backend "
+            "torch (or export one fold's checkpoint to ONNX)"
+        )
+    if Path(source).is_dir():  # a run directory: its best (else last) checkpoint
+        source = base_checkpoint(source)
     return load_model_file(source if is_onnx else cached_onnx(source))
 
 

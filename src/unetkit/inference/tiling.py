@@ -61,7 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_TILE_VOXELS = 2**18  # default tile: 512² in 2D, 64³ in 3D
-WHOLE_IMAGE_VOXELS = 2**20  # predict_tiled(tile=None) runs smaller inputs in one pass
+WHOLE_IMAGE_VOXELS = 2**20  # TileOptions(tile=None) runs smaller inputs in one pass
 
 
 # --- the engines -------------------------------------------------------------------------
