@@ -76,7 +76,8 @@ class SegmentWidget(Container):
             tooltip="a run directory (type it), checkpoint, LoRA adapter, .onnx or "
             "bioimage.io .zip",
         )
-        self.tile = SpinBox(label="tile (0 = whole)", min=0, max=8192, step=16, value=0)
+        tile = TileOptions.default("tile") or 0  # 0: None, the whole image if it fits
+        self.tile = SpinBox(label="tile (0 = whole)", min=0, max=8192, step=16, value=tile)
         self.tta = CheckBox(text="flip TTA", value=TileOptions.default("tta"))
         self.precision = ComboBox(label="precision", choices=PRECISIONS, value=DEFAULT_PRECISION)
         self.segment_button = PushButton(text="Segment")
