@@ -49,6 +49,7 @@ from scipy import ndimage
 from unetkit import config as cfg
 from unetkit.data.datasets import FolderSegmentationDataset
 from unetkit.formats.checkpoint import read_metadata
+from unetkit.inference import TileOptions
 from unetkit.segmentation.instances import rand_error
 from unetkit.segmentation.isbi import isbi2012_errors
 from unetkit.segmentation.metrics import dice, pixel_error
@@ -101,9 +102,10 @@ def evaluate(checkpoint: Path, test: Path, tile: int | None) -> dict[str, float]
     model, meta = load_for_inference(checkpoint)
     data = FolderSegmentationDataset(test, target="semantic")
     scores, cell_probability, truths = [], [], []
+    options = InferenceOptions(TileOptions(tile=tile))
     for i in range(len(data)):
         s = data.sample(i, None)
-        pred = predict_image(model, s["image"].numpy(), meta, InferenceOptions(tile=tile))
+        pred = predict_image(model, s["image"].numpy(), meta, options)
         truth = s["mask"].numpy()
         cell_probability.append(pred.probabilities[1])  # class 1 = cell interior
         truths.append(truth)

@@ -185,13 +185,11 @@ def options_for(model: nn.Module, options: Any) -> Any:
     if model.fixed_size is not None:
         size = model.fixed_size
         tile = model.output_size_for(size) if model.is_valid_padding else size
-        asked = options.tile
-        if isinstance(asked, int):
-            asked = (asked,) * len(tile)
-        if asked is not None and tuple(asked) != tuple(tile):
+        asked = options.tiles.tile_size(len(tile))
+        if asked is not None and asked != tuple(tile):
             raise ConfigError(
                 f"{model.source}: graph exported for tile {tuple(tile)}, --tile "
-                f"{options.tile} asked; omit --tile or export again with that size"
+                f"{options.tiles.tile} asked; omit --tile or export again with that size"
             )
-        changes["tile"] = tuple(tile)
+        changes["tiles"] = dataclasses.replace(options.tiles, tile=tuple(tile))
     return dataclasses.replace(options, **changes)

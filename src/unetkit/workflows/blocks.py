@@ -258,20 +258,20 @@ class TilePlan:
 def tile_plan(
     model: torch.nn.Module, shape: tuple[int, int], options: InferenceOptions
 ) -> TilePlan:
-    """What ``predict_tiled(model, image, tile=options.tile, overlap=...)`` does for an
+    """What ``predict_tiled(model, image, options.tiles)`` does for an
     image of ``shape`` (a huge image never runs whole: ``tile=None`` means the engine's
     default tile for large images)."""
     valid = bool(getattr(model, "is_valid_padding", False))
-    tile = options.tile
+    tile = options.tiles.tile
     if tile is None:
         edge = round(tiling.DEFAULT_TILE_VOXELS**0.5) // 16 * 16
         margin = model.margin()[0] if valid else 0
         tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
     tile = (int(tile),) * 2 if isinstance(tile, int | np.integer) else tuple(map(int, tile))
     if len(tile) != 2 or min(tile) < 1:
-        raise ConfigError(f"tile={options.tile!r}: expected a positive int or two of them")
+        raise ConfigError(f"tile={options.tiles.tile!r}: expected a positive int or two of them")
     if not valid:
-        grid = tile_grid.TileGrid.sliding(shape, tile, options.overlap)
+        grid = tile_grid.TileGrid.sliding(shape, tile, options.tiles.overlap)
         profiles = tuple(tile_grid.gaussian_profile(t) for t in tile)
         return TilePlan(grid, ((0, 0), tile), tile_grid.importance_map(tile), profiles)
     period = tiling._shift_period(model, 2)  # the spacing of its valid input sizes
@@ -353,8 +353,8 @@ def region_probabilities(
     out: torch.Tensor | None = None
     position = {g: k for k, (g, _) in enumerate(tiles)}
     with runtime.prepared(model, options.precision) as runner:
-        predict = tiling.tile_predictor(runner, "probabilities", options.tta, 2)
-        for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
+        predict = tiling.tile_predictor(runner, "probabilities", options.tiles.tta, 2)
+        for batch, alone in _batches(tiles, len(plan.grid), options.tiles.batch_size):
             x = torch.stack(
                 [
                     image.index_select(1, reads[position[g]][0] - lo[0]).index_select(
