@@ -188,7 +188,7 @@ def _fake_plugin(monkeypatch: pytest.MonkeyPatch, reader) -> None:
 def test_multi_scene_reads_first_and_warns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from bioio.array_like_reader import ArrayLikeReader
+    ArrayLikeReader = pytest.importorskip("bioio.array_like_reader").ArrayLikeReader
 
     scenes = [np.full((2, 8, 10), s + 1, np.uint8) for s in range(3)]
     sizes = {"Z": None, "Y": 0.65, "X": 0.65}
@@ -210,7 +210,7 @@ def test_multi_scene_reads_first_and_warns(
 
 
 def test_time_series_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bioio.array_like_reader import ArrayLikeReader
+    ArrayLikeReader = pytest.importorskip("bioio.array_like_reader").ArrayLikeReader
 
     frames = np.zeros((4, 8, 10), np.uint16)
     _fake_plugin(monkeypatch, lambda p: ArrayLikeReader(frames, "TYX"))
