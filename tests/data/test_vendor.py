@@ -71,6 +71,20 @@ def test_czi_channels_pick_and_reorder(tmp_path: Path) -> None:
         load_image(path, channels=(2,))
 
 
+def test_czi_colour_is_read_as_rgb(tmp_path: Path) -> None:
+    pyczi = _czi()
+    rgb = np.random.default_rng(6).integers(0, 255, size=(12, 14, 3), dtype=np.uint8)
+    path = tmp_path / "brightfield.czi"
+    with pyczi.create_czi(str(path), exist_ok=True) as czi:
+        # pylibCZIrw writes 3-sample planes as Bgr24, memory order B, G, R (its docs)
+        czi.write(data=np.ascontiguousarray(rgb[..., ::-1]), plane={"C": 0, "Z": 0, "T": 0})
+    loaded = load_image(path)
+    assert loaded.axes == "YXC"
+    np.testing.assert_array_equal(
+        np.rint(loaded.image * 255).astype(np.uint8), rgb.transpose(2, 0, 1)
+    )
+
+
 def test_czi_zstack_reads_as_volume_and_refused_for_2d(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     planes = rng.integers(0, 255, size=(2, 3, 16, 20), dtype=np.uint8)

@@ -138,6 +138,10 @@ def read_vendor(
         ) from None
     if array.size == 0:
         raise DataError(f"{path}: {kind} file holds no pixels (shape {array.shape})")
+    if path.suffix.lower() == ".czi" and order.endswith("S") and array.shape[-1] in (3, 4):
+        # CZI stores colour as B, G, R(, A) (Bgr24/Bgr48/Bgra32) and bioio-czi hands the
+        # samples on in that order; PNG/TIFF colour is R, G, B, so reorder (alpha dropped)
+        array = array[..., [2, 1, 0]]
     array, axes = canonical_axes(array, order, path, kind=kind)
     return array, axes, pixel_size
 
