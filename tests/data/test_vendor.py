@@ -100,6 +100,7 @@ def test_czi_zstack_reads_as_volume_and_refused_for_2d(tmp_path: Path) -> None:
         load_image(path)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: a tiny train, predict, evaluate and one CLI process
 def test_train_and_predict_on_czi_folder_then_corrupt_czi_on_cli(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -124,6 +125,7 @@ def test_train_and_predict_on_czi_folder_then_corrupt_czi_on_cli(
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(float(r["pixel_size_um"]) == 0.5 for r in rows)
     assert read_image(out / "cell_000_mask.png").shape == (32, 32)
+    assert main(["evaluate", str(ckpt), "--data", str(data)]) == 0
     # --scene travels from the CLI to the reader: these files hold one scene
     czi = str(data / "images" / "cell_000.czi")
     assert main(["predict", str(ckpt), czi, "--out", str(tmp_path / "s"), "--scene", "1"]) == 2
