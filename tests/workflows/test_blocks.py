@@ -33,6 +33,19 @@ def test_small_image_statistics_are_normalizes_own(rgb, mode: str) -> None:
     np.testing.assert_array_equal(part, expected[:, 10:40, 5:60])
 
 
+def test_checkpoint_percentiles_and_picked_channels(rgb) -> None:
+    """A checkpoint's own percentiles (e.g. CSBDeep's 1, 99.8) and ``--channels 2,0``
+    give what ``Normalize`` gives on the picked channels of the whole image."""
+    path, pixels = rgb
+    source = open_source(str(path), channels=(2, 0))
+    image = to_float_image(pixels, channels=(2, 0))
+    expected = Normalize("percentile", percentiles=(1, 99.8))({"image": image})["image"]
+    stats = normalization_stats(source, "percentile", 32, (1, 99.8))
+    np.testing.assert_array_equal(
+        normalize(source.pixels(slice(None), slice(None)), stats), expected
+    )
+
+
 @pytest.mark.parametrize("mode", ["zscore", "percentile"])
 def test_large_image_statistics_from_blocks(rgb, mode: str, monkeypatch) -> None:
     path, pixels = rgb

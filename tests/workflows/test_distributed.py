@@ -27,6 +27,7 @@ from unetkit.workflows.blocks import BlockOptions  # noqa: E402
 from unetkit.workflows.dask_cluster import dask_client  # noqa: E402
 from unetkit.workflows.distributed import predict_blocks  # noqa: E402
 from unetkit.workflows.segment import InferenceOptions, predict_image  # noqa: E402
+from unetkit.workflows.segment_outputs import OutputOptions  # noqa: E402
 
 SIZE, BLOCK = 512, 256
 OPTIONS = InferenceOptions(tile=128, batch_size=4, precision="fp32", min_size=10)
@@ -151,7 +152,7 @@ def test_distributed_equals_single_process(setup: dict, client, target: str, tmp
         tmp_path,
         OPTIONS,
         BlockOptions(block_size=BLOCK, label_halo=32),
-        probabilities=True,
+        outputs=OutputOptions(save_probabilities=True),
         client=client,
     )
     mask, instances, group = _read(tmp_path / "cells.zarr")
@@ -335,7 +336,7 @@ def test_valid_padding_model_overlap_tile_grid(setup: dict, tmp_path: Path) -> N
         tmp_path,
         options,
         BlockOptions(block_size=96, level=1),
-        probabilities=True,
+        outputs=OutputOptions(save_probabilities=True),
     )
     pixels = zarr.open_array(str(setup["zarr"] / "s1"), mode="r")[:]  # ome-zarr-py's level 1
     model, meta = load_inference_model(ckpt)

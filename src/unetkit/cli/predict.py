@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from unetkit.cli import flags as F
 from unetkit.data.io import parse_channels
+from unetkit.errors import ConfigError
 from unetkit.formats.ome_zarr import is_zarr
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
@@ -203,8 +204,21 @@ def _block_wise(args: argparse.Namespace) -> bool:
     return bool(chosen) or any(is_zarr(i) for i in args.inputs)
 
 
+def _refuse_whole_image_flags(args: argparse.Namespace) -> None:
+    """Flags of the whole-image path that block-wise predict has no use for: one line each."""
+    refused = (
+        ("--attention-maps", args.attention_maps, "heat maps are drawn per whole image"),
+        ("--backend onnx", args.backend == "onnx", "workers run the checkpoint with torch"),
+        ("--compile", args.compile, "each worker would compile for every block shape"),
+    )
+    for flag, given, why in refused:
+        if given:
+            raise ConfigError(f"{flag}: not available for block-wise predict ({why}); leave it out")
+
+
 def run_blocks(args: argparse.Namespace) -> int:
     """Block-wise predict; prints the Dask dashboard address and a progress bar."""
+    _refuse_whole_image_flags(args)
     blocks = BlockOptions(
         block_size=args.block_size or BlockOptions.block_size,
         label_halo=args.label_halo,
@@ -226,7 +240,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             print(f"Dask dashboard: {client.dashboard_link}", flush=True)
         rows = predict_blocks(
             args.checkpoint, args.inputs, args.out, options_from_args(args), blocks,
-            probabilities=args.save_probabilities, client=client, progress=progress,
+            outputs=outputs_from_args(args), client=client, progress=progress,
         )
     for bar in bars.values():
         bar.close()

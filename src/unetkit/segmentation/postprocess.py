@@ -46,6 +46,7 @@ __all__ = [
     "instances_from_boundary",
     "instances_from_distance",
     "instances_from_semantic",
+    "object_rows",
     "object_table",
     "probabilities_to_labels",
     "remove_small_objects",
@@ -318,10 +319,30 @@ def object_table(
         for chan, name in zip(channels, names, strict=True):
             sums = np.bincount(flat, weights=chan.ravel(), minlength=len(areas))
             columns[name] = sums[keep] / areas[keep]
+    return object_rows(ids, areas[keep], columns, pixel_size=pixel_size)
+
+
+def object_rows(
+    ids: np.ndarray,
+    areas: np.ndarray,
+    columns: dict[str, np.ndarray],
+    *,
+    pixel_size: Sequence[float] | None = None,
+) -> list[dict[str, float | int]]:
+    """:func:`object_table` rows from per-object columns (e.g. summed block by block).
+
+    Args:
+        ids: object labels (n,).
+        areas: pixels per object (n,).
+        columns: ``centroid_<axis>`` for every axis (pixels), then any other per-object
+            values (``mean_intensity...``), each (n,).
+        pixel_size: µm per pixel along each axis: adds the µm columns.
+    """
+    ndim = sum(1 for name in columns if name.startswith("centroid_"))
     if pixel_size is not None:
-        columns.update(_physical_columns(columns, areas[keep], pixel_size, labels.ndim))
+        columns = {**columns, **_physical_columns(columns, areas, pixel_size, ndim)}
     rows: list[dict[str, float | int]] = []
-    for k, (label, area) in enumerate(zip(ids, areas[keep], strict=True)):
+    for k, (label, area) in enumerate(zip(ids, areas, strict=True)):
         row: dict[str, float | int] = {"label": int(label), "area": int(area)}
         row.update({name: float(col[k]) for name, col in columns.items()})
         rows.append(row)

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from unetkit import runtime
-from unetkit.data.io import read_image, to_float_image
+from unetkit.data.io import load_image, to_float_image
+from unetkit.data.tiff import PixelSize, tiff_pixel_size
+from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
 from unetkit.inference import grid as tile_grid
@@ -116,7 +118,9 @@ def face_strips(
 # --- sources -----------------------------------------------------------------------------
 @dataclasses.dataclass
 class Source:
-    """A readable image: ``window(ys, xs)`` gives ``Y×X×C`` pixels as stored."""
+    """A readable image: ``window(ys, xs)`` gives ``Y×X×C`` pixels as stored,
+    :meth:`pixels` the float ``C×Y×X`` the model sees (``channels`` picked, in order).
+    ``pixel_size``: µm per pixel when the file states it in a length unit, else None."""
 
     path: str
     shape: tuple[int, int]
@@ -124,23 +128,33 @@ class Source:
     units: dict[str, str]
     read: Any
     translation: tuple[float, float] = (0.0, 0.0)
+    channels: tuple[int, ...] | None = None
+    pixel_size: PixelSize | None = None
 
     def window(self, ys: slice, xs: slice) -> np.ndarray:
         return self.read(ys, xs)
 
+    def pixels(self, ys: slice, xs: slice) -> np.ndarray:
+        """Float ``C×Y×X`` of a window, scaled by dtype, as ``predict`` reads a file."""
+        return to_float_image(self.window(ys, xs), path=self.path, channels=self.channels)
 
-def open_source(path: str | os.PathLike, level: int = 0) -> Source:
+
+def open_source(
+    path: str | os.PathLike, level: int = 0, channels: Sequence[int] | None = None
+) -> Source:
     """Open an image for block reads (cached: each worker opens a file once per version).
 
     Args:
         path: an OME-Zarr image group, a TIFF (read through tifffile's Zarr store, tile by
             tile) or another image file (read whole: it must be small).
         level: the OME-Zarr resolution level (0 = full resolution).
+        channels: the channels :meth:`Source.pixels` keeps, in order (None: all).
     """
     p = Path(path)
     meta = p / "zarr.json" if (p / "zarr.json").is_file() else p
     stamp = meta.stat().st_mtime_ns if meta.exists() else 0
-    return _open_source(str(p), level, stamp)
+    picked = None if channels is None else tuple(int(c) for c in channels)
+    return dataclasses.replace(_open_source(str(p), level, stamp), channels=picked)
 
 
 @functools.lru_cache(maxsize=8)
@@ -149,6 +163,7 @@ def _open_source(path: str, level: int, stamp: int) -> Source:
     p = Path(path)
     if ome_zarr.is_zarr(p):
         img = ome_zarr.open_ngff(p)
+        size = img.pixel_size_um(level)
         return Source(
             str(p),
             img.level_shape(level),
@@ -156,14 +171,22 @@ def _open_source(path: str, level: int, stamp: int) -> Source:
             img.units(),
             functools.partial(img.window, level=level),
             img.translation(level),
+            pixel_size=None if size is None else PixelSize(*size),
         )
     if level:
         raise ConfigError(f"{p}: --level {level} needs an OME-Zarr input with that level")
     if p.suffix.lower() in (".tif", ".tiff"):
         return _tiff_source(p)
-    whole = read_image(p)
-    arr = whole if whole.ndim == 3 else whole[..., None]
-    return Source(str(p), arr.shape[:2], (1.0, 1.0), {}, lambda ys, xs: arr[ys, xs])
+    loaded = load_image(p)  # small image files: read whole, as predict reads them
+    arr = np.moveaxis(loaded.image, 0, -1)
+    return Source(
+        str(p),
+        arr.shape[:2],
+        (1.0, 1.0),
+        {},
+        lambda ys, xs: arr[ys, xs],
+        pixel_size=loaded.pixel_size,
+    )
 
 
 def _tiff_source(p: Path) -> Source:
@@ -173,6 +196,7 @@ def _tiff_source(p: Path) -> Source:
     with tifffile.TiffFile(p) as tif:
         series = tif.series[0]
         axes, shape = series.axes, series.shape
+        pixel_size = tiff_pixel_size(tif, p)
     names = [a for a in axes if a not in "YXS"]
     if any(shape[axes.index(a)] != 1 for a in names if a != "C"):
         raise DataError(f"{p}: TIFF axes {axes} {shape}: block-wise predict reads 2D images")
@@ -189,29 +213,33 @@ def _tiff_source(p: Path) -> Source:
         )
         return block if block.ndim == 3 else block[..., None]
 
-    return Source(str(p), (shape[axes.index("Y")], shape[axes.index("X")]), (1.0, 1.0), {}, read)
+    yx = (shape[axes.index("Y")], shape[axes.index("X")])
+    return Source(str(p), yx, (1.0, 1.0), {}, read, pixel_size=pixel_size)
 
 
 # --- normalisation -----------------------------------------------------------------------
 def normalization_stats(
-    source: Source, mode: str, block_size: int
+    source: Source,
+    mode: str,
+    block_size: int,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(centre, scale) per channel as ``data.transforms.Normalize(mode)`` computes them on
-    the whole float image; None for ``mode="none"``."""
+    """(centre, scale) per channel as ``data.transforms.Normalize(mode, percentiles=...)``
+    computes them on the whole float image; None for ``mode="none"``."""
     if mode == "none":
         return None
     n_y, n_x = source.shape
     if n_y * n_x <= EXACT_STATS_PIXELS:
-        image = to_float_image(source.window(slice(None), slice(None)), path=source.path)
+        image = source.pixels(slice(None), slice(None))
         flat = image.reshape(image.shape[0], -1)
         if mode == "zscore":
             return flat.mean(axis=1), flat.std(axis=1)
-        low, high = np.percentile(flat, [1.0, 99.0], axis=1)
+        low, high = np.percentile(flat, list(percentiles), axis=1)
         return low, high - low
     stride = max(1, math.ceil(math.sqrt(n_y * n_x / _SAMPLE_PIXELS)))
     total, squares, count, samples = 0.0, 0.0, 0, []
     for block in block_grid(source.shape, block_size):
-        x = to_float_image(source.window(*block.slices), path=source.path)
+        x = source.pixels(*block.slices)
         flat = x.reshape(x.shape[0], -1).astype(np.float64)
         total = total + flat.sum(1)
         squares = squares + (flat**2).sum(1)
@@ -223,7 +251,7 @@ def normalization_stats(
             np.float32
         )
     sample = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
-    low, high = np.percentile(sample, [1.0, 99.0], axis=1)
+    low, high = np.percentile(sample, list(percentiles), axis=1)
     return low, high - low
 
 
@@ -347,8 +375,8 @@ def region_probabilities(
     ]
     lo = [min(int(r[a].min()) for r in reads) for a in (0, 1)]
     hi = [max(int(r[a].max()) for r in reads) + 1 for a in (0, 1)]
-    raw = source.window(slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-    image = torch.from_numpy(normalize(to_float_image(raw, path=source.path), stats))
+    raw = source.pixels(slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    image = torch.from_numpy(normalize(raw, stats))
     here = region
     out: torch.Tensor | None = None
     position = {g: k for k, (g, _) in enumerate(tiles)}

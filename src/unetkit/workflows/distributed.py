@@ -8,7 +8,8 @@ probabilities of a block are computed from the *same global tile grid*, in the s
 and with the same weights as the single-process engine (``inference.tiling``), so the
 stitched class mask equals ``workflows.segment.predict_image`` exactly. Instances are
 labelled per block and stitched across borders (``segmentation.stitching``); a second pass
-writes the final ids, a third builds the pyramids.
+writes the final ids and sums each block's objects for the object table
+(``workflows.block_outputs``), a third builds the pyramids.
 
 Resumable: each finished block leaves a marker in ``<out>.zarr/.unetkit/``; a rerun skips
 them. Many images share one client: all their blocks go to the same workers.
@@ -38,6 +39,7 @@ import torch
 
 from unetkit._atomic import atomic_write_bytes, atomic_write_text
 from unetkit.data.io import list_images
+from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
 from unetkit.inference.backends import load_inference_model, options_for
@@ -49,6 +51,7 @@ from unetkit.segmentation.stitching import (
     merge_labels,
     overlap_pairs,
 )
+from unetkit.workflows import block_outputs
 from unetkit.workflows.blocks import (
     Block,
     BlockOptions,
@@ -61,6 +64,8 @@ from unetkit.workflows.blocks import (
 )
 from unetkit.workflows.dask_cluster import Progress, run_tasks
 from unetkit.workflows.segment import InferenceOptions
+from unetkit.workflows.segment_files import trained_channels
+from unetkit.workflows.segment_outputs import OutputOptions
 
 __all__ = ["BlockOptions", "block_inputs", "predict_blocks"]
 
@@ -117,7 +122,7 @@ def _predict_block(job: _Job, block: Block) -> str:
         return str(marker)  # resumed: done in an earlier run
     model, meta = _worker_model(job.checkpoint)
     options = options_for(model, job.options)
-    source = open_source(job.source, job.blocks.level)
+    source = open_source(job.source, job.blocks.level, job.options.channels)
     boundary = meta.get("target", "semantic") == "boundary"
     halo = job.blocks.label_halo if boundary else 0
     region = block.grown(halo, job.shape)
@@ -160,17 +165,22 @@ _SIDES = {
 }
 
 
-def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> None:
-    """Pass 2: local ids -> final ids (and, for watershed targets, the mask of kept objects)."""
-    marker = _marker(job, "final", block).with_suffix(".done")
+def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> str:
+    """Pass 2: local ids -> final ids (and, for watershed targets, the mask of kept
+    objects); the block's sums for the object table go into its marker."""
+    marker = _marker(job, "final", block)
     if marker.is_file():
-        return
+        return str(marker)
     arrays = ome_zarr.open_prediction(job.out)
     final = lut[np.asarray(_scratch(job, "r")[block.slices])]
     arrays["instances"][0][block.slices] = final
     if boundary:  # predict_image: the mask of a watershed target is its kept objects
         arrays["mask"][0][block.slices] = (final > 0).astype(np.uint8)
-    atomic_write_text(marker, "")
+    image = open_source(job.source, job.blocks.level, job.options.channels).pixels(*block.slices)
+    buf = io.BytesIO()
+    np.savez(buf, **block_outputs.object_sums(final, image, block))
+    atomic_write_bytes(marker, buf.getvalue())
+    return str(marker)
 
 
 def _pyramid_chunk(out: str, key: str, level: int, row: int, col: int) -> None:
@@ -259,16 +269,20 @@ def _prepare(
     out_dir: Path,
     options: InferenceOptions,
     blocks: BlockOptions,
-    probabilities: bool,
+    outputs: OutputOptions,
     model: torch.nn.Module,
     meta: dict[str, Any],
 ) -> _Job:
     """Check one input, create its output store and the job the workers get (absolute
     paths: a remote worker's working folder is not ours)."""
     path, out = path.resolve(), (out_dir / f"{_stem(path)}.zarr").resolve()
-    if out == path:
-        raise DataError(f"{out}: output would overwrite an input image; choose another --out")
-    source = open_source(str(path), blocks.level)
+    files = block_outputs.output_files(out.parent, out.name[: -len(".zarr")])
+    if path in (out, *files.values()):
+        raise DataError(f"{path}: an output would overwrite this input; choose another --out")
+    source = open_source(str(path), blocks.level, options.channels)
+    _check_channels(source, model)
+    block_outputs.check_scale(meta, options, source, blocks.level)
+    block_outputs.check_outputs(outputs, path, source.shape)
     plan = tile_plan(model, source.shape, options)
     halo = plan.halo + (blocks.label_halo if meta.get("target") == "boundary" else 0)
     if blocks.block_size < halo:
@@ -276,11 +290,14 @@ def _prepare(
             f"--block-size {blocks.block_size} is smaller than the halo of {halo} px "
             f"(tile {plan.window[1][0]} + label halo); use --block-size {halo} or more"
         )
-    _check_resume(out, [str(Path(checkpoint).resolve()), str(path), options, blocks, probabilities])
-    channels = int(getattr(model, "out_channels", 2))
+    if outputs.overwrite and (out / _MARKERS).is_dir():  # a store of ours: start afresh
+        shutil.rmtree(out)
+    settings = dataclasses.replace(outputs, overwrite=False)
+    _check_resume(out, [str(Path(checkpoint).resolve()), str(path), options, blocks, settings])
     done = (out / _MARKERS / "complete.json").is_file()
     mode = meta.get("normalize", "zscore")
-    stats = None if done else normalization_stats(source, mode, blocks.block_size)
+    percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
+    stats = None if done else normalization_stats(source, mode, blocks.block_size, percentiles)
     job = _Job(
         str(Path(checkpoint).resolve()),
         str(path),
@@ -289,22 +306,36 @@ def _prepare(
         options,
         blocks,
         stats,
-        probabilities,
-        channels,
+        outputs.save_probabilities,
+        int(getattr(model, "out_channels", 2)),
     )
+    scale, units = source.scale, source.units
+    if options.pixel_size is not None:  # the user's pixel size wins, as on the whole path
+        scale, units = (options.pixel_size,) * 2, dict.fromkeys("yx", "micrometer")
     ome_zarr.create_prediction(
         out,
         source.shape,
         chunk=blocks.block_size,
-        scale=source.scale,
+        scale=scale,
         translation=source.translation,
-        units=source.units,
-        num_classes=channels,
-        probabilities=probabilities,
+        units=units,
+        num_classes=job.num_classes,
+        probabilities=outputs.save_probabilities,
     )
     if not done:
         _scratch(job, "a")  # here, once: tasks creating it at once would race
     return job
+
+
+def _check_channels(source: Any, model: torch.nn.Module) -> None:
+    """DataError naming the file when its (picked) channels are not the model's."""
+    found = source.pixels(slice(0, 1), slice(0, 1)).shape[0]
+    expected = getattr(model, "in_channels", None)
+    if expected is not None and found != expected:
+        raise DataError(
+            f"{source.path}: image has {found} channel(s), the model takes {expected}; "
+            "pick and order channels with --channels (e.g. --channels 0 or 1,0)"
+        )
 
 
 def _check_resume(out: Path, settings: list[Any]) -> None:
@@ -328,7 +359,7 @@ def predict_blocks(
     options: InferenceOptions | None = None,
     blocks: BlockOptions | None = None,
     *,
-    probabilities: bool = False,
+    outputs: OutputOptions | None = None,
     client: Any = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
@@ -336,8 +367,12 @@ def predict_blocks(
 
     Writes ``<out_dir>/<stem>.zarr`` per image (OME-Zarr 0.5): class mask, instance labels
     (``labels/instances``, uint32) and optionally probabilities, each a pyramid with the
-    input's physical scale. The mask equals ``predict_image`` on the whole image with the
-    same options (``tile=None`` here means the engine's default tile for large images).
+    input's physical scale; and ``<stem>_objects.csv`` (the object table of
+    ``predict``), plus the exports ``outputs`` asks for (see ``workflows.block_outputs``).
+    The mask equals ``predict_image`` on the whole image with the same options
+    (``tile=None`` here means the engine's default tile for large images). Channels are
+    picked as ``predict`` picks them (``options.channels``, else the checkpoint's); an
+    input off the checkpoint's training scale is refused, not rescaled.
 
     Args:
         checkpoint: a ``.safetensors`` checkpoint (each worker loads it once).
@@ -345,7 +380,8 @@ def predict_blocks(
         out_dir: output folder (created).
         options: the inference options of ``workflows.segment`` (default: its defaults).
         blocks: block size, label halo and OME-Zarr level (default: ``BlockOptions()``).
-        probabilities: also write the class probabilities.
+        outputs: ``predict``'s output options (default: ``OutputOptions()``);
+            ``overwrite`` restarts a store an earlier run left instead of resuming it.
         client: a ``distributed.Client`` (see :func:`dask_client`); None runs here.
         progress: called as ``progress(stage, done, total)``.
 
@@ -358,14 +394,13 @@ def predict_blocks(
             f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)"
         )
     options = options_for(model, options or InferenceOptions())
-    blocks = blocks or BlockOptions()
+    if options.channels is None:  # as predict does: the channels the model was trained on
+        options = dataclasses.replace(options, channels=trained_channels(meta))
+    blocks, outputs = blocks or BlockOptions(), outputs or OutputOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = block_inputs(inputs)
-    jobs = [
-        _prepare(str(checkpoint), f, out, options, blocks, probabilities, model, meta)
-        for f in files
-    ]
+    jobs = [_prepare(str(checkpoint), f, out, options, blocks, outputs, model, meta) for f in files]
     todo = [j for j in jobs if not (Path(j.out) / _MARKERS / "complete.json").is_file()]
     grids = {j.out: block_grid(j.shape, blocks.block_size) for j in todo}
     run_tasks(
@@ -377,6 +412,23 @@ def predict_blocks(
         luts = _stitch(j, grids[j.out], boundary, options.min_size)
         finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
     run_tasks(client, _finish_block, finals, "stitch", progress)
+    _pyramids(todo, client, progress)
+    for j in todo:
+        count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
+        _write_tables(j, grids[j.out], count, outputs)
+        summary = {"objects": count, "blocks": len(grids[j.out])}
+        atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
+        # the local labels go only once the image is complete: a resumed run needs them
+        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
+    rows = []
+    for j in jobs:
+        summary = json.loads((Path(j.out) / _MARKERS / "complete.json").read_text())
+        rows.append({"image": j.source, "output": j.out, **summary})
+    return rows
+
+
+def _pyramids(todo: list[_Job], client: Any, progress: Progress | None) -> None:
+    """Pass 3: the coarser levels of every array, level by level, one task per chunk."""
     depth = {j.out: len(ome_zarr.open_prediction(j.out)["mask"]) for j in todo}
     for level in range(1, max(depth.values(), default=1)):
         tasks = [
@@ -387,14 +439,14 @@ def predict_blocks(
             for row, col in ome_zarr.pyramid_chunks(levels[level])
         ]
         run_tasks(client, _pyramid_chunk, tasks, f"pyramid level {level}", progress)
-    for j in todo:
-        count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
-        summary = {"objects": count, "blocks": len(grids[j.out])}
-        atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
-        # the local labels go only once the image is complete: a resumed run needs them
-        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
-    rows = []
-    for j in jobs:
-        summary = json.loads((Path(j.out) / _MARKERS / "complete.json").read_text())
-        rows.append({"image": j.source, "output": j.out, **summary})
-    return rows
+
+
+def _write_tables(job: _Job, grid: list[Block], count: int, outputs: OutputOptions) -> None:
+    """The object table (from the blocks' pass-2 sums) and the exports of one image."""
+    parts = [dict(np.load(_marker(job, "final", b))) for b in grid]
+    source = open_source(job.source, job.blocks.level, job.options.channels)
+    pixel_size = block_outputs.input_pixel_size(source, job.options)
+    rows = block_outputs.object_table_rows(parts, count, pixel_size)
+    out = Path(job.out)
+    files = block_outputs.output_files(out.parent, out.name[: -len(".zarr")])
+    block_outputs.write_tables(out, files, rows, outputs)

@@ -38,6 +38,9 @@ from unetkit.segmentation.postprocess import (
 
 log = logging.getLogger(__name__)
 
+#: inputs within 1 % of the training scale are predicted as they are (not resampled)
+RESCALE_TOLERANCE = 0.01
+
 
 @dataclasses.dataclass
 class Prediction:
@@ -175,7 +178,7 @@ def predict_image(
     ``scale`` (see :func:`scale_factor`): the image is zoomed by it before prediction
     and the results are mapped back to its own grid (labels by nearest neighbour).
     ``progress(tiles_done, tiles_total)`` is called as tiles finish (raising stops)."""
-    if abs(scale - 1.0) > 0.01:
+    if abs(scale - 1.0) > RESCALE_TOLERANCE:
         shape = image.shape[1:]
         zoomed = tuple(max(1, round(n * scale)) for n in shape)
         small = scale < 1
