@@ -46,7 +46,7 @@ __all__ = [
     "instances_from_boundary",
     "instances_from_distance",
     "instances_from_semantic",
-    "object_rows",
+    "object_columns",
     "object_table",
     "probabilities_to_labels",
     "remove_small_objects",
@@ -319,17 +319,25 @@ def object_table(
         for chan, name in zip(channels, names, strict=True):
             sums = np.bincount(flat, weights=chan.ravel(), minlength=len(areas))
             columns[name] = sums[keep] / areas[keep]
-    return object_rows(ids, areas[keep], columns, pixel_size=pixel_size)
+    table = object_columns(ids, areas[keep], columns, pixel_size=pixel_size)
+    measured = [(name, col) for name, col in table.items() if name not in ("label", "area")]
+    rows: list[dict[str, float | int]] = []
+    for k, (label, area) in enumerate(zip(ids, areas[keep], strict=True)):
+        row: dict[str, float | int] = {"label": int(label), "area": int(area)}
+        row.update({name: float(col[k]) for name, col in measured})
+        rows.append(row)
+    return rows
 
 
-def object_rows(
+def object_columns(
     ids: np.ndarray,
     areas: np.ndarray,
     columns: dict[str, np.ndarray],
     *,
     pixel_size: Sequence[float] | None = None,
-) -> list[dict[str, float | int]]:
-    """:func:`object_table` rows from per-object columns (e.g. summed block by block).
+) -> dict[str, np.ndarray]:
+    """:func:`object_table`'s columns, in its order, from per-object values (e.g. summed
+    block by block): ``label``, ``area``, the given ``columns``, then the µm columns.
 
     Args:
         ids: object labels (n,).
@@ -338,15 +346,11 @@ def object_rows(
             values (``mean_intensity...``), each (n,).
         pixel_size: µm per pixel along each axis: adds the µm columns.
     """
-    ndim = sum(1 for name in columns if name.startswith("centroid_"))
+    ndim = sum(1 for name in columns if name.startswith("centroid_") and "_um" not in name)
+    table = {"label": np.asarray(ids), "area": np.asarray(areas), **columns}
     if pixel_size is not None:
-        columns = {**columns, **_physical_columns(columns, areas, pixel_size, ndim)}
-    rows: list[dict[str, float | int]] = []
-    for k, (label, area) in enumerate(zip(ids, areas, strict=True)):
-        row: dict[str, float | int] = {"label": int(label), "area": int(area)}
-        row.update({name: float(col[k]) for name, col in columns.items()})
-        rows.append(row)
-    return rows
+        table.update(_physical_columns(columns, np.asarray(areas), pixel_size, ndim))
+    return table
 
 
 _MEASURE = {1: "length_um", 2: "area_um2", 3: "volume_um3"}

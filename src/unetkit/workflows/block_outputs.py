@@ -4,8 +4,8 @@
 path (``workflows.segment_outputs.OutputOptions``):
 
 * the object table ``<stem>_objects.csv`` is always written: :func:`object_sums` runs on
-  each block's final labels (on a worker) and :func:`object_table_rows` adds the blocks
-  up, so the table equals ``object_table`` on the whole label image without holding it;
+  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up, so the
+  table equals ``object_table`` on the whole label image without holding it;
 * ``save_probabilities``: a ``probabilities`` pyramid inside the store;
 * ``geojson`` / ``imagej_rois``: ``<stem>.geojson`` / ``<stem>_RoiSet.zip``, traced from
   the whole label image, so only for images up to :data:`EXPORT_PIXELS` (refused before
@@ -19,29 +19,31 @@ rescaled (the whole-image path resamples it; block-wise predict does not).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from unetkit._atomic import atomic_path
 from unetkit.data.tiff import PixelSize
 from unetkit.errors import ConfigError
 from unetkit.formats import ome_zarr
 from unetkit.formats.geojson import write_geojson
 from unetkit.formats.imagej_roi import write_roi_zip
-from unetkit.segmentation.postprocess import object_rows, write_object_table_csv
+from unetkit.segmentation.postprocess import object_columns
 from unetkit.workflows.blocks import Block, Source
 from unetkit.workflows.segment import RESCALE_TOLERANCE, InferenceOptions, scale_factor
 from unetkit.workflows.segment_outputs import OutputOptions
 
 __all__ = [
     "EXPORT_PIXELS",
+    "ObjectTable",
     "check_outputs",
     "check_scale",
+    "input_pixel_size",
     "object_sums",
-    "object_table_rows",
     "output_files",
+    "write_columns_csv",
     "write_tables",
 ]
 
@@ -123,59 +125,83 @@ def _level_at_scale(source: Source, level: int, scale: float) -> int | None:
 
 
 # --- the object table, block by block ----------------------------------------------------
-def object_sums(final: np.ndarray, image: np.ndarray, block: Block) -> dict[str, np.ndarray]:
-    """Per object id in a block: pixel count, sums of its (image) row and column
-    coordinates, and sums of each channel of the float ``C×h×w`` image under it."""
-    ids, inverse = np.unique(final, return_inverse=True)
-    inverse = inverse.ravel()
-    rows, cols = np.indices(final.shape)
+def object_sums(
+    local: np.ndarray, lut: np.ndarray, image: np.ndarray, block: Block
+) -> dict[str, np.ndarray]:
+    """Per local label of a block (ids 0..n, ``lut`` maps them to final ids): pixel
+    count, sums of the image row and column coordinates, and sums of each channel of the
+    float ``C×h×w`` image under it. Bin counts only: local ids are already 0..n."""
+    flat, n = local.ravel(), len(lut)
+    h, w = local.shape
+    rows = np.repeat(np.arange(block.y0, block.y0 + h, dtype=np.float64), w)
+    cols = np.tile(np.arange(block.x0, block.x0 + w, dtype=np.float64), h)
     return {
-        "ids": ids.astype(np.int64),
-        "area": np.bincount(inverse, minlength=len(ids)),
-        "sum_y": np.bincount(inverse, weights=(rows + block.y0).ravel(), minlength=len(ids)),
-        "sum_x": np.bincount(inverse, weights=(cols + block.x0).ravel(), minlength=len(ids)),
-        "sum_i": np.stack(
-            [np.bincount(inverse, weights=c.ravel(), minlength=len(ids)) for c in image]
-        ),
+        "ids": lut.astype(np.int64),
+        "area": np.bincount(flat, minlength=n),
+        "sum_y": np.bincount(flat, weights=rows, minlength=n),
+        "sum_x": np.bincount(flat, weights=cols, minlength=n),
+        "sum_i": np.stack([np.bincount(flat, weights=c.ravel(), minlength=n) for c in image]),
     }
 
 
-def object_table_rows(
-    parts: Sequence[dict[str, np.ndarray]],
-    count: int,
-    pixel_size: PixelSize | None,
-) -> list[dict[str, float | int]]:
-    """``object_table(labels, image, pixel_size=...)`` rows of the whole image, from the
-    :func:`object_sums` of its blocks; ``count``: the largest object id."""
-    channels = parts[0]["sum_i"].shape[0] if parts else 1
-    area = np.zeros(count + 1, np.int64)
-    sums = np.zeros((2 + channels, count + 1))
-    for part in parts:  # ids are unique within a part: fancy-index adds are exact
+class ObjectTable:
+    """The object table of a whole image, added up from its blocks' :func:`object_sums`
+    (one block at a time: the client never holds more than one block's sums).
+
+    Args:
+        count: the largest final object id.
+        channels: image channels (one ``mean_intensity_<c>`` column each).
+    """
+
+    def __init__(self, count: int, channels: int) -> None:
+        self.area = np.zeros(count + 1, np.int64)
+        self.sums = np.zeros((2 + channels, count + 1))
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        """Add one block's sums (ids may repeat: one object entering a block twice)."""
         ids = part["ids"]
-        area[ids] += part["area"]
-        sums[0, ids] += part["sum_y"]
-        sums[1, ids] += part["sum_x"]
-        sums[2:, ids] += part["sum_i"]
-    keep = np.flatnonzero(area[1:]) + 1
-    means = sums[:, keep] / area[keep]
-    columns = {"centroid_y": means[0], "centroid_x": means[1]}
-    columns.update({f"mean_intensity_{c}": means[2 + c] for c in range(channels)})
-    spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
-    return object_rows(keep, area[keep], columns, pixel_size=spacing)
+        np.add.at(self.area, ids, part["area"])
+        for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
+            np.add.at(self.sums[row], ids, values)
+
+    def columns(self, pixel_size: PixelSize | None) -> dict[str, np.ndarray]:
+        """``object_table``'s columns (objects 1..count that have pixels)."""
+        keep = np.flatnonzero(self.area[1:]) + 1
+        means = self.sums[:, keep] / self.area[keep]
+        values = {"centroid_y": means[0], "centroid_x": means[1]}
+        values.update({f"mean_intensity_{c}": m for c, m in enumerate(means[2:])})
+        spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
+        return object_columns(keep, self.area[keep], values, pixel_size=spacing)
+
+
+def write_columns_csv(path: Path, columns: dict[str, np.ndarray], rows: int = 65536) -> None:
+    """A table as ``write_object_table_csv`` writes it (ints as ints, floats as Python
+    prints them), atomically, ``rows`` lines at a time: millions of objects stay fast."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(",".join(columns) + "\n")
+        for start in range(0, n, rows):
+            parts = [
+                map(str, col[start : start + rows].tolist())  # str(float) == repr(float)
+                for col in columns.values()
+            ]
+            f.writelines(",".join(line) + "\n" for line in zip(*parts, strict=True))
 
 
 def write_tables(
     store: Path,
     files: dict[str, Path],
-    rows: list[dict[str, float | int]],
+    columns: dict[str, np.ndarray],
     outputs: OutputOptions,
 ) -> None:
     """The object table, and the exports asked for (traced from the store's labels)."""
-    write_object_table_csv(rows, files["table"])
+    write_columns_csv(files["table"], columns)
     if not (outputs.geojson or outputs.imagej_rois):
         return
     instances = np.asarray(ome_zarr.open_prediction(store)["instances"][0][:])
     if outputs.geojson:
+        names, values = list(columns), zip(*columns.values(), strict=True)
+        rows = [dict(zip(names, row, strict=True)) for row in values]
         write_geojson(files["geojson"], instances, rows, object_type=outputs.object_type)
     if outputs.imagej_rois:
         write_roi_zip(files["imagej_rois"], instances)

@@ -126,7 +126,7 @@ def _predict_block(job: _Job, block: Block) -> str:
     boundary = meta.get("target", "semantic") == "boundary"
     halo = job.blocks.label_halo if boundary else 0
     region = block.grown(halo, job.shape)
-    plan = tile_plan(model, job.shape, options)
+    plan = tile_plan(model, job.shape, options, job.blocks.block_size)
     probs = region_probabilities(model, source, plan, region, options, job.stats)
     core = block.within(region)
     arrays = ome_zarr.open_prediction(job.out)
@@ -172,13 +172,14 @@ def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> s
     if marker.is_file():
         return str(marker)
     arrays = ome_zarr.open_prediction(job.out)
-    final = lut[np.asarray(_scratch(job, "r")[block.slices])]
+    local = np.asarray(_scratch(job, "r")[block.slices])
+    final = lut[local]
     arrays["instances"][0][block.slices] = final
     if boundary:  # predict_image: the mask of a watershed target is its kept objects
         arrays["mask"][0][block.slices] = (final > 0).astype(np.uint8)
     image = open_source(job.source, job.blocks.level, job.options.channels).pixels(*block.slices)
     buf = io.BytesIO()
-    np.savez(buf, **block_outputs.object_sums(final, image, block))
+    np.savez(buf, **block_outputs.object_sums(local, lut, image, block))
     atomic_write_bytes(marker, buf.getvalue())
     return str(marker)
 
@@ -283,7 +284,7 @@ def _prepare(
     _check_channels(source, model)
     block_outputs.check_scale(meta, options, source, blocks.level)
     block_outputs.check_outputs(outputs, path, source.shape)
-    plan = tile_plan(model, source.shape, options)
+    plan = tile_plan(model, source.shape, options, blocks.block_size)
     halo = plan.halo + (blocks.label_halo if meta.get("target") == "boundary" else 0)
     if blocks.block_size < halo:
         raise ConfigError(
@@ -443,10 +444,13 @@ def _pyramids(todo: list[_Job], client: Any, progress: Progress | None) -> None:
 
 def _write_tables(job: _Job, grid: list[Block], count: int, outputs: OutputOptions) -> None:
     """The object table (from the blocks' pass-2 sums) and the exports of one image."""
-    parts = [dict(np.load(_marker(job, "final", b))) for b in grid]
     source = open_source(job.source, job.blocks.level, job.options.channels)
-    pixel_size = block_outputs.input_pixel_size(source, job.options)
-    rows = block_outputs.object_table_rows(parts, count, pixel_size)
+    channels = source.pixels(slice(0, 1), slice(0, 1)).shape[0]
+    table = block_outputs.ObjectTable(count, channels)
+    for b in grid:
+        with np.load(_marker(job, "final", b)) as part:
+            table.add(dict(part))
+    columns = table.columns(block_outputs.input_pixel_size(source, job.options))
     out = Path(job.out)
     files = block_outputs.output_files(out.parent, out.name[: -len(".zarr")])
-    block_outputs.write_tables(out, files, rows, outputs)
+    block_outputs.write_tables(out, files, columns, outputs)
