@@ -87,7 +87,9 @@ def run_tasks(
         return results
     from distributed import as_completed
 
-    futures = [client.submit(fn, *item, pure=False) for item in items]
+    if not items:
+        return []
+    futures = client.map(fn, *zip(*items, strict=True), pure=False)  # one message, not N
     for done, _ in enumerate(as_completed(futures), 1):
         if progress:
             progress(stage, done, len(items))

@@ -99,15 +99,19 @@ def _worker_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 def _load_model(checkpoint: str, mtime_ns: int, size: int) -> tuple[torch.nn.Module, dict]:
     """Loaded once per worker process (and checkpoint version), reused by every block.
 
-    A worker process runs torch on as many threads as Dask gave it (not on every core);
-    threads of this process (``processes=False``) keep the process's setting. Reductions
-    (e.g. GroupNorm) round differently with another thread count, so bit-for-bit equality
-    with a single-process run holds at the same torch thread count."""
+    A worker process runs torch on one thread: Dask runs ``nthreads`` blocks at once per
+    worker (its own parallelism, as its nanny's ``OMP_NUM_THREADS=1`` says), and blocks
+    that each spread over every core would fight for them (``local:1`` and ``local:2``
+    then run the same per-worker setting). Threads of this process (``processes=False``)
+    keep the process's setting. Reductions (e.g. GroupNorm) round differently with
+    another thread count, so bit-for-bit equality with a single-process run holds at the
+    same torch thread count."""
     if multiprocessing.parent_process() is not None:
         with contextlib.suppress(ImportError, ValueError):
             from distributed import get_worker
 
-            torch.set_num_threads(max(1, get_worker().state.nthreads))
+            get_worker()  # raises ValueError outside a Dask worker
+            torch.set_num_threads(1)
     return load_inference_model(checkpoint)
 
 
