@@ -18,7 +18,7 @@ _API = {
     "read_metadata": "unetkit.formats.checkpoint",
     "save": "unetkit.formats.checkpoint",
     "predict": "unetkit.workflows.segment",
-    "make_recipe": "unetkit.workflows.segment_train",
+    "make_recipe": "unetkit.workflows.segment_recipe",
     "train": "unetkit.workflows.segment_train",
 }
 

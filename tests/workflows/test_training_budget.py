@@ -148,3 +148,18 @@ def test_dim_16_bit_images_are_normalised_whole_before_augmentation(tmp_path) ->
             assert np.ptp(img) < 0.5
     held_out = data.val.sample(0, None)["image"].numpy()  # background only, whole-image scale
     assert np.abs(held_out).max() < 0.05
+
+
+def test_the_training_object_size_is_recorded_and_sets_the_min_object_size(tmp_path) -> None:
+    from unetkit.formats.checkpoint import read_metadata
+    from unetkit.workflows.segment import min_object_size
+
+    # objects of 72, 80 and 48 pixels: equivalent diameters 9.57, 10.09 and 7.82
+    recipe = R.make_recipe(data=_folder(tmp_path / "d", 2), epochs=1, steps_per_epoch=1, **TINY)
+    R.train(recipe, tmp_path / "run", progress=False)
+    meta = read_metadata(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert meta["object_diameter"] == pytest.approx(2 * np.sqrt(72 / np.pi), abs=0.01)
+    assert min_object_size(meta, 2) == 7  # 10 % of the median object's 72 pixels
+    assert min_object_size(meta, 2, given=3) == 3
+    assert min_object_size({}, 2) == 10  # older checkpoints: the fixed default
+    assert min_object_size({"object_diameter": 10.0}, 3) == 52  # a ball: pi d^3 / 6

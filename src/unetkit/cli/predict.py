@@ -33,7 +33,11 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--batch-size", type=F.positive_int, default=4, help="tiles per forward pass")
     p.add_argument(
-        "--min-size", type=F.nonnegative_int, default=10, help="drop objects smaller (px)"
+        "--min-size",
+        type=F.nonnegative_int,
+        default=None,
+        help="drop objects with fewer pixels (default: 10%% of the median training "
+        "object's area, as the checkpoint records it, else 10)",
     )
     p.add_argument(
         "--precision",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from unetkit.data.datasets import fmt_size
+from unetkit.data.segmentation_base import fmt_size
 from unetkit.errors import ConfigError, DataError
 
 __all__ = ["RandomDraws", "spatial_split"]

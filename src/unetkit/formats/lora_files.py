@@ -40,12 +40,12 @@ from unetkit.formats.lora_layouts import (
 )
 from unetkit.nn.lora import LoRALayer
 from unetkit.nn.lora_inject import (
-    _candidates,
     _set_submodule,
     load_lora_state_dict,
     lora_metadata,
     lora_state_dict,
 )
+from unetkit.nn.lora_targets import wrappable_layers
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def load_adapter(
     Example:
         >>> load_adapter(unet, "lora.safetensors", adapter_name="style")  # doctest: +SKIP
     """
-    names = list(_candidates(model))
+    names = list(wrappable_layers(model))
     if isinstance(path_or_state, Adapter):
         adapter, source = path_or_state, "adapter"
     elif isinstance(path_or_state, Mapping):
@@ -277,7 +277,7 @@ def verify_adapter(
         "ranks": sorted ranks, "relative_change": ||y_lora − y|| / ||y||,
         "max_abs_change": float}``.
     """
-    names = list(_candidates(model))
+    names = list(wrappable_layers(model))
     adapter = (
         read_adapter(path, module_names=names, strict=False)
         if not isinstance(path, Mapping)

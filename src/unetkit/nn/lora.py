@@ -21,7 +21,7 @@ is computed in float32 (or wider), and the weight seen before the first merge is
 ``unmerge`` restores it bit for bit whatever the dtype.
 
 The injection helpers (``inject_lora``, ``merge_lora``, ``lora_state_dict``...) live in
-``unetkit.nn.lora_inject`` and are re-exported here.
+``unetkit.nn.lora_inject``; which layers a target pattern selects, in ``unetkit.nn.lora_targets``.
 """
 
 from __future__ import annotations

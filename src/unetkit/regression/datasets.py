@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from unetkit.data.datasets import fmt_size, validate_all
 from unetkit.data.io import list_images, read_image, to_float_image
+from unetkit.data.segmentation_base import fmt_size, validate_all
 from unetkit.data.transforms import Transform
 from unetkit.errors import ConfigError, DataError
 from unetkit.regression.io import TARGET_EXTENSIONS, read_target, validity_mask

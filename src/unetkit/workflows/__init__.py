@@ -3,7 +3,8 @@ predict / evaluate / generate pipelines that every front-end (CLI, napari, web, 
 
 Modules:
     segment        predict / evaluate files and arrays with a segmentation or regression model
-    segment_train  segmentation and regression recipes and ``train``
+    segment_recipe the segmentation and regression recipe (config, presets, config.json)
+    segment_train  ``train``: a recipe -> data, model, loss, trainer
     calibrate      seed-threshold calibration on validation data
     report         end-of-run reports and sample pictures
     diffuse        ``DiffusionPipeline``: generate / inpaint

@@ -22,6 +22,7 @@ from unetkit.formats.lora_files import read_adapter, write_adapter
 from unetkit.inference.tiling import predict_tiled
 from unetkit.segmentation.instances import instance_ap, instance_ap_range
 from unetkit.segmentation.postprocess import instances_from_boundary
+from unetkit.workflows.segment import min_object_size
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,11 @@ def calibrate_seed_threshold(checkpoint: str | os.PathLike, val_data: Dataset) -
     samples = [s for s in samples if "instances" in s]
     if not samples:
         return None
-    model, _ = load_with_metadata(checkpoint)
+    model, meta = load_with_metadata(checkpoint)
     probs = [predict_tiled(model, s["image"]).numpy() for s in samples]
     truths = [np.asarray(s["instances"]) for s in samples]
-    threshold, ap = best_seed_threshold(probs, truths)
+    min_size = min_object_size(user_metadata(meta), truths[0].ndim)  # as predict will use
+    threshold, ap = best_seed_threshold(probs, truths, min_size=min_size)
     log.info("instance seeds: p(interior) > %.2f (validation AP@0.5 %.3f)", threshold, ap)
     if is_adapter_file(checkpoint):
         adapter = read_adapter(checkpoint)

@@ -63,7 +63,7 @@ from unetkit.workflows.blocks import (
     tile_plan,
 )
 from unetkit.workflows.dask_cluster import Progress, run_tasks
-from unetkit.workflows.segment import InferenceOptions
+from unetkit.workflows.segment import InferenceOptions, min_object_size
 from unetkit.workflows.segment_files import trained_channels
 from unetkit.workflows.segment_outputs import OutputOptions
 
@@ -414,7 +414,7 @@ def predict_blocks(
     boundary = meta.get("target", "semantic") == "boundary"
     finals = []
     for j in todo:
-        luts = _stitch(j, grids[j.out], boundary, options.min_size)
+        luts = _stitch(j, grids[j.out], boundary, min_object_size(meta, 2, options.min_size))
         finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
     run_tasks(client, _finish_block, finals, "stitch", progress)
     _pyramids(todo, client, progress)

@@ -19,7 +19,7 @@ from unetkit.workflows.segment import (
     evaluate_regression,
     load_for_inference,
 )
-from unetkit.workflows.segment_train import SegmentationRecipe
+from unetkit.workflows.segment_recipe import SegmentationRecipe
 
 HELDOUT_SEED_OFFSET = 20_000  # train uses seed, validation seed + 10_000
 HELDOUT_IMAGES = 8

@@ -23,6 +23,7 @@ from skimage.transform import resize
 from unetkit import runtime
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import load_image, to_float_image
+from unetkit.data.mask_summary import object_area
 from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import CheckpointError, ConfigError, DataError
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: inputs within 1 % of the training scale are predicted as they are (not resampled)
 RESCALE_TOLERANCE = 0.01
+DEFAULT_MIN_SIZE = 10  # pixels, for checkpoints that do not record their objects' size
+MIN_SIZE_FRACTION = 0.1  # of the median training object's area
 
 
 @dataclasses.dataclass
@@ -60,6 +63,8 @@ class InferenceOptions:
 
     ``channels``: input channels to use, in order (``--channels 1,0``); None: all.
     ``pixel_size``: µm per pixel of the inputs, overriding what the files state.
+    ``min_size``: objects with fewer pixels are dropped; None: 10 % of the median training
+    object's area where the checkpoint records its diameter (fragments, not cells), else 10.
     ``object_diameter``: typical object diameter in the inputs (pixels). With the
     checkpoint's ``pixel_size`` / ``object_diameter`` (the training scale), inputs are
     rescaled to that scale, predicted, and the results mapped back to the input grid.
@@ -69,7 +74,7 @@ class InferenceOptions:
     overlap: float = 0.25
     tta: bool = False
     batch_size: int = 4
-    min_size: int = 10
+    min_size: int | None = None
     precision: str = runtime.DEFAULT_PRECISION
     channels: tuple[int, ...] | None = None
     pixel_size: float | None = None
@@ -82,6 +87,22 @@ class InferenceOptions:
         ):
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ConfigError(f"{flag} {value}: expected a positive number")
+
+
+def min_object_size(meta: dict[str, Any], spatial_dims: int, given: int | None = None) -> int:
+    """Smallest object kept: ``given``, else 10 % of the area of the median training object
+    (checkpoint ``object_diameter``, in training pixels), else ``DEFAULT_MIN_SIZE``.
+
+    Example:
+        >>> min_object_size({"object_diameter": 20.0}, 2)
+        31
+    """
+    if given is not None:
+        return int(given)
+    diameter = meta.get("object_diameter")
+    if not isinstance(diameter, (int, float)) or not diameter > 0:
+        return DEFAULT_MIN_SIZE
+    return max(1, round(MIN_SIZE_FRACTION * object_area(float(diameter), spatial_dims)))
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -198,15 +219,16 @@ def predict_image(
             progress=progress,
         ).numpy()
     target = meta.get("target", "semantic")
+    min_size = min_object_size(meta, probs.ndim - 1, options.min_size)
     if target == "boundary":
         threshold = meta.get("seed_threshold", 0.5)  # calibrated on validation data
         instances = instances_from_boundary(
-            probs, interior_threshold=threshold, min_size=options.min_size, min_seed_size=5
+            probs, interior_threshold=threshold, min_size=min_size, min_seed_size=5
         )
         labels = (instances > 0).astype(np.int64)
     else:
         labels = (probs[0] > 0.5).astype(np.int64) if probs.shape[0] == 1 else probs.argmax(0)
-        instances = instances_from_semantic(labels, min_size=options.min_size)
+        instances = instances_from_semantic(labels, min_size=min_size)
     return Prediction(probs, labels, instances.astype(np.int32))
 
 

@@ -33,7 +33,7 @@ from unetkit.regression import (
 )
 
 if TYPE_CHECKING:  # typing only: the recipe module imports this one
-    from unetkit.workflows.segment_train import SegmentationRecipe
+    from unetkit.workflows.segment_recipe import SegmentationRecipe
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from unetkit.segmentation.metrics import dice, pixel_error
 from unetkit.training.tasks import SupervisedTask
 
 if TYPE_CHECKING:  # typing only: the recipe module imports this one
-    from unetkit.workflows.segment_train import SegmentationRecipe
+    from unetkit.workflows.segment_recipe import SegmentationRecipe
 
 TARGET_CHANNELS = {"semantic": None, "separated": 2, "boundary": 3}  # None: num_classes
 
