@@ -174,20 +174,20 @@ def test_resume_skips_finished_blocks(setup: dict, tmp_path: Path, monkeypatch) 
     clean = tmp_path / "clean"
     predict_blocks(setup["ckpt"]["semantic"], [setup["zarr"]], clean, OPTIONS, opts)
     # a run killed at its last block: three blocks written, then the process dies
-    real = distributed._predict_block
+    real = distributed.predict_block
 
     def dies_at_last_block(job, block):
         if (block.row, block.col) == (1, 1):
             raise KeyboardInterrupt
         return real(job, block)
 
-    monkeypatch.setattr(distributed, "_predict_block", dies_at_last_block)
+    monkeypatch.setattr(distributed, "predict_block", dies_at_last_block)
     with pytest.raises(KeyboardInterrupt):
         predict_blocks(setup["ckpt"]["semantic"], [setup["zarr"]], tmp_path, OPTIONS, opts)
     markers = tmp_path / "cells.zarr" / ".unetkit"
     stamps = {p.name: p.stat().st_mtime_ns for p in markers.glob("block_*.npz")}
     assert sorted(stamps) == ["block_0_0.npz", "block_0_1.npz", "block_1_0.npz"]
-    monkeypatch.setattr(distributed, "_predict_block", real)
+    monkeypatch.setattr(distributed, "predict_block", real)
     seen: list[tuple[str, int, int]] = []
     predict_blocks(
         setup["ckpt"]["semantic"],

@@ -31,7 +31,8 @@ from unetkit.formats import ome_zarr
 from unetkit.formats.geojson import write_geojson
 from unetkit.formats.imagej_roi import write_roi_zip
 from unetkit.segmentation.postprocess import object_columns
-from unetkit.workflows.blocks import Block, Source
+from unetkit.workflows.block_sources import Source
+from unetkit.workflows.blocks import Block
 from unetkit.workflows.segment import RESCALE_TOLERANCE, InferenceOptions, scale_factor
 from unetkit.workflows.segment_outputs import OutputOptions
 

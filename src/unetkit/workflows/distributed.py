@@ -22,12 +22,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import io
 import json
-import multiprocessing
 import os
 import shutil
 from collections.abc import Sequence
@@ -37,31 +33,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetkit._atomic import atomic_write_bytes, atomic_write_text
+from unetkit._atomic import atomic_write_text
 from unetkit.data.io import list_images
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
 from unetkit.inference.backends import load_inference_model, options_for
-from unetkit.segmentation.postprocess import instances_from_boundary
-from unetkit.segmentation.stitching import (
-    core_labels,
-    face_pairs,
-    label_classes,
-    merge_labels,
-    overlap_pairs,
-)
+from unetkit.segmentation.stitching import face_pairs, merge_labels, overlap_pairs
 from unetkit.workflows import block_outputs
-from unetkit.workflows.blocks import (
-    Block,
-    BlockOptions,
-    block_grid,
-    face_strips,
-    normalization_stats,
-    open_source,
-    region_probabilities,
-    tile_plan,
+from unetkit.workflows.block_sources import normalization_stats, open_source
+from unetkit.workflows.block_tasks import (
+    MARKERS,
+    Job,
+    finish_block,
+    marker,
+    predict_block,
+    pyramid_chunk,
+    scratch,
 )
+from unetkit.workflows.blocks import Block, BlockOptions, block_grid, tile_plan
 from unetkit.workflows.dask_cluster import Progress, run_tasks
 from unetkit.workflows.segment import InferenceOptions, min_object_size
 from unetkit.workflows.segment_files import trained_channels
@@ -69,149 +59,7 @@ from unetkit.workflows.segment_outputs import OutputOptions
 
 __all__ = ["BlockOptions", "block_inputs", "predict_blocks"]
 
-_MARKERS = ".unetkit"
 
-
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    """Everything a worker needs for one image (small, picklable)."""
-
-    checkpoint: str
-    source: str
-    out: str
-    shape: tuple[int, int]
-    options: InferenceOptions
-    blocks: BlockOptions
-    stats: tuple[np.ndarray, np.ndarray] | None
-    probabilities: bool
-    num_classes: int
-
-
-# --- worker side -------------------------------------------------------------------------
-def _worker_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The checkpoint's model, loaded once per worker process and file version (a worker
-    of a long-lived cluster sees a checkpoint rewritten at the same path as new)."""
-    stat = os.stat(checkpoint)
-    return _load_model(checkpoint, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_model(checkpoint: str, mtime_ns: int, size: int) -> tuple[torch.nn.Module, dict]:
-    """Loaded once per worker process (and checkpoint version), reused by every block.
-
-    A worker process runs torch on one thread: Dask runs ``nthreads`` blocks at once per
-    worker (its own parallelism, as its nanny's ``OMP_NUM_THREADS=1`` says), and blocks
-    that each spread over every core would fight for them (``local:1`` and ``local:2``
-    then run the same per-worker setting). Threads of this process (``processes=False``)
-    keep the process's setting. Reductions (e.g. GroupNorm) round differently with
-    another thread count, so bit-for-bit equality with a single-process run holds at the
-    same torch thread count."""
-    if multiprocessing.parent_process() is not None:
-        with contextlib.suppress(ImportError, ValueError):
-            from distributed import get_worker
-
-            get_worker()  # raises ValueError outside a Dask worker
-            torch.set_num_threads(1)
-    return load_inference_model(checkpoint)
-
-
-def _marker(job: _Job, kind: str, block: Block) -> Path:
-    return Path(job.out) / _MARKERS / f"{kind}_{block.row}_{block.col}.npz"
-
-
-def _predict_block(job: _Job, block: Block) -> str:
-    """Pass 1: probabilities, class mask, local instance labels and border data of a block."""
-    marker = _marker(job, "block", block)
-    if marker.is_file():
-        return str(marker)  # resumed: done in an earlier run
-    model, meta = _worker_model(job.checkpoint)
-    options = options_for(model, job.options)
-    source = open_source(job.source, job.blocks.level, job.options.channels)
-    boundary = meta.get("target", "semantic") == "boundary"
-    halo = job.blocks.label_halo if boundary else 0
-    region = block.grown(halo, job.shape)
-    plan = tile_plan(model, job.shape, options, job.blocks.block_size)
-    probs = region_probabilities(model, source, plan, region, options, job.stats)
-    core = block.within(region)
-    arrays = ome_zarr.open_prediction(job.out)
-    if boundary:
-        raw = instances_from_boundary(
-            probs, interior_threshold=meta.get("seed_threshold", 0.5), min_seed_size=5
-        )
-        classes = (raw > 0).astype(np.uint8)
-    else:
-        classes = (probs[0] > 0.5) if probs.shape[0] == 1 else probs.argmax(0)
-        classes = classes.astype(np.uint8)
-        raw = label_classes(classes)
-    local, raw_to_local = core_labels(raw, core)
-    arrays["mask"][0][block.slices] = classes[core]
-    if job.probabilities:
-        arrays["probabilities"][0][(slice(None), *block.slices)] = probs[(slice(None), *core)]
-    _scratch(job, "r+")[block.slices] = local
-    data = {"count": np.int64(local.max(initial=0)), "areas": np.bincount(local.ravel())}
-    if boundary:
-        data.update(face_strips(raw_to_local[raw], region, block, job.blocks.label_halo, job.shape))
-    else:
-        for side, index in _SIDES.items():
-            data[f"edge_{side}"] = local[index]
-            data[f"class_{side}"] = classes[core][index]
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **data)
-    atomic_write_bytes(marker, buf.getvalue())
-    return str(marker)
-
-
-_SIDES = {
-    "top": (0, slice(None)),
-    "bottom": (-1, slice(None)),
-    "left": (slice(None), 0),
-    "right": (slice(None), -1),
-}
-
-
-def _finish_block(job: _Job, block: Block, lut: np.ndarray, boundary: bool) -> str:
-    """Pass 2: local ids -> final ids (and, for watershed targets, the mask of kept
-    objects); the block's sums for the object table go into its marker."""
-    marker = _marker(job, "final", block)
-    if marker.is_file():
-        return str(marker)
-    arrays = ome_zarr.open_prediction(job.out)
-    local = np.asarray(_scratch(job, "r")[block.slices])
-    final = lut[local]
-    arrays["instances"][0][block.slices] = final
-    if boundary:  # predict_image: the mask of a watershed target is its kept objects
-        arrays["mask"][0][block.slices] = (final > 0).astype(np.uint8)
-    image = open_source(job.source, job.blocks.level, job.options.channels).pixels(*block.slices)
-    buf = io.BytesIO()
-    np.savez(buf, **block_outputs.object_sums(local, lut, image, block))
-    atomic_write_bytes(marker, buf.getvalue())
-    return str(marker)
-
-
-def _pyramid_chunk(out: str, key: str, level: int, row: int, col: int) -> None:
-    """Pass 3: one chunk of a pyramid level (each chunk written by one task)."""
-    levels = ome_zarr.open_prediction(out)[key]
-    ome_zarr.downsample_chunk(levels[level - 1], levels[level], row, col)
-
-
-def _scratch(job: _Job, mode: str) -> Any:
-    """The local labels of pass 1 (a Zarr array chunked like the blocks: no two tasks
-    write one chunk). Created (mode "a") by the client before any task runs."""
-    import zarr
-
-    size = job.blocks.block_size
-    return zarr.open_array(
-        str(Path(job.out) / _MARKERS / "local"),
-        mode=mode,
-        shape=job.shape,
-        chunks=(size, size),
-        dtype="uint32",
-        fill_value=0,
-        zarr_format=3,
-    )
-
-
-# --- client side -------------------------------------------------------------------------
 def block_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Inputs for block-wise predict: OME-Zarr groups and image files as given, folders
     expanded to the OME-Zarr groups and images inside them."""
@@ -238,9 +86,9 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _stitch(job: _Job, grid: list[Block], boundary: bool, min_size: int) -> list[np.ndarray]:
+def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> list[np.ndarray]:
     """Per block, the look-up table local id -> final id, from the pass-1 markers."""
-    data = [dict(np.load(_marker(job, "block", b))) for b in grid]
+    data = [dict(np.load(marker(job, "block", b))) for b in grid]
     index = {(b.row, b.col): i for i, b in enumerate(grid)}
     links = []
     for i, b in enumerate(grid):
@@ -277,7 +125,7 @@ def _prepare(
     outputs: OutputOptions,
     model: torch.nn.Module,
     meta: dict[str, Any],
-) -> _Job:
+) -> Job:
     """Check one input, create its output store and the job the workers get (absolute
     paths: a remote worker's working folder is not ours)."""
     path, out = path.resolve(), (out_dir / f"{_stem(path)}.zarr").resolve()
@@ -295,15 +143,15 @@ def _prepare(
             f"--block-size {blocks.block_size} is smaller than the halo of {halo} px "
             f"(tile {plan.window[1][0]} + label halo); use --block-size {halo} or more"
         )
-    if outputs.overwrite and (out / _MARKERS).is_dir():  # a store of ours: start afresh
+    if outputs.overwrite and (out / MARKERS).is_dir():  # a store of ours: start afresh
         shutil.rmtree(out)
     settings = dataclasses.replace(outputs, overwrite=False)
     _check_resume(out, [str(Path(checkpoint).resolve()), str(path), options, blocks, settings])
-    done = (out / _MARKERS / "complete.json").is_file()
+    done = (out / MARKERS / "complete.json").is_file()
     mode = meta.get("normalize", "zscore")
     percentiles = tuple(meta.get("normalize_percentiles", DEFAULT_PERCENTILES))
     stats = None if done else normalization_stats(source, mode, blocks.block_size, percentiles)
-    job = _Job(
+    job = Job(
         str(Path(checkpoint).resolve()),
         str(path),
         str(out),
@@ -328,7 +176,7 @@ def _prepare(
         probabilities=outputs.save_probabilities,
     )
     if not done:
-        _scratch(job, "a")  # here, once: tasks creating it at once would race
+        scratch(job, "a")  # here, once: tasks creating it at once would race
     return job
 
 
@@ -345,7 +193,7 @@ def _check_channels(source: Any, model: torch.nn.Module) -> None:
 
 def _check_resume(out: Path, settings: list[Any]) -> None:
     """Record what an output store is made with; refuse to resume it with anything else."""
-    record = out / _MARKERS / "settings.json"
+    record = out / MARKERS / "settings.json"
     text = json.dumps([repr(s) for s in settings])
     if record.is_file():
         if record.read_text() != text:
@@ -406,33 +254,33 @@ def predict_blocks(
     out.mkdir(parents=True, exist_ok=True)
     files = block_inputs(inputs)
     jobs = [_prepare(str(checkpoint), f, out, options, blocks, outputs, model, meta) for f in files]
-    todo = [j for j in jobs if not (Path(j.out) / _MARKERS / "complete.json").is_file()]
+    todo = [j for j in jobs if not (Path(j.out) / MARKERS / "complete.json").is_file()]
     grids = {j.out: block_grid(j.shape, blocks.block_size) for j in todo}
     run_tasks(
-        client, _predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress
+        client, predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress
     )
     boundary = meta.get("target", "semantic") == "boundary"
     finals = []
     for j in todo:
         luts = _stitch(j, grids[j.out], boundary, min_object_size(meta, 2, options.min_size))
         finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
-    run_tasks(client, _finish_block, finals, "stitch", progress)
+    run_tasks(client, finish_block, finals, "stitch", progress)
     _pyramids(todo, client, progress)
     for j in todo:
         count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
         _write_tables(j, grids[j.out], count, outputs)
         summary = {"objects": count, "blocks": len(grids[j.out])}
-        atomic_write_text(Path(j.out) / _MARKERS / "complete.json", json.dumps(summary))
+        atomic_write_text(Path(j.out) / MARKERS / "complete.json", json.dumps(summary))
         # the local labels go only once the image is complete: a resumed run needs them
-        shutil.rmtree(Path(j.out) / _MARKERS / "local", ignore_errors=True)
+        shutil.rmtree(Path(j.out) / MARKERS / "local", ignore_errors=True)
     rows = []
     for j in jobs:
-        summary = json.loads((Path(j.out) / _MARKERS / "complete.json").read_text())
+        summary = json.loads((Path(j.out) / MARKERS / "complete.json").read_text())
         rows.append({"image": j.source, "output": j.out, **summary})
     return rows
 
 
-def _pyramids(todo: list[_Job], client: Any, progress: Progress | None) -> None:
+def _pyramids(todo: list[Job], client: Any, progress: Progress | None) -> None:
     """Pass 3: the coarser levels of every array, level by level, one task per chunk."""
     depth = {j.out: len(ome_zarr.open_prediction(j.out)["mask"]) for j in todo}
     for level in range(1, max(depth.values(), default=1)):
@@ -443,16 +291,16 @@ def _pyramids(todo: list[_Job], client: Any, progress: Progress | None) -> None:
             for key, levels in ome_zarr.open_prediction(j.out).items()
             for row, col in ome_zarr.pyramid_chunks(levels[level])
         ]
-        run_tasks(client, _pyramid_chunk, tasks, f"pyramid level {level}", progress)
+        run_tasks(client, pyramid_chunk, tasks, f"pyramid level {level}", progress)
 
 
-def _write_tables(job: _Job, grid: list[Block], count: int, outputs: OutputOptions) -> None:
+def _write_tables(job: Job, grid: list[Block], count: int, outputs: OutputOptions) -> None:
     """The object table (from the blocks' pass-2 sums) and the exports of one image."""
     source = open_source(job.source, job.blocks.level, job.options.channels)
     channels = source.pixels(slice(0, 1), slice(0, 1)).shape[0]
     table = block_outputs.ObjectTable(count, channels)
     for b in grid:
-        with np.load(_marker(job, "final", b)) as part:
+        with np.load(marker(job, "final", b)) as part:
             table.add(dict(part))
     columns = table.columns(block_outputs.input_pixel_size(source, job.options))
     out = Path(job.out)
