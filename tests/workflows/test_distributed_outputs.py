@@ -241,3 +241,18 @@ def test_cli_block_path_flags(setup: dict, tmp_path: Path, capsys) -> None:
     table = _table(tmp_path / "grey_objects.csv")
     assert min(r["area"] for r in table) >= 50
     assert "probabilities" not in _group(tmp_path / "grey.zarr")  # the store started afresh
+
+
+def test_local_workers_keep_glibc_malloc_dynamic() -> None:
+    """``local:N`` worker processes run without Dask's ``MALLOC_TRIM_THRESHOLD_`` (which
+    pins glibc's mmap threshold, re-faulting every large tensor) and keep one OpenMP
+    thread each."""
+    import os
+
+    from unetkit.workflows.dask_cluster import dask_client
+
+    with dask_client("local:1", dashboard=None) as c:
+        seen = c.run(
+            lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ["OMP_NUM_THREADS"])
+        )
+    assert list(seen.values()) == [(None, "1")]
