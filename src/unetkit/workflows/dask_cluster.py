@@ -14,9 +14,14 @@ from typing import Any
 
 from unetkit.errors import ConfigError, DataError
 
-__all__ = ["Progress", "dask_client", "local_worker_config", "run_tasks"]
+__all__ = ["WORKER_MODULES", "Progress", "dask_client", "local_worker_config", "run_tasks"]
 
 Progress = Callable[[str, int, int], None]
+
+#: imported by every ``local:N`` worker as it starts (``dask worker --preload`` for a
+#: cluster of your own): torch and the block tasks load once per worker, in parallel,
+#: before the first block instead of inside it
+WORKER_MODULES = ("unetkit.workflows.block_tasks",)
 
 
 # --- cluster -----------------------------------------------------------------------------
@@ -31,8 +36,9 @@ def dask_client(
     """A ``distributed.Client`` for ``--cluster`` (None: yields None, run in-process).
 
     Args:
-        cluster: ``local:N`` (a ``LocalCluster`` on 127.0.0.1, N workers, one thread each)
-            or ``tcp://HOST:PORT`` (an existing ``dask scheduler``).
+        cluster: ``local:N`` (a ``LocalCluster`` on 127.0.0.1, N workers, one thread each,
+            :data:`WORKER_MODULES` preloaded, :func:`local_worker_config`) or
+            ``tcp://HOST:PORT`` (an existing ``dask scheduler``).
         timeout: seconds to wait for the scheduler.
         processes: local workers as processes (True) or threads of this process.
         dashboard: the local cluster's dashboard address (None: no dashboard).
@@ -55,6 +61,7 @@ def dask_client(
                 host="127.0.0.1",
                 processes=processes,
                 dashboard_address=dashboard,
+                preload=list(WORKER_MODULES),
             ) as lc,
             Client(lc) as client,
         ):
