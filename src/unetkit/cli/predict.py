@@ -172,7 +172,7 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
         "huge images and many images",
         "with --cluster, --block-size, --level or an OME-Zarr input: block-wise prediction, "
         "one <stem>.zarr (OME-Zarr: mask, labels/instances, pyramids; --save-probabilities "
-        "adds probabilities) per image; resumable",
+        "adds probabilities) and <stem>_objects.csv per image; resumable",
     )
     g.add_argument(
         "--cluster",

@@ -96,6 +96,7 @@ def _load_model(checkpoint: str, mtime_ns: int, size: int) -> tuple[torch.nn.Mod
 
 
 def marker(job: Job, kind: str, block: Block) -> Path:
+    """Where a pass (``kind``: "block" or "final") leaves a block's results."""
     return Path(job.out) / MARKERS / f"{kind}_{block.row}_{block.col}.npz"
 
 
