@@ -85,6 +85,7 @@ def run_case(case: str, ckpt: str, image: str, out: str, block: int, precision: 
     import torch
 
     torch.set_num_threads(1)
+    from unetkit.inference import TileOptions
     from unetkit.workflows.blocks import BlockOptions, default_tile_edge
     from unetkit.workflows.dask_cluster import dask_client
     from unetkit.workflows.distributed import predict_blocks
@@ -98,7 +99,8 @@ def run_case(case: str, ckpt: str, image: str, out: str, block: int, precision: 
         from unetkit.workflows.segment import predict_image
 
         model, meta = load_inference_model(ckpt)
-        options = InferenceOptions(precision=precision, tile=default_tile_edge(block))
+        tiles = TileOptions(tile=default_tile_edge(block))
+        options = InferenceOptions(tiles, precision=precision)
         start, cpu = time.perf_counter(), _cpu_s()
         pixels = open_ngff(image).window(slice(None), slice(None))
         pred = predict_image(model, to_float_image(pixels), meta, options)

@@ -22,6 +22,7 @@ from unetkit.cli.main import main  # noqa: E402
 from unetkit.data.io import to_float_image  # noqa: E402
 from unetkit.data.synthetic import synth_cells  # noqa: E402
 from unetkit.errors import ConfigError, DataError  # noqa: E402
+from unetkit.inference import TileOptions  # noqa: E402
 from unetkit.inference.backends import load_inference_model  # noqa: E402
 from unetkit.workflows.blocks import BlockOptions  # noqa: E402
 from unetkit.workflows.dask_cluster import dask_client  # noqa: E402
@@ -30,7 +31,7 @@ from unetkit.workflows.segment import InferenceOptions, predict_image  # noqa: E
 from unetkit.workflows.segment_outputs import OutputOptions  # noqa: E402
 
 SIZE, BLOCK = 512, 256
-OPTIONS = InferenceOptions(tile=128, batch_size=4, precision="fp32", min_size=10)
+OPTIONS = InferenceOptions(TileOptions(tile=128, batch_size=4), precision="fp32", min_size=10)
 
 
 def _train_three_class(steps: int = 60) -> torch.nn.Module:
@@ -329,7 +330,7 @@ def test_valid_padding_model_overlap_tile_grid(setup: dict, tmp_path: Path) -> N
     torch.manual_seed(0)
     net = unetkit.create_model("unet", channels=(4, 8), padding="valid", norm="none")
     ckpt = unetkit.save(net, tmp_path / "valid.safetensors", extra={"target": "semantic"})
-    options = InferenceOptions(tile=64, precision="fp32")
+    options = InferenceOptions(TileOptions(tile=64), precision="fp32")
     predict_blocks(
         ckpt,
         [setup["zarr"]],

@@ -9,6 +9,7 @@ stitched labels read back whole, roifile / json reading the exports."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from unetkit.cli.main import main  # noqa: E402
 from unetkit.data.io import to_float_image  # noqa: E402
 from unetkit.data.synthetic import synth_cells  # noqa: E402
 from unetkit.errors import ConfigError, DataError  # noqa: E402
+from unetkit.inference import TileOptions  # noqa: E402
 from unetkit.inference.backends import load_inference_model  # noqa: E402
 from unetkit.segmentation.postprocess import object_table  # noqa: E402
 from unetkit.workflows import block_outputs  # noqa: E402
@@ -35,7 +37,7 @@ from unetkit.workflows.segment import InferenceOptions, predict_image  # noqa: E
 from unetkit.workflows.segment_outputs import OutputOptions  # noqa: E402
 
 SIZE, BLOCK = 384, 128
-OPTIONS = InferenceOptions(tile=96, batch_size=4, precision="fp32", min_size=10)
+OPTIONS = InferenceOptions(TileOptions(tile=96, batch_size=4), precision="fp32", min_size=10)
 MICRONS = {"y": "micrometer", "x": "micrometer"}
 
 
@@ -115,7 +117,7 @@ def test_channels_flag_and_checkpoint_channels(setup: dict, client, tmp_path: Pa
     image = to_float_image(np.moveaxis(setup["two"], 0, -1), channels=(1,))
     ref = predict_image(model, image, meta, OPTIONS)
     blocks = BlockOptions(block_size=BLOCK)
-    options = InferenceOptions(**{**OPTIONS.__dict__, "channels": (1,)})
+    options = dataclasses.replace(OPTIONS, channels=(1,))
     saved = OutputOptions(save_probabilities=True)
     predict_blocks(
         setup["one"],
@@ -191,6 +193,10 @@ def test_refused_outputs_are_one_line(setup: dict, tmp_path: Path, monkeypatch) 
                 setup["one"], [setup["grey"]], tmp_path, OPTIONS, blocks, outputs=outputs
             )
         assert flag in str(e.value) and "\n" not in str(e.value)
+    blended = dataclasses.replace(OPTIONS, tiles=TileOptions(tile=96, blend="constant"))
+    with pytest.raises(ConfigError, match="blend='constant'") as e:
+        predict_blocks(setup["one"], [setup["grey"]], tmp_path, blended, blocks)
+    assert "\n" not in str(e.value)
     assert not list(tmp_path.iterdir())  # refused before any work
 
 
@@ -205,7 +211,7 @@ def test_training_scale_is_honoured_or_refused(setup: dict, tmp_path: Path) -> N
     msg = str(e.value)
     assert "0.5 µm/pixel" in msg and "rescaling by 0.5" in msg and "--level 1" in msg
     assert "\n" not in msg
-    one_micron = InferenceOptions(**{**OPTIONS.__dict__, "pixel_size": 1.0})
+    one_micron = dataclasses.replace(OPTIONS, pixel_size=1.0)
     predict_blocks(ckpt, [setup["grey"]], tmp_path / "b", one_micron, blocks)
     ms = _group(tmp_path / "b" / "grey.zarr").attrs["ome"]["multiscales"][0]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
@@ -215,7 +221,7 @@ def test_training_scale_is_honoured_or_refused(setup: dict, tmp_path: Path) -> N
     level1 = zarr.open_array(str(setup["grey"] / "s1"), mode="r")[:]
     ref = predict_image(model, to_float_image(level1), meta, OPTIONS)
     np.testing.assert_array_equal(_group(tmp_path / "c" / "grey.zarr")["0"][:], ref.labels)
-    diameter = InferenceOptions(**{**OPTIONS.__dict__, "object_diameter": 20.0})
+    diameter = dataclasses.replace(OPTIONS, object_diameter=20.0)
     with pytest.raises(ConfigError, match="--object-diameter") as e:
         predict_blocks(ckpt, [setup["grey"]], tmp_path / "d", diameter, blocks)
     assert "\n" not in str(e.value)

@@ -11,6 +11,7 @@ from unetkit.cli import flags as F
 from unetkit.data.io import parse_channels
 from unetkit.errors import ConfigError
 from unetkit.formats.ome_zarr import is_zarr
+from unetkit.inference import TileOptions
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
@@ -22,16 +23,39 @@ from unetkit.workflows.segment_files import predict_files
 from unetkit.workflows.segment_outputs import LABEL_FORMATS, OBJECT_TYPES, OutputOptions
 
 
-def add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=F.tile_size, help="tile size (default: whole image if it fits)")
+def add_tile_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of :class:`~unetkit.inference.TileOptions`: defaults and help from its fields."""
+    T = TileOptions
+    p.add_argument("--tile", type=F.tile_size, default=T.default("tile"), help=T.help("tile"))
     p.add_argument(
         "--overlap",
         type=F.finite_float(0, 1, hi_open=True),
-        default=0.25,
-        help="sliding-window overlap",
+        default=T.default("overlap"),
+        help=f"{T.help('overlap')} (default {T.default('overlap')})",
     )
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--batch-size", type=F.positive_int, default=4, help="tiles per forward pass")
+    p.add_argument(
+        "--tta",
+        action="store_const",
+        const=True,
+        default=T.default("tta"),
+        help=T.help("tta"),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=F.positive_int,
+        default=T.default("batch_size"),
+        help=f"{T.help('batch_size')} (default {T.default('batch_size')})",
+    )
+
+
+def tile_options_from_args(args: argparse.Namespace) -> TileOptions:
+    return TileOptions(
+        tile=args.tile, overlap=args.overlap, tta=args.tta, batch_size=args.batch_size
+    )
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    add_tile_flags(p)
     p.add_argument(
         "--min-size",
         type=F.nonnegative_int,
@@ -68,10 +92,7 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     return InferenceOptions(
-        tile=args.tile,
-        overlap=args.overlap,
-        tta=args.tta,
-        batch_size=args.batch_size,
+        tiles=tile_options_from_args(args),
         min_size=args.min_size,
         precision=getattr(args, "precision", DEFAULT_PRECISION),
         channels=parse_channels(args.channels),
@@ -92,8 +113,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "checkpoint",
-        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors) or an "
-        ".onnx file from `unetkit export`",
+        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors), a run "
+        "directory, a `train --folds K` run directory (its K models' probabilities are "
+        "averaged) or an .onnx file from `unetkit export`",
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")

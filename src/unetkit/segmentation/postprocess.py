@@ -319,12 +319,12 @@ def object_table(
         for chan, name in zip(channels, names, strict=True):
             sums = np.bincount(flat, weights=chan.ravel(), minlength=len(areas))
             columns[name] = sums[keep] / areas[keep]
-    table = object_columns(ids, areas[keep], columns, pixel_size=pixel_size)
-    measured = [(name, col) for name, col in table.items() if name not in ("label", "area")]
+    if pixel_size is not None:
+        columns.update(_physical_columns(columns, areas[keep], pixel_size, labels.ndim))
     rows: list[dict[str, float | int]] = []
     for k, (label, area) in enumerate(zip(ids, areas[keep], strict=True)):
         row: dict[str, float | int] = {"label": int(label), "area": int(area)}
-        row.update({name: float(col[k]) for name, col in measured})
+        row.update({name: float(col[k]) for name, col in columns.items()})
         rows.append(row)
     return rows
 
@@ -336,17 +336,10 @@ def object_columns(
     *,
     pixel_size: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """:func:`object_table`'s columns, in its order, from per-object values (e.g. summed
-    block by block): ``label``, ``area``, the given ``columns``, then the µm columns.
-
-    Args:
-        ids: object labels (n,).
-        areas: pixels per object (n,).
-        columns: ``centroid_<axis>`` for every axis (pixels), then any other per-object
-            values (``mean_intensity...``), each (n,).
-        pixel_size: µm per pixel along each axis: adds the µm columns.
-    """
-    ndim = sum(1 for name in columns if name.startswith("centroid_") and "_um" not in name)
+    """:func:`object_table`'s columns in its order from per-object ``ids``, ``areas`` and
+    ``columns`` (``centroid_<axis>`` per axis, then e.g. ``mean_intensity_<c>``), e.g.
+    summed block by block; ``pixel_size`` (µm per axis) adds the µm columns."""
+    ndim = sum(1 for name in columns if name.startswith("centroid_"))
     table = {"label": np.asarray(ids), "area": np.asarray(areas), **columns}
     if pixel_size is not None:
         table.update(_physical_columns(columns, np.asarray(areas), pixel_size, ndim))

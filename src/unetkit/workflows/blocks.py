@@ -141,21 +141,21 @@ def tile_plan(
     options: InferenceOptions,
     block_size: int | None = None,
 ) -> TilePlan:
-    """What ``predict_tiled(model, image, tile=options.tile, overlap=...)`` does for an
-    image of ``shape`` (a huge image never runs whole: ``tile=None`` means
-    :func:`default_tile_edge` for blocks of ``block_size``, or the engine's default tile
-    for large images for valid-padding models, whose tiles do not overlap)."""
+    """What ``predict_tiled(model, image, options.tiles)`` does for an image of ``shape``
+    (a huge image never runs whole: ``tile=None`` means :func:`default_tile_edge` for
+    blocks of ``block_size``, or the engine's default tile for large images for
+    valid-padding models, whose tiles do not overlap)."""
     valid = bool(getattr(model, "is_valid_padding", False))
-    tile = options.tile
+    tile = options.tiles.tile
     if tile is None:
         edge = default_tile_edge(None if valid else block_size)
         margin = model.margin()[0] if valid else 0
         tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
     tile = (int(tile),) * 2 if isinstance(tile, int | np.integer) else tuple(map(int, tile))
     if len(tile) != 2 or min(tile) < 1:
-        raise ConfigError(f"tile={options.tile!r}: expected a positive int or two of them")
+        raise ConfigError(f"tile={options.tiles.tile!r}: expected a positive int or two of them")
     if not valid:
-        grid = tile_grid.TileGrid.sliding(shape, tile, options.overlap)
+        grid = tile_grid.TileGrid.sliding(shape, tile, options.tiles.overlap)
         profiles = tuple(tile_grid.gaussian_profile(t) for t in tile)
         return TilePlan(grid, ((0, 0), tile), tile_grid.importance_map(tile), profiles)
     period = tiling._shift_period(model, 2)  # the spacing of its valid input sizes
@@ -237,8 +237,8 @@ def region_probabilities(
     out: torch.Tensor | None = None
     position = {g: k for k, (g, _) in enumerate(tiles)}
     with runtime.prepared(model, options.precision) as runner:
-        predict = tiling.tile_predictor(runner, "probabilities", options.tta, 2)
-        for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
+        predict = tiling.tile_predictor(runner, "probabilities", options.tiles.tta, 2)
+        for batch, alone in _batches(tiles, len(plan.grid), options.tiles.batch_size):
             x = torch.stack(
                 [
                     image.index_select(1, reads[position[g]][0] - lo[0]).index_select(

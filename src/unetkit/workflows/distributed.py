@@ -38,6 +38,7 @@ from unetkit.data.io import list_images
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
+from unetkit.inference import TileOptions
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.segmentation.stitching import face_pairs, merge_labels, overlap_pairs
 from unetkit.workflows import block_outputs
@@ -180,6 +181,21 @@ def _prepare(
     return job
 
 
+def _check_tiles(tiles: TileOptions) -> None:
+    """ConfigError (one line) for tile options the block grid does not reproduce."""
+    default = TileOptions()
+    changed = [
+        f"{name}={getattr(tiles, name)!r}"
+        for name in ("blend", "sigma_scale", "pad_mode")
+        if getattr(tiles, name) != getattr(default, name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"TileOptions({', '.join(changed)}): block-wise predict blends tiles with the "
+            "default Gaussian and mirrors the image at its border; leave these at their defaults"
+        )
+
+
 def _check_channels(source: Any, model: torch.nn.Module) -> None:
     """DataError naming the file when its (picked) channels are not the model's."""
     found = source.pixels(slice(0, 1), slice(0, 1)).shape[0]
@@ -247,6 +263,7 @@ def predict_blocks(
             f"{checkpoint}: block-wise predict segments 2D images (a 2D segmentation checkpoint)"
         )
     options = options_for(model, options or InferenceOptions())
+    _check_tiles(options.tiles)
     if options.channels is None:  # as predict does: the channels the model was trained on
         options = dataclasses.replace(options, channels=trained_channels(meta))
     blocks, outputs = blocks or BlockOptions(), outputs or OutputOptions()

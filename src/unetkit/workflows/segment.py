@@ -28,6 +28,7 @@ from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.loading import PACKAGE_SUFFIX, load_model_file, load_with_metadata
+from unetkit.inference import TileOptions
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
 from unetkit.regression import depth_metrics, psnr, to_prediction
@@ -57,7 +58,12 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
+    """``tiles``: how the image is tiled (:class:`~unetkit.inference.TileOptions`: tile,
+    overlap, batch size, TTA), handed unchanged to the tiling engine.
+
+    ``min_size``: objects smaller than this (pixels) are dropped.
+
+    ``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
     computes it natively, a frozen copy with prepacked weights on CPUs), "bf16" or "fp32"
     (exact); applied once by ``runtime.prepared``.
 
@@ -70,10 +76,7 @@ class InferenceOptions:
     rescaled to that scale, predicted, and the results mapped back to the input grid.
     """
 
-    tile: int | None = None
-    overlap: float = 0.25
-    tta: bool = False
-    batch_size: int = 4
+    tiles: TileOptions = TileOptions()
     min_size: int | None = None
     precision: str = runtime.DEFAULT_PRECISION
     channels: tuple[int, ...] | None = None
@@ -103,6 +106,13 @@ def min_object_size(meta: dict[str, Any], spatial_dims: int, given: int | None =
     if not isinstance(diameter, (int, float)) or not diameter > 0:
         return DEFAULT_MIN_SIZE
     return max(1, round(MIN_SIZE_FRACTION * object_area(float(diameter), spatial_dims)))
+
+
+def inference_options(**fields: Any) -> InferenceOptions:
+    """InferenceOptions from flat keyword fields: TileOptions' own go into ``tiles``."""
+    names = {f.name for f in dataclasses.fields(TileOptions)}
+    tiles = TileOptions(**{k: v for k, v in fields.items() if k in names})
+    return InferenceOptions(tiles=tiles, **{k: v for k, v in fields.items() if k not in names})
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -211,10 +221,7 @@ def predict_image(
         probs = predict_tiled(
             model,
             x,
-            tile=options.tile,
-            overlap=options.overlap,
-            tta=options.tta,
-            batch_size=options.batch_size,
+            options.tiles,
             runner=runner,
             progress=progress,
         ).numpy()
@@ -253,10 +260,7 @@ def predict_regression(
         return predict_tiled(
             model,
             normalize_input(image, meta),
-            tile=options.tile,
-            overlap=options.overlap,
-            tta=options.tta,
-            batch_size=options.batch_size,
+            options.tiles,
             activation=lambda y: to_prediction(y, output),
             runner=runner,
         ).numpy()
@@ -370,8 +374,9 @@ def predict(
         model: a checkpoint or exported ``.onnx`` path, or a model (then trained on
             z-scored images, semantic).
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
-        options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size,
-            precision, channels, pixel_size, object_diameter). A file is read axis-aware
+        options: TileOptions fields (tile, overlap, batch_size, tta, ...) and the other
+            InferenceOptions fields (min_size, precision, channels, pixel_size,
+            object_diameter). A file is read axis-aware
             (OME/ImageJ TIFF) and rescaled to the checkpoint's training scale when its
             pixel size and the checkpoint's are known.
 
@@ -383,7 +388,7 @@ def predict(
         model, meta = load_inference_model(model)
     else:
         meta = {"normalize": "zscore", "target": "semantic"}
-    opts = options_for(model, InferenceOptions(**options))
+    opts = options_for(model, inference_options(**options))
     pixel_size = None
     if isinstance(image, (str, os.PathLike)):
         loaded = load_image(image, channels=opts.channels)

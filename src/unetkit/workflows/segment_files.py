@@ -33,11 +33,11 @@ from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
-from unetkit.inference.attention_maps import save_attention_heatmaps
+from unetkit.inference.attention_maps import attention_coefficients, write_attention_heatmaps
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.regression.io import colorize, write_target
 from unetkit.workflows import segment
-from unetkit.workflows.pictures import map_with_colorbar
+from unetkit.workflows.pictures import attention_preview, map_with_colorbar
 from unetkit.workflows.segment import (
     InferenceOptions,
     check_inference_metadata,
@@ -128,7 +128,8 @@ def predict_files(
     ``_overlay``, ``_objects.csv`` and what ``outputs`` asks for (see
     :mod:`unetkit.workflows.segment_outputs`). Images finished by an earlier run with the
     same settings are skipped (``outputs.overwrite`` redoes them).
-    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net);
+    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net)
+    and ``_attention_preview_level<l>.png`` with a colour bar;
     regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
     ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
     (``checkpoint`` may then be an ``.onnx`` file).
@@ -204,7 +205,7 @@ def _predict_one(
     scale = scale_factor(meta, options, pixel_size)
     pred = segment.predict_image(model, loaded.image, meta, options, scale=scale)
     if attention_maps:
-        save_attention_heatmaps(unwrap(model), normalize_input(loaded.image, meta), prefix)
+        _write_attention(unwrap(model), normalize_input(loaded.image, meta), prefix)
     row = write_outputs(
         prefix.parent,
         prefix.name,
@@ -215,6 +216,18 @@ def _predict_one(
         overlay_picture=overlay(loaded.image, pred.instances),
     )
     return {**row, "scale": round(scale, 4)} if scale != 1 else row
+
+
+def _write_attention(model: torch.nn.Module, image: torch.Tensor, prefix: Path) -> None:
+    """``<prefix>_attention_level<l>.png`` (blended, pixel for pixel) and
+    ``<prefix>_attention_preview_level<l>.png`` (the same over the input, with a colour bar
+    of the coefficient from 0 to 1) per gate."""
+    coefficients = attention_coefficients(model, image)
+    write_attention_heatmaps(coefficients, image, prefix)
+    picture = image.detach().cpu().numpy().astype(np.float64)
+    for level, alpha in coefficients:
+        preview = attention_preview(picture, alpha)
+        write_image(f"{prefix}_attention_preview_level{level}.png", preview)
 
 
 def trained_channels(meta: dict[str, Any]) -> tuple[int, ...] | None:
