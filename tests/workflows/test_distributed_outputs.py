@@ -227,6 +227,21 @@ def test_training_scale_is_honoured_or_refused(setup: dict, tmp_path: Path) -> N
     assert "\n" not in str(e.value)
 
 
+def test_tiff_pixel_size_goes_into_the_store(setup: dict, tmp_path: Path) -> None:
+    """A TIFF's resolution tags (0.25 µm/pixel) become the store's micrometre scale and
+    the object table's µm columns."""
+    import tifffile
+
+    tif = tmp_path / "cells.tif"
+    tifffile.imwrite(tif, setup["two"][1], tile=(64, 64), resolution=(4e4, 4e4), resolutionunit=3)
+    predict_blocks(setup["one"], [tif], tmp_path / "out", OPTIONS, BlockOptions(block_size=BLOCK))
+    ms = _group(tmp_path / "out" / "cells.zarr").attrs["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.25, 0.25]
+    assert ms["axes"][1] == {"name": "x", "type": "space", "unit": "micrometer"}
+    row = _table(tmp_path / "out" / "cells_objects.csv")[0]
+    assert row["area_um2"] == pytest.approx(row["area"] * 0.0625)
+
+
 def test_cli_block_path_flags(setup: dict, tmp_path: Path, capsys) -> None:
     """The CLI passes the output flags to the block path, refuses the whole-image-only
     ones with one line each, and --overwrite restarts a store made with other options."""

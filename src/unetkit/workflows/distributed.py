@@ -164,8 +164,10 @@ def _prepare(
         int(getattr(model, "out_channels", 2)),
     )
     scale, units = source.scale, source.units
-    if options.pixel_size is not None:  # the user's pixel size wins, as on the whole path
-        scale, units = (options.pixel_size,) * 2, dict.fromkeys("yx", "micrometer")
+    size = block_outputs.input_pixel_size(source, options)
+    if size is not None and (options.pixel_size is not None or not units):
+        # the user's pixel size wins, as on the whole path; a TIFF's goes into the store
+        scale, units = (size.y, size.x), dict.fromkeys("yx", "micrometer")
     ome_zarr.create_prediction(
         out,
         source.shape,
