@@ -98,6 +98,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         channels=parse_channels(args.channels),
         pixel_size=args.pixel_size,
         object_diameter=args.object_diameter,
+        scene=getattr(args, "scene", None),
     )
 
 
@@ -120,6 +121,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     add_inference_flags(p)
+    p.add_argument(
+        "--scene",
+        type=F.nonnegative_int,
+        help="CZI/ND2/LIF inputs: the scene to read, numbered from 0 (default: the first, "
+        "with a warning when a file holds more)",
+    )
     p.add_argument(
         "--attention-maps",
         action="store_true",
@@ -279,6 +286,8 @@ def run_blocks(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     output_folder(args.out, flag="--out", inputs=[args.checkpoint, *args.inputs])
     if _block_wise(args):
+        if args.scene is not None:
+            raise ConfigError("--scene: block-wise prediction reads the first scene only")
         return run_blocks(args)
     rows = predict_files(
         args.checkpoint,

@@ -74,6 +74,7 @@ class InferenceOptions:
     ``object_diameter``: typical object diameter in the inputs (pixels). With the
     checkpoint's ``pixel_size`` / ``object_diameter`` (the training scale), inputs are
     rescaled to that scale, predicted, and the results mapped back to the input grid.
+    ``scene``: the scene of CZI/ND2/LIF inputs (from 0); None: the first (with a warning).
     """
 
     tiles: TileOptions = TileOptions()
@@ -82,6 +83,7 @@ class InferenceOptions:
     channels: tuple[int, ...] | None = None
     pixel_size: float | None = None
     object_diameter: float | None = None
+    scene: int | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -376,7 +378,7 @@ def predict(
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
         options: TileOptions fields (tile, overlap, batch_size, tta, ...) and the other
             InferenceOptions fields (min_size, precision, channels, pixel_size,
-            object_diameter). A file is read axis-aware
+            object_diameter, scene). A file is read axis-aware
             (OME/ImageJ TIFF) and rescaled to the checkpoint's training scale when its
             pixel size and the checkpoint's are known.
 
@@ -391,7 +393,7 @@ def predict(
     opts = options_for(model, inference_options(**options))
     pixel_size = None
     if isinstance(image, (str, os.PathLike)):
-        loaded = load_image(image, channels=opts.channels)
+        loaded = load_image(image, channels=opts.channels, scene=opts.scene)
         array, pixel_size = loaded.image, loaded.pixel_size
     else:
         array = to_float_image(np.asarray(image), channels=opts.channels)

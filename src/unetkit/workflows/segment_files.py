@@ -29,6 +29,7 @@ from unetkit.data.io import (
     write_image,
 )
 from unetkit.data.tiff import PixelSize
+from unetkit.data.vendor import VENDOR_EXTENSIONS
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
@@ -59,24 +60,33 @@ log = logging.getLogger(__name__)
 
 
 def read_float_input(
-    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+    path: Path,
+    *,
+    volumes: bool = False,
+    channels: Sequence[int] | None = None,
+    scene: int | None = None,
 ) -> np.ndarray:
     """A float C×H×W image (C×D×H×W volume) scaled by dtype, as training reads it."""
-    return read_input(path, volumes=volumes, channels=channels).image
+    return read_input(path, volumes=volumes, channels=channels, scene=scene).image
 
 
 def read_input(
-    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+    path: Path,
+    *,
+    volumes: bool = False,
+    channels: Sequence[int] | None = None,
+    scene: int | None = None,
 ) -> LoadedImage:
-    """An input image or volume as float C×[D×]H×W with the pixel size its file states."""
+    """An input image or volume as float C×[D×]H×W with the pixel size its file states;
+    ``scene`` picks the scene of a CZI/ND2/LIF file (None: the first)."""
     path = Path(path)
     if not volumes:
-        return load_image(path, channels=channels)
-    raw, _ = read_volume(path)  # NIfTI too; a single 2-D page becomes one slice
+        return load_image(path, channels=channels, scene=scene)
+    raw, _ = read_volume(path, scene=scene)  # NIfTI too; a single 2-D page becomes one slice
     image = to_float_image(raw, path=path, spatial_dims=3, channels=channels)
     pixel_size = None
-    if path.suffix.lower() in (".tif", ".tiff"):
-        pixel_size = read_pixel_size(path)
+    if path.suffix.lower() in (".tif", ".tiff", *VENDOR_EXTENSIONS):
+        pixel_size = read_pixel_size(path, scene=scene)
     return LoadedImage(image, pixel_size, "ZYXC")
 
 
@@ -88,7 +98,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False)
         if p.is_dir():
             found = list_images(p, extensions=VOLUME_EXTENSIONS) if volumes else list_images(p)
             if not found:
-                kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
+                kinds = ", ".join(VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS)
                 raise DataError(f"{p}: folder has no images ({kinds})")
             # entries named like images but unreadable are named by list_images itself
             endings = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
@@ -196,7 +206,7 @@ def _predict_one(
     ``prefix``: the output folder joined with the image's unique output name."""
     volumes = getattr(model, "dims", 2) == 3
     channels = options.channels if options.channels is not None else trained_channels(meta)
-    loaded = read_input(path, volumes=volumes, channels=channels)
+    loaded = read_input(path, volumes=volumes, channels=channels, scene=options.scene)
     _check_channels(path, loaded.image, model)
     pixel_size = loaded.pixel_size
     if options.pixel_size is not None:  # the user's size wins; a file's z spacing is kept
