@@ -33,15 +33,11 @@ from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
 from unetkit.regression import depth_metrics, psnr, to_prediction
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
-from unetkit.segmentation.postprocess import (
-    instances_from_boundary,
-    instances_from_semantic,
-)
+from unetkit.segmentation.postprocess import instances_from_boundary, instances_from_semantic
 
 log = logging.getLogger(__name__)
 
-#: inputs within 1 % of the training scale are predicted as they are (not resampled)
-RESCALE_TOLERANCE = 0.01
+RESCALE_TOLERANCE = 0.01  # inputs within 1 % of the training scale are not resampled
 DEFAULT_MIN_SIZE = 10  # pixels, for checkpoints that do not record their objects' size
 MIN_SIZE_FRACTION = 0.1  # of the median training object's area
 
