@@ -201,7 +201,7 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
         "huge images and many images",
         "with --cluster, --block-size, --level or an OME-Zarr input: block-wise prediction, "
         "one <stem>.zarr (OME-Zarr: mask, labels/instances, pyramids; --save-probabilities "
-        "adds probabilities) per image; resumable",
+        "adds probabilities) and <stem>_objects.csv per image; resumable",
     )
     g.add_argument(
         "--cluster",
@@ -237,8 +237,21 @@ def _block_wise(args: argparse.Namespace) -> bool:
     return bool(chosen) or any(is_zarr(i) for i in args.inputs)
 
 
+def _refuse_whole_image_flags(args: argparse.Namespace) -> None:
+    """Flags of the whole-image path that block-wise predict has no use for: one line each."""
+    refused = (
+        ("--attention-maps", args.attention_maps, "heat maps are drawn per whole image"),
+        ("--backend onnx", args.backend == "onnx", "workers run the checkpoint with torch"),
+        ("--compile", args.compile, "each worker would compile for every block shape"),
+    )
+    for flag, given, why in refused:
+        if given:
+            raise ConfigError(f"{flag}: not available for block-wise predict ({why}); leave it out")
+
+
 def run_blocks(args: argparse.Namespace) -> int:
     """Block-wise predict; prints the Dask dashboard address and a progress bar."""
+    _refuse_whole_image_flags(args)
     blocks = BlockOptions(
         block_size=args.block_size or BlockOptions.block_size,
         label_halo=args.label_halo,
@@ -260,7 +273,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             print(f"Dask dashboard: {client.dashboard_link}", flush=True)
         rows = predict_blocks(
             args.checkpoint, args.inputs, args.out, options_from_args(args), blocks,
-            probabilities=args.save_probabilities, client=client, progress=progress,
+            outputs=outputs_from_args(args), client=client, progress=progress,
         )
     for bar in bars.values():
         bar.close()

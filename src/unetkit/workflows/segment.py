@@ -33,13 +33,11 @@ from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
 from unetkit.regression import depth_metrics, psnr, to_prediction
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
-from unetkit.segmentation.postprocess import (
-    instances_from_boundary,
-    instances_from_semantic,
-)
+from unetkit.segmentation.postprocess import instances_from_boundary, instances_from_semantic
 
 log = logging.getLogger(__name__)
 
+RESCALE_TOLERANCE = 0.01  # inputs within 1 % of the training scale are not resampled
 DEFAULT_MIN_SIZE = 10  # pixels, for checkpoints that do not record their objects' size
 MIN_SIZE_FRACTION = 0.1  # of the median training object's area
 
@@ -209,7 +207,7 @@ def predict_image(
     ``scale`` (see :func:`scale_factor`): the image is zoomed by it before prediction
     and the results are mapped back to its own grid (labels by nearest neighbour).
     ``progress(tiles_done, tiles_total)`` is called as tiles finish (raising stops)."""
-    if abs(scale - 1.0) > 0.01:
+    if abs(scale - 1.0) > RESCALE_TOLERANCE:
         shape = image.shape[1:]
         zoomed = tuple(max(1, round(n * scale)) for n in shape)
         small = scale < 1
