@@ -1,6 +1,6 @@
 # unetkit developer/CI entry points. Every target works in a fresh clone with no stdin (CI=true).
 #
-#   make venv       .venv with torch==2.13.0 (CPU) + unetkit[dev,3d,digits,text,onnx,compare,bio,zarr,napari,web],
+#   make venv       .venv with torch==2.13.0 (CPU) + unetkit[dev,3d,digits,text,onnx,compare,bio,zarr,napari,web,formats],
 #                   all pinned by constraints.txt (skipped while constraints.txt/pyproject.toml
 #                   are unchanged)
 #   make test       the full suite, slow tests included (the README/CI test command)
@@ -17,7 +17,7 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := dev,3d,digits,text,onnx,compare,bio,zarr,napari,web
+EXTRAS := dev,3d,digits,text,onnx,compare,bio,zarr,napari,web,formats
 TORCH_PIN := torch==2.13.0
 # The torch wheel on disk is cp311, so 3.11 is preferred; any python3 >= 3.11 is accepted.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)

@@ -171,6 +171,7 @@ def segmentation_case(spec: dict) -> dict:
 def tiling_case(spec: dict) -> dict:
     import unetkit
     from unetkit import runtime
+    from unetkit.inference import TileOptions
     from unetkit.inference.grid import TileGrid
     from unetkit.inference.tiling import predict_tiled
 
@@ -192,10 +193,8 @@ def tiling_case(spec: dict) -> dict:
 
         def run(img: torch.Tensor) -> torch.Tensor:
             with runtime.prepared(model, precision) as runner:
-                y = predict_tiled(
-                    model, img, tile=tile, overlap=overlap, batch_size=batch, runner=runner,
-                    reduce=reduce,
-                )  # fmt: skip
+                options = TileOptions(tile=tile, overlap=overlap, batch_size=batch)
+                y = predict_tiled(model, img, options, runner=runner, reduce=reduce)
             return y if reduce else y.argmax(0).to(torch.uint8)
 
         windows = len(TileGrid.sliding((size,) * dims, (tile,) * dims, overlap))

@@ -38,7 +38,7 @@ from skimage import filters, measure, segmentation
 from skimage.feature import peak_local_max
 
 from unetkit.data.datasets import FolderSegmentationDataset
-from unetkit.data.io import write_image
+from unetkit.data.io import read_image, write_image
 from unetkit.data.synthetic import synth_cells
 from unetkit.segmentation.instances import instance_ap
 from unetkit.segmentation.metrics import dice
@@ -74,9 +74,7 @@ def write_folder(root: Path, seeds: range) -> Path:
 
 def write_halves(root: Path, image_file: Path, mask_file: Path) -> list[tuple[Path, Path]]:
     """(train, test) folders for both halves of a real annotated image."""
-    from unetkit.data.io import load_image
-
-    image, mask = load_image(image_file), load_image(mask_file)
+    image, mask = read_image(image_file), read_image(mask_file)
     if image.shape[:2] != mask.shape[:2]:
         sys.exit(f"--real: {image_file} is {image.shape[:2]}, {mask_file} is {mask.shape[:2]}")
     axis = int(mask.shape[1] > mask.shape[0])

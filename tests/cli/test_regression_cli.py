@@ -63,10 +63,13 @@ def test_train_predict_evaluate_depth(
     assert unetkit.data.io.read_image(out / "s0_depth.png").shape == (40, 36, 3)
     assert unetkit.data.io.read_image(out / "s0_depth_preview.png").shape[1] > 36  # + colour bar
     capsys.readouterr()
-    assert main(["evaluate", ckpt, "--data", str(depth_folder)]) == 0
+    pics = tmp_path / "pics"
+    assert main(["evaluate", ckpt, "--data", str(depth_folder), "--pictures", str(pics)]) == 0
     printed = capsys.readouterr().out
     for key in ("abs_rel", "rmse", "delta1"):
         assert key in printed
+    # input | predicted depth | true depth, each map with a colour bar
+    assert unetkit.data.io.read_image(pics / "s0_comparison.png").shape[1] > 3 * 36 + 2 * 90
 
 
 def test_builtin_denoising_recipe_trains(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from unetkit.data.datasets import FolderSegmentationDataset
 from unetkit.data.transforms import Compose, ElasticDeform, RandomCrop, RandomFlip, RandomRot90
 from unetkit.data.volumes import read_volume, volume_stem, write_volume
 from unetkit.errors import ConfigError, DataError
+from unetkit.inference import TileOptions
 from unetkit.inference.tiling import predict_tiled
 
 SHAPE = (12, 20, 18)  # D, H, W
@@ -213,7 +214,7 @@ def test_predict_tiled_3d_unet_overlap_tile_equals_one_pass():
         "unet", preset="3d", channels=(2, 4), padding="valid", norm="none"
     ).eval()
     image = torch.rand(1, *SHAPE)
-    tiled = predict_tiled(net, image, tile=(6, 10, 10))  # 2×2×2 output tiles cover S
+    tiled = predict_tiled(net, image, TileOptions(tile=(6, 10, 10)))  # 2×2×2 output tiles cover S
     assert tiled.shape == (2, *SHAPE)
     # reference: one pass over the whole volume mirror-padded by the margin
     need = net.input_size_for(SHAPE)
@@ -237,7 +238,7 @@ def test_predict_tiled_3d_vnet_gaussian_sliding_window():
     net = unetkit.create_model("vnet", channels=(4, 8, 16), num_convs=(1, 2, 2)).eval()
     image = torch.rand(1, *SHAPE)
     tile = (8, 12, 10)
-    got = predict_tiled(net, image, tile=tile, overlap=0.25)
+    got = predict_tiled(net, image, TileOptions(tile=tile, overlap=0.25))
     assert got.shape == (2, *SHAPE)
     # float64 reference: windows overlapping ≥ 25 %, first at 0, last at the end, evenly
     # spaced; probabilities weighted by a separable Gaussian (sigma = tile / 8), averaged

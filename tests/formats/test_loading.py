@@ -13,6 +13,7 @@ from unetkit.formats.loading import (
     is_adapter_file,
     load_model_file,
     load_model_or_adapter,
+    load_with_metadata,
     user_metadata,
 )
 from unetkit.formats.lora_files import save_adapter
@@ -97,3 +98,14 @@ def test_onnx_file_written_by_the_exporter_runs_like_the_model(run_dir, tmp_path
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_load_with_metadata_takes_a_run_directory(run_dir) -> None:
+    # evaluate and the benchmarks open models this way; predict already took run folders
+    folder, _ = run_dir
+    model, meta = load_with_metadata(folder)
+    assert meta["target"] == "semantic" and isinstance(model, torch.nn.Module)
+    same, _ = load_with_metadata(base_checkpoint(folder))
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), same.eval()(x))

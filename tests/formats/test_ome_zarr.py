@@ -19,7 +19,7 @@ from ome_zarr.reader import Label, Multiscales, Reader  # noqa: E402
 
 from unetkit.errors import DataError  # noqa: E402
 from unetkit.formats import ome_zarr  # noqa: E402
-from unetkit.workflows.blocks import open_source  # noqa: E402
+from unetkit.workflows.block_sources import open_source  # noqa: E402
 
 
 def _write(path: Path, data: np.ndarray, axes: str, fmt=None) -> None:

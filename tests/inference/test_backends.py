@@ -16,6 +16,7 @@ import unetkit
 from unetkit.data.synthetic import synth_cells
 from unetkit.errors import ConfigError
 from unetkit.formats.onnx import OnnxModel, read_onnx_metadata
+from unetkit.inference import TileOptions
 from unetkit.inference.backends import (
     CompiledModel,
     load_inference_model,
@@ -66,10 +67,9 @@ def test_bf16_agrees_with_fp32(trained: torch.nn.Module) -> None:
     """Documented tolerance of --precision bf16: probabilities within 0.05 of fp32 and the
     foreground masks overlap with Dice > 0.98 (tiled, with TTA, on an unseen image)."""
     image, labels = synth_cells((64, 56), seed=2)
+    tiles = TileOptions(tile=32, tta=True)
     runs = {
-        p: predict_image(
-            trained, image[None], META, InferenceOptions(tile=32, tta=True, precision=p)
-        )
+        p: predict_image(trained, image[None], META, InferenceOptions(tiles, precision=p))
         for p in ("fp32", "bf16")
     }
     fp32, bf16 = runs["fp32"], runs["bf16"]
@@ -84,7 +84,9 @@ def test_onnx_backend_equals_torch_backend(checkpoint: Path, trained: torch.nn.M
     assert isinstance(model, OnnxModel) and meta["target"] == "semantic"
     image, _ = synth_cells((50, 70), seed=3)
     # onnxruntime runs float32: compare with the exact (fp32) torch path
-    opts = InferenceOptions(tile=32, overlap=0.5, tta=True, batch_size=3, precision="fp32")
+    opts = InferenceOptions(
+        TileOptions(tile=32, overlap=0.5, tta=True, batch_size=3), precision="fp32"
+    )
     got = predict_image(model, image[None], meta, options_for(model, opts))
     want = predict_image(trained, image[None], META, opts)
     assert np.abs(got.probabilities - want.probabilities).max() < 1e-4
@@ -150,7 +152,7 @@ def test_compiled_model_runs_through_tiling(trained: torch.nn.Module) -> None:
     torch._dynamo.reset()
     image, _ = synth_cells((50, 41), seed=4)
     # one batch shape: one compilation; fp32 so that both run the same (exact) arithmetic
-    opts = InferenceOptions(tile=32, batch_size=8, precision="fp32")
+    opts = InferenceOptions(TileOptions(tile=32, batch_size=8), precision="fp32")
     got = predict_image(CompiledModel(trained, backend="eager"), image[None], META, opts)
     want = predict_image(trained, image[None], META, opts)
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import unetkit
 from unetkit import runtime
 from unetkit.errors import ConfigError
+from unetkit.inference import TileOptions
 from unetkit.inference.tiling import predict_tiled
 from unetkit.nn.lora import LoRALayer
 from unetkit.nn.lora_inject import inject_lora
@@ -219,9 +220,9 @@ def test_predict_tiled_bf16_runs_the_frozen_copy() -> None:
     torch.manual_seed(0)
     net = _randomise_norms(unetkit.create_model("unet", channels=(8, 16), norm="batch"))
     image = torch.rand(1, 70, 50)
-    exact = predict_tiled(net, image, tile=32)
+    exact = predict_tiled(net, image, TileOptions(tile=32))
     with runtime.prepared(net, "bf16") as runner:
-        fast = predict_tiled(net, image, tile=32, runner=runner)
+        fast = predict_tiled(net, image, TileOptions(tile=32), runner=runner)
     assert isinstance(fastpath._CACHE.get(net)[1], FrozenModel)
     assert (fast - exact).abs().max() < 0.05
     assert F.mse_loss(fast, exact) < 1e-4

@@ -20,6 +20,7 @@ import torch.nn as nn
 import unetkit
 from unetkit import runtime
 from unetkit.errors import ConfigError, DataError, InputSizeError
+from unetkit.inference import TileOptions
 from unetkit.inference.grid import (
     TileGrid,
     extract_tile,
@@ -273,7 +274,7 @@ def test_predict_tiled_dispatches_on_padding() -> None:
     valid = tiny_valid()
     ref = torch.softmax(whole_image_reference(valid, torch.from_numpy(image)), dim=0)
     for tile in (None, 16):
-        got = predict_tiled(valid, image, tile=tile, device="cpu")
+        got = predict_tiled(valid, image, TileOptions(tile=tile), device="cpu")
         assert got.device.type == "cpu" and got.dtype == torch.float32
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     same = unetkit.create_model("unet", channels=(4, 8))
@@ -283,7 +284,7 @@ def test_predict_tiled_dispatches_on_padding() -> None:
     with torch.no_grad():
         ref = torch.softmax(same.eval()(torch.from_numpy(image)[None])[0], dim=0)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
-    tiled = predict_tiled(same, image, tile=16, overlap=0.5, activation="logits")
+    tiled = predict_tiled(same, image, TileOptions(tile=16, overlap=0.5), activation="logits")
     torch.testing.assert_close(
         tiled, sliding_window(same, image, tile=16, overlap=0.5, activation=None)
     )
@@ -377,15 +378,15 @@ def test_reduce_with_overlap_tile_and_out_buffer() -> None:
     with pytest.raises(InputSizeError, match="uint8 CPU tensor of shape \\(37, 29\\)"):
         overlap_tile(model, image, tile_out=12, reduce="argmax", out=torch.zeros(37, 29))
     with pytest.raises(ConfigError, match="did you mean 'argmax'"):
-        predict_tiled(model, image, tile=12, reduce="argmx")
+        predict_tiled(model, image, TileOptions(tile=12), reduce="argmx")
 
 
 def test_bf16_fast_path_is_close_and_restores_the_model() -> None:
     model = unetkit.create_model("unet", channels=(4, 8), norm="batch").train()
     image = torch.rand(1, 40, 36)
-    ref = predict_tiled(model, image, tile=16)
+    ref = predict_tiled(model, image, TileOptions(tile=16))
     with runtime.prepared(model, "bf16") as runner:
-        fast = predict_tiled(model, image, tile=16, runner=runner)
+        fast = predict_tiled(model, image, TileOptions(tile=16), runner=runner)
     assert fast.dtype == torch.float32
     assert 0 < (fast - ref).abs().max() < 3e-2  # bf16 really ran, and stayed close
     assert model.training

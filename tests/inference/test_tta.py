@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import unetkit
 from unetkit.errors import ConfigError
+from unetkit.inference import TileOptions
 from unetkit.inference.tiling import overlap_tile, predict_tiled, sliding_window
 from unetkit.inference.tta import TTATransform, tta_predict, tta_transforms
 from unetkit.models.base import SegmentationModel
@@ -136,6 +137,6 @@ def test_predict_tiled_tta_changes_a_real_model_and_keeps_probabilities() -> Non
     net = unetkit.create_model("unet", channels=(4, 8), norm="none")
     image = torch.rand(1, 24, 20)
     plain = predict_tiled(net, image)
-    aug = predict_tiled(net, image, tta=True)
+    aug = predict_tiled(net, image, TileOptions(tta=True))
     torch.testing.assert_close(aug.sum(0), torch.ones(24, 20))  # mean of probabilities
     assert (aug - plain).abs().max() > 1e-4

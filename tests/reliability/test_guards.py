@@ -16,6 +16,7 @@ from unetkit.cli import flags as F
 from unetkit.cli.main import main
 from unetkit.data.io import list_images
 from unetkit.errors import ConfigError, OutputError
+from unetkit.inference import TileOptions
 from unetkit.inference.tiling import predict_tiled
 from unetkit.outputs import output_file, output_folder
 from unetkit.registry import create_model
@@ -107,8 +108,8 @@ def test_a_huge_tile_is_capped_at_the_image_and_predicts_the_same() -> None:
     torch.manual_seed(0)
     net = create_model("unet", channels=(4, 8)).eval()
     image = torch.rand(1, 40, 36)
-    whole = predict_tiled(net, image, tile=(40, 36))
-    huge = predict_tiled(net, image, tile=100_000)  # padded, this would ask for 80 GB
+    whole = predict_tiled(net, image, TileOptions(tile=(40, 36)))
+    huge = predict_tiled(net, image, TileOptions(tile=100_000))  # padded, this would ask for 80 GB
     assert torch.equal(huge, whole)
 
 

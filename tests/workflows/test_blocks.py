@@ -9,8 +9,9 @@ import pytest
 
 from unetkit.data.io import to_float_image, write_image
 from unetkit.data.transforms import Normalize
-from unetkit.workflows import blocks
-from unetkit.workflows.blocks import block_grid, normalization_stats, normalize, open_source
+from unetkit.workflows import block_sources
+from unetkit.workflows.block_sources import normalization_stats, normalize, open_source
+from unetkit.workflows.blocks import block_grid
 
 
 @pytest.fixture()
@@ -33,11 +34,24 @@ def test_small_image_statistics_are_normalizes_own(rgb, mode: str) -> None:
     np.testing.assert_array_equal(part, expected[:, 10:40, 5:60])
 
 
+def test_checkpoint_percentiles_and_picked_channels(rgb) -> None:
+    """A checkpoint's own percentiles (e.g. CSBDeep's 1, 99.8) and ``--channels 2,0``
+    give what ``Normalize`` gives on the picked channels of the whole image."""
+    path, pixels = rgb
+    source = open_source(str(path), channels=(2, 0))
+    image = to_float_image(pixels, channels=(2, 0))
+    expected = Normalize("percentile", percentiles=(1, 99.8))({"image": image})["image"]
+    stats = normalization_stats(source, "percentile", 32, (1, 99.8))
+    np.testing.assert_array_equal(
+        normalize(source.pixels(slice(None), slice(None)), stats), expected
+    )
+
+
 @pytest.mark.parametrize("mode", ["zscore", "percentile"])
 def test_large_image_statistics_from_blocks(rgb, mode: str, monkeypatch) -> None:
     path, pixels = rgb
-    monkeypatch.setattr(blocks, "EXACT_STATS_PIXELS", 100)  # force the block-wise path
-    monkeypatch.setattr(blocks, "_SAMPLE_PIXELS", 1600)  # percentiles from a 1/4 sample
+    monkeypatch.setattr(block_sources, "EXACT_STATS_PIXELS", 100)  # force the block-wise path
+    monkeypatch.setattr(block_sources, "_SAMPLE_PIXELS", 1600)  # percentiles from a 1/4 sample
     centre, scale = normalization_stats(open_source(str(path)), mode, 32)
     flat = to_float_image(pixels).reshape(3, -1).astype(np.float64)
     if mode == "zscore":

@@ -22,14 +22,16 @@ from unetkit.cli.main import main  # noqa: E402
 from unetkit.data.io import to_float_image  # noqa: E402
 from unetkit.data.synthetic import synth_cells  # noqa: E402
 from unetkit.errors import ConfigError, DataError  # noqa: E402
+from unetkit.inference import TileOptions  # noqa: E402
 from unetkit.inference.backends import load_inference_model  # noqa: E402
 from unetkit.workflows.blocks import BlockOptions  # noqa: E402
 from unetkit.workflows.dask_cluster import dask_client  # noqa: E402
 from unetkit.workflows.distributed import predict_blocks  # noqa: E402
 from unetkit.workflows.segment import InferenceOptions, predict_image  # noqa: E402
+from unetkit.workflows.segment_outputs import OutputOptions  # noqa: E402
 
 SIZE, BLOCK = 512, 256
-OPTIONS = InferenceOptions(tile=128, batch_size=4, precision="fp32", min_size=10)
+OPTIONS = InferenceOptions(TileOptions(tile=128, batch_size=4), precision="fp32", min_size=10)
 
 
 def _train_three_class(steps: int = 60) -> torch.nn.Module:
@@ -151,7 +153,7 @@ def test_distributed_equals_single_process(setup: dict, client, target: str, tmp
         tmp_path,
         OPTIONS,
         BlockOptions(block_size=BLOCK, label_halo=32),
-        probabilities=True,
+        outputs=OutputOptions(save_probabilities=True),
         client=client,
     )
     mask, instances, group = _read(tmp_path / "cells.zarr")
@@ -173,20 +175,20 @@ def test_resume_skips_finished_blocks(setup: dict, tmp_path: Path, monkeypatch) 
     clean = tmp_path / "clean"
     predict_blocks(setup["ckpt"]["semantic"], [setup["zarr"]], clean, OPTIONS, opts)
     # a run killed at its last block: three blocks written, then the process dies
-    real = distributed._predict_block
+    real = distributed.predict_block
 
     def dies_at_last_block(job, block):
         if (block.row, block.col) == (1, 1):
             raise KeyboardInterrupt
         return real(job, block)
 
-    monkeypatch.setattr(distributed, "_predict_block", dies_at_last_block)
+    monkeypatch.setattr(distributed, "predict_block", dies_at_last_block)
     with pytest.raises(KeyboardInterrupt):
         predict_blocks(setup["ckpt"]["semantic"], [setup["zarr"]], tmp_path, OPTIONS, opts)
     markers = tmp_path / "cells.zarr" / ".unetkit"
     stamps = {p.name: p.stat().st_mtime_ns for p in markers.glob("block_*.npz")}
     assert sorted(stamps) == ["block_0_0.npz", "block_0_1.npz", "block_1_0.npz"]
-    monkeypatch.setattr(distributed, "_predict_block", real)
+    monkeypatch.setattr(distributed, "predict_block", real)
     seen: list[tuple[str, int, int]] = []
     predict_blocks(
         setup["ckpt"]["semantic"],
@@ -328,14 +330,14 @@ def test_valid_padding_model_overlap_tile_grid(setup: dict, tmp_path: Path) -> N
     torch.manual_seed(0)
     net = unetkit.create_model("unet", channels=(4, 8), padding="valid", norm="none")
     ckpt = unetkit.save(net, tmp_path / "valid.safetensors", extra={"target": "semantic"})
-    options = InferenceOptions(tile=64, precision="fp32")
+    options = InferenceOptions(TileOptions(tile=64), precision="fp32")
     predict_blocks(
         ckpt,
         [setup["zarr"]],
         tmp_path,
         options,
         BlockOptions(block_size=96, level=1),
-        probabilities=True,
+        outputs=OutputOptions(save_probabilities=True),
     )
     pixels = zarr.open_array(str(setup["zarr"] / "s1"), mode="r")[:]  # ome-zarr-py's level 1
     model, meta = load_inference_model(ckpt)

@@ -8,6 +8,7 @@ import pytest
 from unetkit.data.io import read_image, to_float_image
 from unetkit.data.synthetic import write_synthetic_folder
 from unetkit.errors import DataError
+from unetkit.inference import TileOptions
 from unetkit.segmentation.metrics import dice
 from unetkit.workflows import segment_train as R
 from unetkit.workflows.interactive import Cancelled, Segmenter, finetune_on_labels
@@ -46,7 +47,8 @@ def test_segment_reports_tile_progress_and_stops_when_it_raises(run):
     root, image, _ = run
     seg = Segmenter(root / "base")
     calls = []
-    seg.segment(image, tile=16, precision="fp32", progress=lambda d, t: calls.append((d, t)))
+    tiles = TileOptions(tile=16)
+    seg.segment(image, tiles=tiles, precision="fp32", progress=lambda d, t: calls.append((d, t)))
     total = calls[-1][1]
     assert total > 1 and calls[-1][0] == total
     assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # increasing
@@ -55,7 +57,7 @@ def test_segment_reports_tile_progress_and_stops_when_it_raises(run):
         raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
-        seg.segment(image, tile=16, precision="fp32", progress=stop)
+        seg.segment(image, tiles=TileOptions(tile=16), precision="fp32", progress=stop)
 
 
 def test_bad_images_are_one_clear_error(run):

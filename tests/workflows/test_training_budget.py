@@ -163,3 +163,17 @@ def test_the_training_object_size_is_recorded_and_sets_the_min_object_size(tmp_p
     assert min_object_size(meta, 2, given=3) == 3
     assert min_object_size({}, 2) == 10  # older checkpoints: the fixed default
     assert min_object_size({"object_diameter": 10.0}, 3) == 52  # a ball: pi d^3 / 6
+
+
+def test_the_paper_recipe_on_small_images_trains_or_says_why(tmp_path) -> None:
+    # 100×100 training images: the output crop shrinks to 100 and 100 + the margin is not an
+    # input the valid-padding network accepts, so the largest valid one below is used.
+    paper = dict(epochs=1, steps_per_epoch=1, batch_size=1)
+    paper["model_options"] = {"channels": (4, 8, 16, 32, 64)}
+    small = _folder(tmp_path / "d", 5, shape=(100, 100))
+    big = _folder(tmp_path / "big", 1, shape=(200, 200))
+    recipe = R.make_recipe("paper", data=small, val_data=big, **paper)
+    assert R.train(recipe, tmp_path / "run", progress=False).step == 1
+    # validation images too small for the network: one clear error before any step
+    with pytest.raises(DataError, match="needs at least 188 pixels per side"):
+        R.train(R.make_recipe("paper", data=small, **paper), tmp_path / "run2", progress=False)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from unetkit.cli import flags as F
 from unetkit.cli.predict import add_inference_flags, options_from_args
 from unetkit.data.datasets import FolderSegmentationDataset
+from unetkit.data.io import write_image
 from unetkit.data.masks import MASK_MODES
 from unetkit.errors import ConfigError
-from unetkit.outputs import output_file
+from unetkit.outputs import output_file, output_folder
 from unetkit.regression import FolderRegressionDataset
 from unetkit.segmentation.postprocess import write_object_table_csv
+from unetkit.workflows.pictures import evaluation_picture, regression_picture
 from unetkit.workflows.segment import (
     evaluate_dataset,
     evaluate_regression,
@@ -39,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=F.positive_int, default=2)
     p.add_argument("--mask-mode", default="auto", choices=MASK_MODES)
     p.add_argument("--csv", help="also write per-image metrics to this CSV")
+    p.add_argument(
+        "--pictures",
+        metavar="DIR",
+        help="also write <image>_comparison.png per image into DIR: input | prediction | "
+        "truth side by side (volumes: maximum projections; depth: colour bars in metres)",
+    )
     add_inference_flags(p)
     p.set_defaults(run=run)
 
@@ -46,6 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.csv:
         output_file(args.csv, flag="--csv", inputs=[args.checkpoint, args.data])
+    if args.pictures:
+        output_folder(args.pictures, flag="--pictures", inputs=[args.checkpoint, args.data])
     model, meta = load_for_inference(args.checkpoint)
     if meta.get("task") == "regression":
         data = FolderRegressionDataset(
@@ -55,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
         )
         data.validate()
         rows, means = evaluate_regression(
-            model, meta, (data[i] for i in range(len(data))), options_from_args(args)
+            model,
+            meta,
+            (data[i] for i in range(len(data))),
+            options_from_args(args),
+            on_prediction=_drawer(args.pictures, meta),
         )
     else:
         trained = meta.get("num_classes", args.num_classes)
@@ -78,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             (data[i] for i in range(len(data))),
             options_from_args(args),
             num_classes=args.num_classes,
+            on_prediction=_drawer(args.pictures, meta),
         )
     if args.csv:
         write_object_table_csv(rows, Path(args.csv))
@@ -90,6 +107,24 @@ def run(args: argparse.Namespace) -> int:
     if "rand_error" in means:
         print("rand_error: ISBI 2012 foreground-restricted Rand error (1 - Rand F-score)")
     return 0
+
+
+def _drawer(folder: str | None, meta: dict) -> Callable[[dict, Any], None] | None:
+    """A callback writing ``<name>_comparison.png`` into ``folder`` (None: no pictures)."""
+    if folder is None:
+        return None
+
+    def draw(sample: dict, prediction: Any) -> None:
+        if meta.get("task") == "regression":
+            output = meta.get("output", "depth")
+            picture = regression_picture(
+                sample["image"], prediction, sample["target"], output=output
+            )
+        else:
+            picture = evaluation_picture(sample, prediction)
+        write_image(Path(folder) / f"{sample['name']}_comparison.png", picture)
+
+    return draw
 
 
 def describe_truth(rows: list[dict], mask_mode: str) -> str:

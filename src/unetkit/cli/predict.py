@@ -9,7 +9,9 @@ from tqdm import tqdm
 
 from unetkit.cli import flags as F
 from unetkit.data.io import parse_channels
+from unetkit.errors import ConfigError
 from unetkit.formats.ome_zarr import is_zarr
+from unetkit.inference import TileOptions
 from unetkit.inference.backends import BACKENDS
 from unetkit.outputs import output_folder
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
@@ -21,16 +23,39 @@ from unetkit.workflows.segment_files import predict_files
 from unetkit.workflows.segment_outputs import LABEL_FORMATS, OBJECT_TYPES, OutputOptions
 
 
-def add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=F.tile_size, help="tile size (default: whole image if it fits)")
+def add_tile_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of :class:`~unetkit.inference.TileOptions`: defaults and help from its fields."""
+    T = TileOptions
+    p.add_argument("--tile", type=F.tile_size, default=T.default("tile"), help=T.help("tile"))
     p.add_argument(
         "--overlap",
         type=F.finite_float(0, 1, hi_open=True),
-        default=0.25,
-        help="sliding-window overlap",
+        default=T.default("overlap"),
+        help=f"{T.help('overlap')} (default {T.default('overlap')})",
     )
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--batch-size", type=F.positive_int, default=4, help="tiles per forward pass")
+    p.add_argument(
+        "--tta",
+        action="store_const",
+        const=True,
+        default=T.default("tta"),
+        help=T.help("tta"),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=F.positive_int,
+        default=T.default("batch_size"),
+        help=f"{T.help('batch_size')} (default {T.default('batch_size')})",
+    )
+
+
+def tile_options_from_args(args: argparse.Namespace) -> TileOptions:
+    return TileOptions(
+        tile=args.tile, overlap=args.overlap, tta=args.tta, batch_size=args.batch_size
+    )
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    add_tile_flags(p)
     p.add_argument(
         "--min-size",
         type=F.nonnegative_int,
@@ -67,15 +92,13 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     return InferenceOptions(
-        tile=args.tile,
-        overlap=args.overlap,
-        tta=args.tta,
-        batch_size=args.batch_size,
+        tiles=tile_options_from_args(args),
         min_size=args.min_size,
         precision=getattr(args, "precision", DEFAULT_PRECISION),
         channels=parse_channels(args.channels),
         pixel_size=args.pixel_size,
         object_diameter=args.object_diameter,
+        scene=getattr(args, "scene", None),
     )
 
 
@@ -91,12 +114,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "checkpoint",
-        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors) or an "
-        ".onnx file from `unetkit export`",
+        help="a .safetensors checkpoint (e.g. RUN/checkpoints/best.safetensors), a run "
+        "directory, a `train --folds K` run directory (its K models' probabilities are "
+        "averaged) or an .onnx file from `unetkit export`",
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     add_inference_flags(p)
+    p.add_argument(
+        "--scene",
+        type=F.nonnegative_int,
+        help="CZI/ND2/LIF inputs: the scene to read, numbered from 0 (default: the first, "
+        "with a warning when a file holds more)",
+    )
     p.add_argument(
         "--attention-maps",
         action="store_true",
@@ -171,7 +201,7 @@ def add_block_flags(p: argparse.ArgumentParser) -> None:
         "huge images and many images",
         "with --cluster, --block-size, --level or an OME-Zarr input: block-wise prediction, "
         "one <stem>.zarr (OME-Zarr: mask, labels/instances, pyramids; --save-probabilities "
-        "adds probabilities) per image; resumable",
+        "adds probabilities) and <stem>_objects.csv per image; resumable",
     )
     g.add_argument(
         "--cluster",
@@ -207,8 +237,21 @@ def _block_wise(args: argparse.Namespace) -> bool:
     return bool(chosen) or any(is_zarr(i) for i in args.inputs)
 
 
+def _refuse_whole_image_flags(args: argparse.Namespace) -> None:
+    """Flags of the whole-image path that block-wise predict has no use for: one line each."""
+    refused = (
+        ("--attention-maps", args.attention_maps, "heat maps are drawn per whole image"),
+        ("--backend onnx", args.backend == "onnx", "workers run the checkpoint with torch"),
+        ("--compile", args.compile, "each worker would compile for every block shape"),
+    )
+    for flag, given, why in refused:
+        if given:
+            raise ConfigError(f"{flag}: not available for block-wise predict ({why}); leave it out")
+
+
 def run_blocks(args: argparse.Namespace) -> int:
     """Block-wise predict; prints the Dask dashboard address and a progress bar."""
+    _refuse_whole_image_flags(args)
     blocks = BlockOptions(
         block_size=args.block_size or BlockOptions.block_size,
         label_halo=args.label_halo,
@@ -230,7 +273,7 @@ def run_blocks(args: argparse.Namespace) -> int:
             print(f"Dask dashboard: {client.dashboard_link}", flush=True)
         rows = predict_blocks(
             args.checkpoint, args.inputs, args.out, options_from_args(args), blocks,
-            probabilities=args.save_probabilities, client=client, progress=progress,
+            outputs=outputs_from_args(args), client=client, progress=progress,
         )
     for bar in bars.values():
         bar.close()
@@ -243,6 +286,8 @@ def run_blocks(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     output_folder(args.out, flag="--out", inputs=[args.checkpoint, *args.inputs])
     if _block_wise(args):
+        if args.scene is not None:
+            raise ConfigError("--scene: block-wise prediction reads the first scene only")
         return run_blocks(args)
     rows = predict_files(
         args.checkpoint,

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import time
-import tomllib
 from pathlib import Path
-from typing import Any
 
 from unetkit._atomic import atomic_write_text
 from unetkit.cli import flags as F
+from unetkit.cli.folds import add_folds_flag, run_folds
+from unetkit.cli.train_config import VALUE_FLAGS, recipe_from_args
 from unetkit.data.datasets import TARGETS
 from unetkit.data.io import parse_channels
 from unetkit.data.masks import MASK_MODES
@@ -29,44 +28,6 @@ from unetkit.training.optim import OPTIMIZERS, SCHEDULERS
 from unetkit.workflows import segment_train as R
 from unetkit.workflows.report import heldout_report
 from unetkit.workflows.segment_data import SYNTHETIC_REGRESSION
-
-# flags that set the recipe field of the same name
-_VALUE_FLAGS = (
-    "data",
-    "val_data",
-    "channels",
-    "pixel_size",
-    "num_classes",
-    "mask_mode",
-    "target",
-    "model",
-    "preset",
-    "epochs",
-    "batch_size",
-    "lr",
-    "optimizer",
-    "loss",
-    "crop",
-    "precision",
-    "seed",
-    "samples_per_epoch",
-    "steps_per_epoch",
-    "max_steps",
-    "early_stopping",
-    "val_fraction",
-    "grad_accum",
-    "num_workers",
-    "scheduler",
-    "normalize",
-    "w0",
-    "sigma",
-    "task",
-    "output",
-    "target_scale",
-    "synthetic_regression",
-    "spatial_dims",
-)
-
 
 # recipe defaults, for help texts (the flags themselves default to None: --recipe and
 # --config come first, so a flag only overrides what is given)
@@ -89,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_budget_flags(p.add_argument_group("budget"))
     _add_optimisation_flags(p.add_argument_group("loss and optimisation"))
     # a --config value is checked by the parser of the flag of the same name (one rule each)
-    checks = {a.dest: a.type for a in p._actions if a.type is not None and a.dest in _VALUE_FLAGS}
+    checks = {a.dest: a.type for a in p._actions if a.type is not None and a.dest in VALUE_FLAGS}
     p.set_defaults(run=run, config_checks=checks)
 
 
@@ -119,6 +80,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="start the run in --out over (its checkpoints are replaced), e.g. with new data",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_folds_flag(p)
 
 
 def _add_data_flags(g: argparse._ArgumentGroup) -> None:
@@ -269,71 +231,6 @@ def _add_optimisation_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=F.nonnegative_int)
 
 
-def check_config_values(values: dict[str, Any], checks: dict[str, Any], path: Path) -> None:
-    """ConfigError naming the file and key for a --config value its flag would refuse."""
-    for key, value in values.items():
-        check = checks.get(key)
-        if check is None or value is None:
-            continue
-        try:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
-            check(repr(value))
-        except (argparse.ArgumentTypeError, ValueError) as e:  # plain int/float parsers
-            raise ConfigError(f"--config {path}: {key} = {value!r}: {e}") from None
-
-
-def parse_model_options(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ConfigError(f"--model-option {item!r}: expected KEY=VALUE, e.g. channels=(16,32)")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            # a bare word such as norm=group is a string; anything that looks like a number,
-            # tuple or list but does not parse is a typo, not a string
-            if not value.strip() or value.strip()[0] in "([{'\"0123456789+-.":
-                raise ConfigError(
-                    f"--model-option {item!r}: {value!r} is not a valid value; write numbers, "
-                    f"tuples like (16,32,64), True/False, or a bare word"
-                ) from None
-            out[key.strip()] = value
-    return out
-
-
-def recipe_from_args(args: argparse.Namespace) -> R.SegmentationRecipe:
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        try:
-            values.update(tomllib.loads(path.read_text()))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--config {path}: invalid TOML ({e})") from None
-        except OSError as e:
-            raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
-        check_config_values(values, getattr(args, "config_checks", {}), path)
-    for name in _VALUE_FLAGS:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.model_option:
-        values["model_options"] = {
-            **values.get("model_options", {}),
-            **parse_model_options(args.model_option),
-        }
-    if args.no_elastic:
-        values["elastic"] = False
-    if args.no_affine:
-        values["affine"] = False
-    if args.norm_percentiles is not None:
-        values["norm_percentiles"] = tuple(args.norm_percentiles)
-    preset = "demo" if args.demo else args.recipe
-    return R.make_recipe(preset, **values)
-
-
 # recipe fields that define a run: a re-run that changes one of them is another run
 RUN_IDENTITY = (
     "data",
@@ -362,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.restart:
         saved = R.record(recipe)  # as config.json records it
         check_same_run(out, {k: saved[k] for k in RUN_IDENTITY if k in saved})
+    if args.folds is not None:
+        return run_folds(recipe, out, args)
     start = time.time()
     with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
         result = R.train(

@@ -1,7 +1,9 @@
 """Image files: read/write PNG and TIFF, convert to float (masks: :mod:`unetkit.data.masks`).
 
 TIFF files are read axis-aware (OME-TIFF, ImageJ hyperstacks: :mod:`unetkit.data.tiff`), with
-any number of channels and their physical pixel size; :func:`load_image` returns both.
+any number of channels and their physical pixel size; :func:`load_image` returns both. Zeiss
+CZI, Nikon ND2 and Leica LIF files are read the same way through bioio's plugins when the
+``formats`` extra is installed (:mod:`unetkit.data.vendor`).
 
 Every failure on a file raises :class:`~unetkit.errors.DataError` naming the file, what was
 found and how to fix it, so a user with a folder of microscopy images learns which file is
@@ -22,6 +24,7 @@ from PIL import Image
 
 from unetkit._atomic import atomic_path
 from unetkit.data.tiff import PixelSize, read_tiff
+from unetkit.data.vendor import VENDOR_EXTENSIONS, read_vendor, vendor_pixel_size
 from unetkit.errors import ConfigError, DataError
 
 __all__ = [
@@ -39,7 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+# .czi/.nd2/.lif need the formats extra (bioio); without it they are refused with the pip line.
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", *VENDOR_EXTENSIONS)
 # More channels than this in the last axis of an H×W×C array reads as a volume, not channels.
 MAX_CHANNELS = 64
 _TIFF = (".tif", ".tiff")
@@ -49,7 +53,7 @@ _NUMERIC_MODES = ("P", "1", "L", "LA", "RGB", "RGBA", "I", "F")
 
 
 def read_image(path: str | os.PathLike, *, palette_to_rgb: bool = False) -> np.ndarray:
-    """Read a PNG/JPEG (Pillow) or TIFF (tifffile) file into a numpy array.
+    """Read a PNG/JPEG (Pillow), TIFF (tifffile) or CZI/ND2/LIF (bioio) file into numpy.
 
     Args:
         path: the file. TIFF files may hold several pages; they are returned as a volume.
@@ -66,7 +70,7 @@ def read_image(path: str | os.PathLike, *, palette_to_rgb: bool = False) -> np.n
     Example:
         >>> img = read_image("images/cell_000.png")   # doctest: +SKIP
     """
-    return _read_any(Path(path), palette_to_rgb)[0]
+    return _read_any(Path(path), palette_to_rgb=palette_to_rgb)[0]
 
 
 @dataclasses.dataclass
@@ -88,16 +92,20 @@ def load_image(
     *,
     spatial_dims: int = 2,
     channels: Sequence[int] | None = None,
+    scene: int | None = None,
 ) -> LoadedImage:
     """Read an image file as float C×H×W (or C×D×H×W) with its pixel size: what predict
     and the folder data sets read.
 
     Args:
-        path: PNG/JPEG/TIFF (OME-TIFF and ImageJ hyperstacks included).
+        path: PNG/JPEG/TIFF (OME-TIFF and ImageJ hyperstacks included), or CZI/ND2/LIF
+            with the formats extra.
         spatial_dims: 2 for images, 3 for volumes (Z-stacks).
         channels: channel indices to keep, in this order (``--channels 1,0``); None keeps
             all. Planes of a multi-page TIFF without axis metadata are read as channels
             when ``channels`` is given for a 2-D model, else refused as ambiguous.
+        scene: CZI/ND2/LIF only: the scene to read (from 0); None reads the first and
+            warns when the file holds more.
 
     Example:
         >>> img = load_image("cells.ome.tif", channels=(1, 0))   # doctest: +SKIP
@@ -105,7 +113,7 @@ def load_image(
         ((2, 512, 512), PixelSize(y=0.325, x=0.325, z=None))
     """
     path = Path(path)
-    raw, axes, pixel_size = _read_any(path, palette_to_rgb=True)
+    raw, axes, pixel_size = _read_any(path, palette_to_rgb=True, scene=scene)
     if axes.startswith("Q"):
         if spatial_dims == 3:
             axes = "Z" + axes[1:]
@@ -121,12 +129,18 @@ def load_image(
     return LoadedImage(image, pixel_size, axes)
 
 
-def read_pixel_size(path: str | os.PathLike) -> PixelSize | None:
-    """The physical pixel size an image file states (OME, ImageJ, TIFF/PNG resolution)."""
-    return _read_any(Path(path), palette_to_rgb=False)[2]
+def read_pixel_size(path: str | os.PathLike, *, scene: int | None = None) -> PixelSize | None:
+    """The physical pixel size an image file states (OME, ImageJ, TIFF/PNG resolution,
+    CZI/ND2/LIF metadata; ``scene`` as in :func:`load_image`)."""
+    path = Path(path)
+    if path.suffix.lower() in VENDOR_EXTENSIONS and path.is_file():
+        return vendor_pixel_size(path, scene=scene)  # metadata only: no pixels decoded
+    return _read_any(path, palette_to_rgb=False, scene=scene)[2]
 
 
-def _read_any(path: Path, palette_to_rgb: bool) -> tuple[np.ndarray, str, PixelSize | None]:
+def _read_any(
+    path: Path, *, palette_to_rgb: bool, scene: int | None = None
+) -> tuple[np.ndarray, str, PixelSize | None]:
     """(array, axes, pixel size) of an existing image file; every failure is a DataError."""
     path = Path(path)
     if not path.is_file():
@@ -136,9 +150,13 @@ def _read_any(path: Path, palette_to_rgb: bool) -> tuple[np.ndarray, str, PixelS
         raise DataError(
             f"{path}: unsupported image type {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}"
         )
+    if scene is not None and suffix not in VENDOR_EXTENSIONS:  # never ignore a flag silently
+        raise DataError(f"{path}: --scene applies to CZI/ND2/LIF files only")
     try:
         if suffix in _TIFF:
             arr, axes, pixel_size = read_tiff(path)
+        elif suffix in VENDOR_EXTENSIONS:
+            arr, axes, pixel_size = read_vendor(path, scene=scene)
         else:
             arr, pixel_size = _read_pillow(path, palette_to_rgb)
             axes = "YXC"[: arr.ndim]

@@ -128,20 +128,23 @@ def tiff_pixel_size(tif: tifffile.TiffFile, path: Path) -> PixelSize | None:
     return None if size is None else PixelSize(*size)
 
 
-def canonical_axes(array: np.ndarray, axes: str, path: Path) -> tuple[np.ndarray, str]:
+def canonical_axes(
+    array: np.ndarray, axes: str, path: Path, *, kind: str = "TIFF"
+) -> tuple[np.ndarray, str]:
     """Reorder ``array`` (tifffile axes ``axes``) to ``[Z|Q]YX[C]``; return it and its axes.
 
     Singleton axes are dropped; more than one time point, two channel axes or two plane
-    axes are refused with a message naming the file and its axes.
+    axes are refused with a message naming the file and its axes. ``kind`` names the file
+    type in those messages (the vendor readers reuse this with bioio's ``TCZYX[S]`` axes).
     """
     keep = [i for i, a in enumerate(axes) if array.shape[i] > 1 or a in "YX"]
     array = array.reshape([array.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
     if "Y" not in axes or "X" not in axes:
-        raise DataError(f"{path}: TIFF series has axes {axes!r}; expected Y and X axes")
+        raise DataError(f"{path}: {kind} series has axes {axes!r}; expected Y and X axes")
     if "T" in axes:
         raise DataError(
-            f"{path}: TIFF holds a time series of {array.shape[axes.index('T')]} frames "
+            f"{path}: {kind} holds a time series of {array.shape[axes.index('T')]} frames "
             f"(axes {axes}); unetkit reads one time point: save the frames as separate files"
         )
     channels = [a for a in axes if a in _CHANNEL_AXES]
@@ -149,7 +152,7 @@ def canonical_axes(array: np.ndarray, axes: str, path: Path) -> tuple[np.ndarray
     other = [a for a in axes if a not in _CHANNEL_AXES + _PLANE_AXES + "YX"]
     if len(channels) > 1 or len(planes) > 1 or other:
         raise DataError(
-            f"{path}: TIFF axes {axes} (shape {array.shape}) cannot be read as [Z]YX[C]: "
+            f"{path}: {kind} axes {axes} (shape {array.shape}) cannot be read as [Z]YX[C]: "
             "save one image or volume per file with at most one channel axis"
         )
     order = planes + ["Y", "X"] + channels

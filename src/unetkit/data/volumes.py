@@ -11,7 +11,9 @@ affine ``diag(sx, sy, sz, 1)``.
 NIfTI needs the optional ``nibabel`` package (``pip install unetkit[3d]``); TIFF needs nothing
 beyond the core dependencies. Spacing in TIFF files is stored as JSON in the image
 description (tifffile's "shaped" metadata) and, when reading, also taken from ImageJ metadata
-(``spacing`` for z) and the X/YResolution tags.
+(``spacing`` for z) and the X/YResolution tags. Z-stacks in Zeiss CZI, Nikon ND2 and Leica
+LIF files are read through bioio (the ``formats`` extra, :mod:`unetkit.data.vendor`), with
+their physical voxel size in µm as spacing.
 
 Example:
     >>> ct = np.zeros((12, 20, 18), np.int16)
@@ -34,6 +36,7 @@ import tifffile
 
 from unetkit._atomic import atomic_path
 from unetkit.data.io import read_image
+from unetkit.data.vendor import VENDOR_EXTENSIONS, read_vendor
 from unetkit.errors import ConfigError, DataError
 
 __all__ = [
@@ -45,7 +48,7 @@ __all__ = [
 ]
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-VOLUME_EXTENSIONS = (".tif", ".tiff", *NIFTI_EXTENSIONS)
+VOLUME_EXTENSIONS = (".tif", ".tiff", *NIFTI_EXTENSIONS, *VENDOR_EXTENSIONS)
 Spacing = tuple[float, float, float]
 
 
@@ -65,9 +68,11 @@ def _kind(path: Path) -> str:
         return "nifti"
     if lower.endswith((".tif", ".tiff")):
         return "tiff"
+    if lower.endswith(VENDOR_EXTENSIONS):
+        return "vendor"
     raise DataError(
         f"{path}: unsupported volume type; use one of {', '.join(VOLUME_EXTENSIONS)} "
-        "(multi-page TIFF or NIfTI)"
+        "(multi-page TIFF, NIfTI or CZI/ND2/LIF)"
     )
 
 
@@ -83,13 +88,15 @@ def _nibabel(path: Path) -> ModuleType:
     return nibabel
 
 
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Spacing]:
+def read_volume(path: str | os.PathLike, *, scene: int | None = None) -> tuple[np.ndarray, Spacing]:
     """Read a 3D volume and its voxel spacing.
 
     Args:
         path: a multi-page TIFF (``.tif``/``.tiff``, read with
             :func:`unetkit.data.io.read_image`, which stacks the pages) or a NIfTI file
-            (``.nii``/``.nii.gz``, needs nibabel).
+            (``.nii``/``.nii.gz``, needs nibabel), or a CZI/ND2/LIF Z-stack (the
+            formats extra; spacing from its physical voxel size in µm).
+        scene: CZI/ND2/LIF only: the scene to read (None: the first).
 
     Returns:
         (array, spacing): the array is D×H×W or D×H×W×C (z, y, x[, channel]) in the file's
@@ -106,7 +113,22 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Spacing]:
     kind = _kind(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if kind == "vendor":
+        return _read_vendor_volume(path, scene)
+    if scene is not None:
+        raise DataError(f"{path}: --scene applies to CZI/ND2/LIF files only")
     return _read_nifti(path) if kind == "nifti" else _read_tiff_volume(path)
+
+
+def _read_vendor_volume(path: Path, scene: int | None) -> tuple[np.ndarray, Spacing]:
+    arr, axes, pixel_size = read_vendor(
+        path, scene=scene
+    )  # DataError naming the file if unreadable
+    if not axes.startswith("Z"):  # a single plane: one slice, as for a 2D TIFF
+        arr = arr[None]
+    if pixel_size is None:
+        return arr, (1.0, 1.0, 1.0)
+    return arr, (pixel_size.z or 1.0, pixel_size.y, pixel_size.x)
 
 
 def _read_tiff_volume(path: Path) -> tuple[np.ndarray, Spacing]:

@@ -33,6 +33,15 @@ from unetkit.errors import DataError
 
 NGFF_VERSION = "0.5"
 SPATIAL = ("y", "x")
+#: µm per NGFF length unit (the UDUNITS-2 names the spec lists, from angstrom to metre)
+LENGTH_UNITS_UM = {
+    "angstrom": 1e-4,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+}
 _LEVEL_PREFIX = ""  # datasets are named "0", "1", ... as ome-zarr-py writes them
 
 
@@ -97,6 +106,15 @@ class NGFFImage:
 
     def units(self) -> dict[str, str]:
         return {a["name"]: a["unit"] for a in self.axes if a.get("unit")}
+
+    def pixel_size_um(self, level: int = 0) -> tuple[float, float] | None:
+        """(Y, X) pixel size in µm at a level, or None when y and x have no length unit
+        (NGFF units are optional: a bare scale says nothing about micrometres)."""
+        units = self.units()
+        factors = [LENGTH_UNITS_UM.get(units.get(axis, "")) for axis in SPATIAL]
+        if None in factors:
+            return None
+        return tuple(s * f for s, f in zip(self.scale(level), factors, strict=True))
 
     def window(self, ys: slice, xs: slice, level: int = 0) -> np.ndarray:
         """Pixels ``[ys, xs]`` of a level as ``Y×X×C`` (first time point and plane)."""

@@ -32,6 +32,8 @@ from unetkit.errors import ConfigError, UnetkitError
 from unetkit.formats.bioimageio_load import load_package
 from unetkit.formats.loading import (
     PACKAGE_SUFFIX,
+    base_checkpoint,
+    fold_checkpoints,
     load_model_file,
     load_with_metadata,
     user_metadata,
@@ -157,6 +159,14 @@ def load_inference_model(
         return model, meta
     if compile:
         raise ConfigError("--compile applies to --backend torch; onnxruntime optimises itself")
+    folds = fold_checkpoints(source)
+    if folds:
+        raise ConfigError(
+            f"{source}: a --folds run ({len(folds)} models averaged); it runs with --backend "
+            "torch (or export one fold's checkpoint to ONNX)"
+        )
+    if Path(source).is_dir():  # a run directory: its best (else last) checkpoint
+        source = base_checkpoint(source)
     return load_model_file(source if is_onnx else cached_onnx(source))
 
 
@@ -175,13 +185,11 @@ def options_for(model: nn.Module, options: Any) -> Any:
     if model.fixed_size is not None:
         size = model.fixed_size
         tile = model.output_size_for(size) if model.is_valid_padding else size
-        asked = options.tile
-        if isinstance(asked, int):
-            asked = (asked,) * len(tile)
-        if asked is not None and tuple(asked) != tuple(tile):
+        asked = options.tiles.tile_size(len(tile))
+        if asked is not None and asked != tuple(tile):
             raise ConfigError(
                 f"{model.source}: graph exported for tile {tuple(tile)}, --tile "
-                f"{options.tile} asked; omit --tile or export again with that size"
+                f"{options.tiles.tile} asked; omit --tile or export again with that size"
             )
-        changes["tile"] = tuple(tile)
+        changes["tiles"] = dataclasses.replace(options.tiles, tile=tuple(tile))
     return dataclasses.replace(options, **changes)

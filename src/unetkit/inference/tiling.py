@@ -22,9 +22,6 @@ with prepacked oneDNN weights, elsewhere autocast with channels-last weights and
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -34,202 +31,37 @@ import torch
 import torch.nn as nn
 
 from unetkit.config import check_choice
-from unetkit.errors import ConfigError, DataError, InputSizeError
-from unetkit.inference.grid import (
-    PAD_MODES,
-    TileGrid,
-    axis_profiles,
-    extract_tile,
-    importance_map,
+from unetkit.errors import ConfigError
+from unetkit.inference.grid import PAD_MODES, TileGrid, axis_profiles, importance_map
+from unetkit.inference.streaming import BandAccumulator, Reduce, resolve_reduce
+from unetkit.inference.tile_options import TileOptions
+from unetkit.inference.tile_stream import (
+    ACTIVATIONS,
+    Activation,
+    TilePass,
+    as_image,
+    expand,
+    stream_tiles,
+    tile_predictor,
 )
-from unetkit.inference.streaming import BandAccumulator, Reduce, resolve_reduce, write_reduced
-from unetkit.inference.tta import resolve_tta, tta_predict
-from unetkit.runtime import Runner, prepared
+from unetkit.runtime import Runner
+
+__all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_TILE_VOXELS",
+    "WHOLE_IMAGE_VOXELS",
+    "Activation",
+    "TileOptions",
+    "overlap_tile",
+    "predict_tiled",
+    "sliding_window",
+    "tile_predictor",
+]
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS = ("probabilities", "logits")
 DEFAULT_TILE_VOXELS = 2**18  # default tile: 512² in 2D, 64³ in 3D
-WHOLE_IMAGE_VOXELS = 2**20  # predict_tiled(tile=None) runs smaller inputs in one pass
-
-Activation = str | Callable[[torch.Tensor], torch.Tensor] | None
-
-
-# --- shared plumbing ---------------------------------------------------------------------
-def _as_image(model: nn.Module, image: torch.Tensor | np.ndarray, where: str) -> torch.Tensor:
-    """Check a single ``C×*S`` float image against the model; numpy arrays are wrapped."""
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
-    if not isinstance(image, torch.Tensor):
-        raise DataError(
-            f"{where}: image must be a torch.Tensor or numpy array, got {type(image).__name__}"
-        )
-    dims = getattr(model, "dims", image.dim() - 1)
-    channels = getattr(model, "in_channels", None)
-    expect = f"C×{'×'.join('DHW'[-dims:])} = ({channels or 'C'}, {', '.join(['…'] * dims)})"
-    got = f"got shape {tuple(image.shape)}"
-    if image.dim() != dims + 1:
-        hint = {
-            dims: "; add a channel axis: image[None]",
-            dims + 2: "; pass one image per call: image[0]",
-        }.get(image.dim(), "")
-        raise InputSizeError(
-            f"{where}: {type(model).__name__} (dims={dims}) takes one image {expect}, {got}{hint}"
-        )
-    if channels is not None and image.shape[0] != channels:
-        raise InputSizeError(
-            f"{where}: {type(model).__name__} expects {channels} input "
-            f"channel(s), image {expect}, {got}"
-        )
-    if min(image.shape[1:]) < 1:
-        raise InputSizeError(f"{where}: image has an empty axis (shape {tuple(image.shape)})")
-    if not image.is_floating_point():
-        raise DataError(
-            f"{where}: image dtype is {image.dtype}; pass a normalised float "
-            "image, e.g. image.float() / 255 or array.astype('float32')"
-        )
-    return image
-
-
-def _expand(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
-    values = (int(value),) * dims if isinstance(value, int | np.integer) else tuple(value)
-    if len(values) != dims or any(v < 1 for v in values):
-        raise ConfigError(f"{name}={value!r} must be a positive int or {dims} positive ints")
-    return tuple(int(v) for v in values)
-
-
-def tile_predictor(
-    runner: Runner, activation: Activation, tta: bool | str | None, dims: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Batch of tiles (CPU) -> float32 prediction on the runner's device: activation, then
-    the TTA mean. Activations run in float32 also under bf16 (the logits are upcast first).
-
-    Args:
-        runner: from ``runtime.prepared(model, precision)``.
-        activation: None/"logits", "probabilities" or a callable on ``N×K×*T`` tensors.
-        tta: False, True/"flip" or "flip_rot90".
-        dims: spatial dimensions of the tiles.
-    """
-    if activation is None or activation == "logits":
-        act: Callable[[torch.Tensor], torch.Tensor] = lambda y: y  # noqa: E731
-    elif callable(activation):
-        act = activation
-    else:
-        check_choice("activation", activation, ACTIVATIONS)
-        act = getattr(runner.module, "probabilities", None) or _probabilities
-    transforms = resolve_tta(tta, dims)
-    fmt = runner.memory_format or torch.preserve_format
-    return lambda x: tta_predict(
-        lambda t: act(runner(t).float()),
-        x.to(runner.runs_on, runner.input_dtype, memory_format=fmt),
-        transforms,
-    )
-
-
-def _probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class TilePass:
-    """How one engine call runs its tiles (the engines' keyword arguments, typed once).
-
-    Attributes:
-        batch_size: tiles per forward pass (>= 1; does not change the result).
-        pad_mode: context beyond the border: one of ``PAD_MODES``.
-        activation: None/"logits", "probabilities" or a callable, applied per tile.
-        tta: False, True/"flip" or "flip_rot90".
-        runner: the prepared model (``runtime.prepared``); None: the model as it is, fp32.
-        reduce: None, "argmax" or a callable (see the engines).
-        out: optional preallocated output tensor.
-        progress: called as ``progress(tiles_done, tiles_total)`` after every batch of
-            tiles (a front-end's progress bar; raising from it stops the pass).
-    """
-
-    batch_size: int = 4
-    pad_mode: str = "reflect"
-    activation: Activation = "probabilities"
-    tta: bool | str = False
-    runner: Runner | None = None
-    reduce: Reduce | None = None
-    out: torch.Tensor | None = None
-    progress: Callable[[int, int], None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        check_choice("pad_mode", self.pad_mode, PAD_MODES)
-
-
-def _stream(
-    model: nn.Module,
-    image: torch.Tensor,
-    grid: TileGrid,
-    window: tuple[Sequence[int], Sequence[int]],
-    opts: TilePass,
-    weight: torch.Tensor | None = None,
-    accumulate: bool = False,
-    band: BandAccumulator | None = None,
-) -> torch.Tensor:
-    """Run the grid's tiles ``batch_size`` at a time; write (or, with ``accumulate``, add
-    ``weight``-ed) the kept part of each prediction into one output tensor, or hand the
-    weighted predictions to ``band`` (bounded-memory blending).
-
-    ``window`` = (offset, size) of each input tile relative to the tile's output start;
-    ``opts`` says how tiles run; without ``band``, a ``reduce`` applies to each written
-    tile part.
-    Without a runner the model runs as it is, in fp32 (``runtime.prepared(model, "fp32")``).
-    """
-    reduce = None if opts.reduce is None or band else resolve_reduce(opts.reduce)
-    positions = iter(grid)
-    result = opts.out if reduce is not None else None
-    with contextlib.ExitStack() as stack:
-        runner = opts.runner or stack.enter_context(prepared(model, "fp32"))
-        predict = tile_predictor(runner, opts.activation, opts.tta, len(grid.tile))
-        done = 0
-        while chunk := list(itertools.islice(positions, opts.batch_size)):
-            starts = ([s - o for s, o in zip(p, window[0], strict=True)] for p in chunk)
-            tiles = [extract_tile(image, s, window[1], opts.pad_mode) for s in starts]
-            y = predict(torch.stack(tiles))  # N×K×*tile, float32, on the model's device
-            if tuple(y.shape[2:]) != grid.tile:
-                raise InputSizeError(
-                    f"the model maps a {tuple(window[1])} tile to "
-                    f"{tuple(y.shape[2:])}, expected {grid.tile}"
-                )
-            if weight is not None:
-                y = y.mul_(weight.to(y.device))
-            y = y.cpu()
-            for i, s in enumerate(chunk):
-                if band is not None:
-                    band.add(y[i], s)
-                    continue
-                dst, src = grid.regions(s)
-                part = y[(i, slice(None), *src)]
-                if reduce is not None:
-                    result = write_reduced(result, reduce, part, dst, grid.image_size)
-                    continue
-                if result is None:
-                    result = _output(opts.out, (y.shape[1], *grid.image_size), accumulate)
-                target = result[(slice(None), *dst)]
-                target.add_(part) if accumulate else target.copy_(part)
-            done += len(chunk)
-            if opts.progress is not None:
-                opts.progress(done, len(grid))
-        if band is not None:
-            result = band.finish()  # inside inference mode: the band is an inference tensor
-    return result
-
-
-def _output(out: torch.Tensor | None, shape: tuple[int, ...], fill: bool) -> torch.Tensor:
-    if out is None:
-        with torch.inference_mode(False):  # a normal tensor: the caller may edit it later
-            return torch.zeros(shape) if fill else torch.empty(shape)
-    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu":
-        raise InputSizeError(
-            f"out must be a float32 CPU tensor of shape {shape}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    return out.zero_() if fill else out
+WHOLE_IMAGE_VOXELS = 2**20  # TileOptions(tile=None) runs smaller inputs in one pass
 
 
 # --- the engines -------------------------------------------------------------------------
@@ -280,7 +112,7 @@ def overlap_tile(
         >>> overlap_tile(net, torch.rand(1, 70, 53), tile_out=24).shape
         torch.Size([2, 70, 53])
     """
-    image = _as_image(model, image, "overlap_tile")
+    image = as_image(model, image, "overlap_tile")
     check_choice("pad_mode", pad_mode, PAD_MODES)
     if not getattr(model, "is_valid_padding", False):
         raise ConfigError(
@@ -292,7 +124,7 @@ def overlap_tile(
     period = _shift_period(model, dims)
     want = [
         max(min(t, n), p)
-        for t, n, p in zip(_expand(tile_out, dims, "tile_out"), size, period, strict=True)
+        for t, n, p in zip(expand(tile_out, dims, "tile_out"), size, period, strict=True)
     ]
     tile_in = model.input_size_for(want)
     tile_o = model.output_size_for(tile_in)
@@ -305,7 +137,7 @@ def overlap_tile(
         "overlap_tile: %d tiles, input %s -> output %s, step %s", len(grid), tile_in, tile_o, step
     )
     opts = TilePass(batch_size, pad_mode, activation, tta, runner, reduce, out, progress)
-    return _stream(model, image, grid, (before, tile_in), opts)
+    return stream_tiles(model, image, grid, (before, tile_in), opts)
 
 
 def _shift_period(model: nn.Module, dims: int) -> tuple[int, ...]:
@@ -372,7 +204,7 @@ def sliding_window(
         >>> sliding_window(net, torch.rand(1, 100, 70), tile=64).shape
         torch.Size([2, 100, 70])
     """
-    image = _as_image(model, image, "sliding_window")
+    image = as_image(model, image, "sliding_window")
     check_choice("pad_mode", pad_mode, PAD_MODES)
     if getattr(model, "is_valid_padding", False):
         raise ConfigError(
@@ -381,7 +213,7 @@ def sliding_window(
         )
     size = tuple(image.shape[1:])
     dims = len(size)
-    tile = _expand(tile, dims, "tile")
+    tile = expand(tile, dims, "tile")
     grid = TileGrid.sliding(size, tile, overlap)
     profiles = axis_profiles(tile, blend, sigma_scale)
     logger.debug("sliding_window: %d windows of %s over %s", len(grid), tile, size)
@@ -391,8 +223,8 @@ def sliding_window(
     if reduce is not None:
         sums = [grid.axis_weights(a, p) for a, p in enumerate(profiles)]
         band = BandAccumulator(size, tile, sums, resolve_reduce(reduce), out)
-        return _stream(model, image, grid, window, opts, weight, band=band)
-    result = _stream(model, image, grid, window, opts, weight, accumulate=True)
+        return stream_tiles(model, image, grid, window, opts, weight, band=band)
+    result = stream_tiles(model, image, grid, window, opts, weight, accumulate=True)
     # Divide by the summed weights, one axis at a time: the weight is a product over axes.
     for axis, profile in enumerate(profiles):
         shape = [1] * (dims + 1)
@@ -404,14 +236,11 @@ def sliding_window(
 def predict_tiled(
     model: nn.Module,
     image: torch.Tensor | np.ndarray,
+    options: TileOptions | None = None,
     *,
-    tile: int | Sequence[int] | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    tta: bool | str = False,
+    runner: Runner | None = None,
     device: str | torch.device | None = None,
     activation: Activation = "probabilities",
-    runner: Runner | None = None,
     reduce: Reduce | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
@@ -419,21 +248,19 @@ def predict_tiled(
     sliding window otherwise.
 
     Args:
-        model: a ``SegmentationModel``; run in eval mode under ``torch.inference_mode``
-            (its train/eval flag is restored afterwards).
+        model: a ``SegmentationModel`` (its size planner lays out the tiles); run in eval
+            mode under ``torch.inference_mode`` (its train/eval flag is restored afterwards).
         image: ``C×*S`` float image (numpy accepted); stays where it is, tiles are copied.
-        tile: output tile (valid padding) or window (same padding) size; None runs the
-            whole image in one pass when it has at most ``WHOLE_IMAGE_VOXELS`` voxels, else
-            uses tiles of about ``DEFAULT_TILE_VOXELS`` input voxels.
-        overlap: window overlap for same-padding models (overlap-tile outputs never overlap).
-        batch_size: tiles per forward pass.
-        tta: False, True/"flip" or "flip_rot90": test-time augmentation per tile.
-        device: run the model there (the model is moved with ``model.to(device)`` and stays);
-            None uses the device the model is on.
-        activation: "probabilities" (default), None/"logits", or a callable.
+        options: how to tile (:class:`TileOptions`: tile, overlap, batch size, TTA, blend,
+            padding); ``tile=None`` runs the whole image in one pass when it has at most
+            ``WHOLE_IMAGE_VOXELS`` voxels, else uses tiles of about ``DEFAULT_TILE_VOXELS``
+            input voxels. None: ``TileOptions()``.
         runner: the model prepared by ``runtime.prepared(model, precision)``: with bf16
             (on CPUs a frozen copy with prepacked weights) 3-5x faster on CPUs with native
             bf16 (AVX512-BF16/AMX); None runs ``model`` as it is, in fp32 (exact).
+        device: run the model there (the model is moved with ``model.to(device)`` and stays);
+            None uses the device the model is on. Not with ``runner``.
+        activation: "probabilities" (default), None/"logits", or a callable.
         reduce: None, "argmax" (uint8 label map ``*S``) or a callable on ``K×*R``
             probabilities: store only that, in bounded memory (see ``sliding_window``).
         progress: ``progress(tiles_done, tiles_total)`` after every batch of tiles.
@@ -444,10 +271,11 @@ def predict_tiled(
     Example:
         >>> import unetkit
         >>> net = unetkit.create_model("unet", channels=(4, 8), padding="valid")
-        >>> predict_tiled(net, torch.rand(1, 300, 200), tile=96).shape
+        >>> predict_tiled(net, torch.rand(1, 300, 200), TileOptions(tile=96)).shape
         torch.Size([2, 300, 200])
     """
-    image = _as_image(model, image, "predict_tiled")
+    image = as_image(model, image, "predict_tiled")
+    options = options if options is not None else TileOptions()
     if device is not None:
         if runner is not None:
             raise ConfigError(
@@ -456,24 +284,29 @@ def predict_tiled(
             )
         model.to(device)
     size = tuple(image.shape[1:])
-    dims = len(size)
     valid = getattr(model, "is_valid_padding", False)
-    if tile is None:
-        whole = model.input_size_for(size) if valid else size
-        if math.prod(whole) <= WHOLE_IMAGE_VOXELS:
-            tile = size
-        else:
-            edge = round(DEFAULT_TILE_VOXELS ** (1 / dims)) // 16 * 16
-            margin = model.margin()[0] if valid else 0
-            tile = tuple(min(max(edge - 2 * margin, 16), n) for n in size)
-    else:
-        # a tile beyond the image only adds padding: cap it (a 100000 tile would ask for 80 GB)
-        per_axis = (tile,) * dims if isinstance(tile, int) else tuple(tile)
-        if len(per_axis) != dims:
-            raise ConfigError(f"tile {tile}: give one size or {dims} (one per axis)")
-        tile = tuple(min(int(t), n) for t, n in zip(per_axis, size, strict=True))
-    common = dict(batch_size=batch_size, activation=activation, tta=tta)
-    common.update(runner=runner, reduce=reduce, progress=progress)
+    tile = _tile_for(model, size, options, valid)
+    common = dict(batch_size=options.batch_size, activation=activation, tta=options.tta)
+    common.update(pad_mode=options.pad_mode, runner=runner, reduce=reduce, progress=progress)
     if valid:
         return overlap_tile(model, image, tile_out=tile, **common)
-    return sliding_window(model, image, tile=tile, overlap=overlap, **common)
+    blending = dict(overlap=options.overlap, blend=options.blend, sigma_scale=options.sigma_scale)
+    return sliding_window(model, image, tile=tile, **blending, **common)
+
+
+def _tile_for(
+    model: nn.Module, size: tuple[int, ...], options: TileOptions, valid: bool
+) -> tuple[int, ...]:
+    """The tile predict_tiled runs: the options' (capped at the image: a tile beyond it only
+    adds padding, and a 100000 tile would ask for 80 GB), the whole image when it is small,
+    else about ``DEFAULT_TILE_VOXELS`` input voxels."""
+    dims = len(size)
+    asked = options.tile_size(dims)
+    if asked is not None:
+        return tuple(min(t, n) for t, n in zip(asked, size, strict=True))
+    whole = model.input_size_for(size) if valid else size
+    if math.prod(whole) <= WHOLE_IMAGE_VOXELS:
+        return size
+    edge = round(DEFAULT_TILE_VOXELS ** (1 / dims)) // 16 * 16
+    margin = model.margin()[0] if valid else 0
+    return tuple(min(max(edge - 2 * margin, 16), n) for n in size)

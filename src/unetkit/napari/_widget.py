@@ -31,6 +31,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
 from unetkit.errors import UnetkitError
+from unetkit.inference import TileOptions
 from unetkit.runtime import DEFAULT_PRECISION, PRECISIONS
 from unetkit.workflows.interactive import Segmenter, SegmentResult, finetune_on_labels
 
@@ -75,8 +76,9 @@ class SegmentWidget(Container):
             tooltip="a run directory (type it), checkpoint, LoRA adapter, .onnx or "
             "bioimage.io .zip",
         )
-        self.tile = SpinBox(label="tile (0 = whole)", min=0, max=8192, step=16, value=0)
-        self.tta = CheckBox(text="flip TTA", value=False)
+        tile = TileOptions.default("tile") or 0  # 0: None, the whole image if it fits
+        self.tile = SpinBox(label="tile (0 = whole)", min=0, max=8192, step=16, value=tile)
+        self.tta = CheckBox(text="flip TTA", value=TileOptions.default("tta"))
         self.precision = ComboBox(label="precision", choices=PRECISIONS, value=DEFAULT_PRECISION)
         self.segment_button = PushButton(text="Segment")
         self.steps = SpinBox(label="fine-tune steps", min=1, max=5000, value=50)
@@ -144,8 +146,7 @@ class SegmentWidget(Container):
 
     def _options(self) -> dict[str, Any]:
         return {
-            "tile": self.tile.value or None,
-            "tta": self.tta.value,
+            "tiles": TileOptions(tile=self.tile.value or None, tta=self.tta.value),
             "precision": self.precision.value,
         }
 

@@ -46,6 +46,7 @@ __all__ = [
     "instances_from_boundary",
     "instances_from_distance",
     "instances_from_semantic",
+    "object_columns",
     "object_table",
     "probabilities_to_labels",
     "remove_small_objects",
@@ -326,6 +327,23 @@ def object_table(
         row.update({name: float(col[k]) for name, col in columns.items()})
         rows.append(row)
     return rows
+
+
+def object_columns(
+    ids: np.ndarray,
+    areas: np.ndarray,
+    columns: dict[str, np.ndarray],
+    *,
+    pixel_size: Sequence[float] | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`object_table`'s columns in its order from per-object ``ids``, ``areas`` and
+    ``columns`` (``centroid_<axis>`` per axis, then e.g. ``mean_intensity_<c>``), e.g.
+    summed block by block; ``pixel_size`` (µm per axis) adds the µm columns."""
+    ndim = sum(1 for name in columns if name.startswith("centroid_"))
+    table = {"label": np.asarray(ids), "area": np.asarray(areas), **columns}
+    if pixel_size is not None:
+        table.update(_physical_columns(columns, np.asarray(areas), pixel_size, ndim))
+    return table
 
 
 _MEASURE = {1: "length_um", 2: "area_um2", 3: "volume_um3"}

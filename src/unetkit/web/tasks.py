@@ -20,6 +20,7 @@ from PIL import Image
 
 from unetkit.data.io import read_image, write_image
 from unetkit.errors import DataError
+from unetkit.inference import TileOptions
 from unetkit.web.exports import write_result_files
 from unetkit.web.jobs import Job
 from unetkit.web.models import ModelEntry, ModelList
@@ -69,7 +70,8 @@ def segment_images(job: Job, segmenter: Any, images: list[StoredImage], tile: in
     out = []
     for index, image in enumerate(images):
         job.stage = f"image {index + 1} of {len(images)}: {image.name}"
-        res = segmenter.segment(read_upload(image), tile=tile, progress=job.progress)
+        tiles = TileOptions(tile=tile)
+        res = segmenter.segment(read_upload(image), tiles=tiles, progress=job.progress)
         folder = job.folder / str(index)
         files = write_result_files(folder, res.instances, res.labels, res.table, res.overlay)
         np.save(folder / "instances.npy", res.instances.astype(np.int32))

@@ -1,10 +1,10 @@
 """Blocks of a huge image and the model's prediction of one block, bit for bit as a whole.
 
-* :func:`open_source` reads windows of an OME-Zarr image, of a TIFF through tifffile's Zarr
-  store (its tiles/strips, never the whole file) or of a small image file.
-* :func:`normalization_stats` gives the per-channel statistics ``Normalize`` would take
-  from the whole image (exactly, up to 2**24 pixels; above, float64 sums over blocks and a
-  strided sample for percentiles), so blocks are normalised as the whole image would be.
+Pixels come from :mod:`.block_sources` (windows of OME-Zarr, TIFF or image files,
+normalised with the whole image's statistics).
+
+* :func:`block_grid` cuts an image into blocks; :func:`face_strips` keeps what a
+  block's neighbour labelled too, for stitching.
 * :func:`tile_plan` + :func:`region_probabilities`: the tile grid the single-process
   engine (``inference.tiling.predict_tiled``) lays over the *whole* image, evaluated only
   for the tiles that touch a region, blended in the same order with the same weights —
@@ -14,26 +14,17 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from unetkit import runtime
-from unetkit.data.io import read_image, to_float_image
 from unetkit.errors import ConfigError, DataError
-from unetkit.formats import ome_zarr
 from unetkit.inference import grid as tile_grid
 from unetkit.inference import tiling
+from unetkit.workflows.block_sources import Source, normalize
 from unetkit.workflows.segment import InferenceOptions
-
-EXACT_STATS_PIXELS = 2**24  # up to this many pixels the statistics come from the whole image
-_SAMPLE_PIXELS = 2**22  # percentile sample size for larger images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,130 +104,6 @@ def face_strips(
     return out
 
 
-# --- sources -----------------------------------------------------------------------------
-@dataclasses.dataclass
-class Source:
-    """A readable image: ``window(ys, xs)`` gives ``Y×X×C`` pixels as stored."""
-
-    path: str
-    shape: tuple[int, int]
-    scale: tuple[float, float]
-    units: dict[str, str]
-    read: Any
-    translation: tuple[float, float] = (0.0, 0.0)
-
-    def window(self, ys: slice, xs: slice) -> np.ndarray:
-        return self.read(ys, xs)
-
-
-def open_source(path: str | os.PathLike, level: int = 0) -> Source:
-    """Open an image for block reads (cached: each worker opens a file once per version).
-
-    Args:
-        path: an OME-Zarr image group, a TIFF (read through tifffile's Zarr store, tile by
-            tile) or another image file (read whole: it must be small).
-        level: the OME-Zarr resolution level (0 = full resolution).
-    """
-    p = Path(path)
-    meta = p / "zarr.json" if (p / "zarr.json").is_file() else p
-    stamp = meta.stat().st_mtime_ns if meta.exists() else 0
-    return _open_source(str(p), level, stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _open_source(path: str, level: int, stamp: int) -> Source:
-    """:func:`open_source`, cached by ``stamp`` (the file's modification time)."""
-    p = Path(path)
-    if ome_zarr.is_zarr(p):
-        img = ome_zarr.open_ngff(p)
-        return Source(
-            str(p),
-            img.level_shape(level),
-            img.scale(level),
-            img.units(),
-            functools.partial(img.window, level=level),
-            img.translation(level),
-        )
-    if level:
-        raise ConfigError(f"{p}: --level {level} needs an OME-Zarr input with that level")
-    if p.suffix.lower() in (".tif", ".tiff"):
-        return _tiff_source(p)
-    whole = read_image(p)
-    arr = whole if whole.ndim == 3 else whole[..., None]
-    return Source(str(p), arr.shape[:2], (1.0, 1.0), {}, lambda ys, xs: arr[ys, xs])
-
-
-def _tiff_source(p: Path) -> Source:
-    import tifffile
-    import zarr
-
-    with tifffile.TiffFile(p) as tif:
-        series = tif.series[0]
-        axes, shape = series.axes, series.shape
-    names = [a for a in axes if a not in "YXS"]
-    if any(shape[axes.index(a)] != 1 for a in names if a != "C"):
-        raise DataError(f"{p}: TIFF axes {axes} {shape}: block-wise predict reads 2D images")
-    store = tifffile.imread(p, aszarr=True)
-    arr = zarr.open_array(store, mode="r")
-    channel = "C" if "C" in axes else ("S" if "S" in axes else None)
-
-    def read(ys: slice, xs: slice) -> np.ndarray:
-        index = tuple({"Y": ys, "X": xs}.get(a, slice(None) if a == channel else 0) for a in axes)
-        kept = [a for a in axes if a in "YX" or a == channel]
-        block = np.transpose(
-            np.asarray(arr[index]),
-            [kept.index(a) for a in "YX"] + ([kept.index(channel)] if channel else []),
-        )
-        return block if block.ndim == 3 else block[..., None]
-
-    return Source(str(p), (shape[axes.index("Y")], shape[axes.index("X")]), (1.0, 1.0), {}, read)
-
-
-# --- normalisation -----------------------------------------------------------------------
-def normalization_stats(
-    source: Source, mode: str, block_size: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """(centre, scale) per channel as ``data.transforms.Normalize(mode)`` computes them on
-    the whole float image; None for ``mode="none"``."""
-    if mode == "none":
-        return None
-    n_y, n_x = source.shape
-    if n_y * n_x <= EXACT_STATS_PIXELS:
-        image = to_float_image(source.window(slice(None), slice(None)), path=source.path)
-        flat = image.reshape(image.shape[0], -1)
-        if mode == "zscore":
-            return flat.mean(axis=1), flat.std(axis=1)
-        low, high = np.percentile(flat, [1.0, 99.0], axis=1)
-        return low, high - low
-    stride = max(1, math.ceil(math.sqrt(n_y * n_x / _SAMPLE_PIXELS)))
-    total, squares, count, samples = 0.0, 0.0, 0, []
-    for block in block_grid(source.shape, block_size):
-        x = to_float_image(source.window(*block.slices), path=source.path)
-        flat = x.reshape(x.shape[0], -1).astype(np.float64)
-        total = total + flat.sum(1)
-        squares = squares + (flat**2).sum(1)
-        count += flat.shape[1]
-        samples.append(x[:, (-block.y0) % stride :: stride, (-block.x0) % stride :: stride])
-    if mode == "zscore":
-        mean = total / count
-        return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean**2, 0)).astype(
-            np.float32
-        )
-    sample = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
-    low, high = np.percentile(sample, [1.0, 99.0], axis=1)
-    return low, high - low
-
-
-def normalize(image: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """``Normalize``'s arithmetic with given statistics (same dtypes, same rounding)."""
-    if stats is None:
-        return image.astype(np.float32)
-    centre, scale = stats
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    scale = np.maximum(scale, 1e-6).reshape(shape)
-    return ((image.astype(np.float32) - centre.reshape(shape)) / scale).astype(np.float32)
-
-
 # --- the tile grid of the whole image, evaluated over one region -------------------------
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
@@ -255,23 +122,40 @@ class TilePlan:
         return max(self.window[1])
 
 
+def default_tile_edge(block_size: int | None = None) -> int:
+    """The tile edge block-wise predict uses when none is given: the engine's default for
+    large images (512), but at most a quarter of the block edge (256 for 1024² blocks).
+
+    The tiles that straddle a block's border are evaluated by both blocks (the price of
+    blocks equal to the whole image); with tiles a quarter of the block edge that is about
+    1.4× the whole image's tile work instead of 2× (16384², 1024² blocks)."""
+    edge = round(tiling.DEFAULT_TILE_VOXELS**0.5) // 16 * 16
+    if block_size is not None:
+        edge = min(edge, max(64, block_size // 4 // 16 * 16))
+    return edge
+
+
 def tile_plan(
-    model: torch.nn.Module, shape: tuple[int, int], options: InferenceOptions
+    model: torch.nn.Module,
+    shape: tuple[int, int],
+    options: InferenceOptions,
+    block_size: int | None = None,
 ) -> TilePlan:
-    """What ``predict_tiled(model, image, tile=options.tile, overlap=...)`` does for an
-    image of ``shape`` (a huge image never runs whole: ``tile=None`` means the engine's
-    default tile for large images)."""
+    """What ``predict_tiled(model, image, options.tiles)`` does for an image of ``shape``
+    (a huge image never runs whole: ``tile=None`` means :func:`default_tile_edge` for
+    blocks of ``block_size``, or the engine's default tile for large images for
+    valid-padding models, whose tiles do not overlap)."""
     valid = bool(getattr(model, "is_valid_padding", False))
-    tile = options.tile
+    tile = options.tiles.tile
     if tile is None:
-        edge = round(tiling.DEFAULT_TILE_VOXELS**0.5) // 16 * 16
+        edge = default_tile_edge(None if valid else block_size)
         margin = model.margin()[0] if valid else 0
         tile = tuple(min(max(edge - 2 * margin, 16), n) for n in shape)
     tile = (int(tile),) * 2 if isinstance(tile, int | np.integer) else tuple(map(int, tile))
     if len(tile) != 2 or min(tile) < 1:
-        raise ConfigError(f"tile={options.tile!r}: expected a positive int or two of them")
+        raise ConfigError(f"tile={options.tiles.tile!r}: expected a positive int or two of them")
     if not valid:
-        grid = tile_grid.TileGrid.sliding(shape, tile, options.overlap)
+        grid = tile_grid.TileGrid.sliding(shape, tile, options.tiles.overlap)
         profiles = tuple(tile_grid.gaussian_profile(t) for t in tile)
         return TilePlan(grid, ((0, 0), tile), tile_grid.importance_map(tile), profiles)
     period = tiling._shift_period(model, 2)  # the spacing of its valid input sizes
@@ -347,14 +231,14 @@ def region_probabilities(
     ]
     lo = [min(int(r[a].min()) for r in reads) for a in (0, 1)]
     hi = [max(int(r[a].max()) for r in reads) + 1 for a in (0, 1)]
-    raw = source.window(slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-    image = torch.from_numpy(normalize(to_float_image(raw, path=source.path), stats))
+    raw = source.pixels(slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    image = torch.from_numpy(normalize(raw, stats))
     here = region
     out: torch.Tensor | None = None
     position = {g: k for k, (g, _) in enumerate(tiles)}
     with runtime.prepared(model, options.precision) as runner:
-        predict = tiling.tile_predictor(runner, "probabilities", options.tta, 2)
-        for batch, alone in _batches(tiles, len(plan.grid), options.batch_size):
+        predict = tiling.tile_predictor(runner, "probabilities", options.tiles.tta, 2)
+        for batch, alone in _batches(tiles, len(plan.grid), options.tiles.batch_size):
             x = torch.stack(
                 [
                     image.index_select(1, reads[position[g]][0] - lo[0]).index_select(

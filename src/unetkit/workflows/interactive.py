@@ -25,6 +25,7 @@ from unetkit.data.io import to_float_image
 from unetkit.errors import DataError, UnetkitError
 from unetkit.formats.loading import base_checkpoint, is_adapter_file
 from unetkit.formats.lora_files import read_adapter
+from unetkit.inference import TileOptions
 from unetkit.segmentation.postprocess import object_table
 from unetkit.training.fit_config import FitConfig
 from unetkit.training.trainer import fit
@@ -102,15 +103,14 @@ class Segmenter:
         self,
         image: np.ndarray,
         *,
-        tile: int | None = None,
-        tta: bool = False,
+        tiles: TileOptions | None = None,
         precision: str = "auto",
         progress: ProgressFn | None = None,
     ) -> SegmentResult:
         """Segment one 2-D image; ``progress(tiles_done, tiles_total)`` is called as tiles
         finish (an exception raised by it, e.g. a cancelled job's, stops the work)."""
         x = as_channels_first(image, self.in_channels)
-        options = InferenceOptions(tile=tile, tta=tta, precision=precision)
+        options = InferenceOptions(tiles=tiles or TileOptions(), precision=precision)
         pred = predict_image(self.model, x, self.meta, options, progress=progress)
         table = object_table(pred.instances, x)
         return SegmentResult(

@@ -11,8 +11,8 @@ import torch
 from unetkit.data.datasets import SyntheticCellsDataset
 from unetkit.data.io import write_image
 from unetkit.regression import SyntheticDenoiseDataset, SyntheticDepthDataset
-from unetkit.segmentation.postprocess import instances_from_semantic, write_object_table_csv
-from unetkit.workflows.pictures import comparison, grey_picture, map_with_colorbar, side_by_side
+from unetkit.segmentation.postprocess import write_object_table_csv
+from unetkit.workflows.pictures import evaluation_picture, regression_picture
 from unetkit.workflows.segment import (
     Prediction,
     evaluate_dataset,
@@ -50,10 +50,7 @@ def heldout_report(recipe: SegmentationRecipe, run_dir: str | os.PathLike) -> di
     def draw(sample: dict, pred: Prediction) -> None:
         if len(drawn) < SAMPLE_PICTURES:
             drawn.append(sample["name"])
-            truth = sample.get("instances")
-            if truth is None:
-                truth = instances_from_semantic(np.asarray(sample["mask"]))
-            picture = comparison(sample["image"].numpy(), pred.instances, np.asarray(truth))
+            picture = evaluation_picture(sample, pred)
             write_image(run / "samples" / f"{sample['name']}_overlay.png", picture)
 
     rows, means = evaluate_dataset(
@@ -89,17 +86,9 @@ def _heldout_regression(
 
     def draw(sample: dict, pred: np.ndarray) -> None:
         if len(drawn) < SAMPLE_PICTURES:
-            image, target = np.asarray(sample["image"]), np.asarray(sample["target"])
-            if recipe.output == "depth":
-                lo, hi = float(target.min()), float(target.max())
-                maps = [
-                    map_with_colorbar(m[0], label="depth (m)", cmap="magma_r", vmin=lo, vmax=hi)
-                    for m in (pred, target)
-                ]
-                picture = side_by_side([grey_picture(image), *maps])
-            else:
-                pictures = [grey_picture(np.clip(x, 0, 1)) for x in (image, pred, target)]
-                picture = side_by_side(pictures)
+            picture = regression_picture(
+                sample["image"], pred, sample["target"], output=recipe.output
+            )
             drawn.append(sample["name"])
             write_image(run / "samples" / f"{sample['name']}_prediction.png", picture)
 

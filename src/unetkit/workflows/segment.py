@@ -28,17 +28,16 @@ from unetkit.data.tiff import PixelSize
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import CheckpointError, ConfigError, DataError
 from unetkit.formats.loading import PACKAGE_SUFFIX, load_model_file, load_with_metadata
+from unetkit.inference import TileOptions
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.inference.tiling import predict_tiled
 from unetkit.regression import depth_metrics, psnr, to_prediction
 from unetkit.segmentation.metrics import MetricAccumulator, evaluate_segmentation
-from unetkit.segmentation.postprocess import (
-    instances_from_boundary,
-    instances_from_semantic,
-)
+from unetkit.segmentation.postprocess import instances_from_boundary, instances_from_semantic
 
 log = logging.getLogger(__name__)
 
+RESCALE_TOLERANCE = 0.01  # inputs within 1 % of the training scale are not resampled
 DEFAULT_MIN_SIZE = 10  # pixels, for checkpoints that do not record their objects' size
 MIN_SIZE_FRACTION = 0.1  # of the median training object's area
 
@@ -55,7 +54,12 @@ class Prediction:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
+    """``tiles``: how the image is tiled (:class:`~unetkit.inference.TileOptions`: tile,
+    overlap, batch size, TTA), handed unchanged to the tiling engine.
+
+    ``min_size``: objects smaller than this (pixels) are dropped.
+
+    ``precision``: one of ``runtime.PRECISIONS``: "auto" (default: bf16 where the hardware
     computes it natively, a frozen copy with prepacked weights on CPUs), "bf16" or "fp32"
     (exact); applied once by ``runtime.prepared``.
 
@@ -66,17 +70,16 @@ class InferenceOptions:
     ``object_diameter``: typical object diameter in the inputs (pixels). With the
     checkpoint's ``pixel_size`` / ``object_diameter`` (the training scale), inputs are
     rescaled to that scale, predicted, and the results mapped back to the input grid.
+    ``scene``: the scene of CZI/ND2/LIF inputs (from 0); None: the first (with a warning).
     """
 
-    tile: int | None = None
-    overlap: float = 0.25
-    tta: bool = False
-    batch_size: int = 4
+    tiles: TileOptions = TileOptions()
     min_size: int | None = None
     precision: str = runtime.DEFAULT_PRECISION
     channels: tuple[int, ...] | None = None
     pixel_size: float | None = None
     object_diameter: float | None = None
+    scene: int | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -101,6 +104,13 @@ def min_object_size(meta: dict[str, Any], spatial_dims: int, given: int | None =
     if not isinstance(diameter, (int, float)) or not diameter > 0:
         return DEFAULT_MIN_SIZE
     return max(1, round(MIN_SIZE_FRACTION * object_area(float(diameter), spatial_dims)))
+
+
+def inference_options(**fields: Any) -> InferenceOptions:
+    """InferenceOptions from flat keyword fields: TileOptions' own go into ``tiles``."""
+    names = {f.name for f in dataclasses.fields(TileOptions)}
+    tiles = TileOptions(**{k: v for k, v in fields.items() if k in names})
+    return InferenceOptions(tiles=tiles, **{k: v for k, v in fields.items() if k not in names})
 
 
 def load_for_inference(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -197,7 +207,7 @@ def predict_image(
     ``scale`` (see :func:`scale_factor`): the image is zoomed by it before prediction
     and the results are mapped back to its own grid (labels by nearest neighbour).
     ``progress(tiles_done, tiles_total)`` is called as tiles finish (raising stops)."""
-    if abs(scale - 1.0) > 0.01:
+    if abs(scale - 1.0) > RESCALE_TOLERANCE:
         shape = image.shape[1:]
         zoomed = tuple(max(1, round(n * scale)) for n in shape)
         small = scale < 1
@@ -209,10 +219,7 @@ def predict_image(
         probs = predict_tiled(
             model,
             x,
-            tile=options.tile,
-            overlap=options.overlap,
-            tta=options.tta,
-            batch_size=options.batch_size,
+            options.tiles,
             runner=runner,
             progress=progress,
         ).numpy()
@@ -251,10 +258,7 @@ def predict_regression(
         return predict_tiled(
             model,
             normalize_input(image, meta),
-            tile=options.tile,
-            overlap=options.overlap,
-            tta=options.tta,
-            batch_size=options.batch_size,
+            options.tiles,
             activation=lambda y: to_prediction(y, output),
             runner=runner,
         ).numpy()
@@ -368,8 +372,9 @@ def predict(
         model: a checkpoint or exported ``.onnx`` path, or a model (then trained on
             z-scored images, semantic).
         image: a file path, or an array as read from a file (H×W, H×W×C, any dtype).
-        options: InferenceOptions fields (tile, overlap, tta, batch_size, min_size,
-            precision, channels, pixel_size, object_diameter). A file is read axis-aware
+        options: TileOptions fields (tile, overlap, batch_size, tta, ...) and the other
+            InferenceOptions fields (min_size, precision, channels, pixel_size,
+            object_diameter, scene). A file is read axis-aware
             (OME/ImageJ TIFF) and rescaled to the checkpoint's training scale when its
             pixel size and the checkpoint's are known.
 
@@ -381,10 +386,10 @@ def predict(
         model, meta = load_inference_model(model)
     else:
         meta = {"normalize": "zscore", "target": "semantic"}
-    opts = options_for(model, InferenceOptions(**options))
+    opts = options_for(model, inference_options(**options))
     pixel_size = None
     if isinstance(image, (str, os.PathLike)):
-        loaded = load_image(image, channels=opts.channels)
+        loaded = load_image(image, channels=opts.channels, scene=opts.scene)
         array, pixel_size = loaded.image, loaded.pixel_size
     else:
         array = to_float_image(np.asarray(image), channels=opts.channels)

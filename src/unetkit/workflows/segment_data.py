@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -118,7 +119,12 @@ def clamp_crop(crop: int, shapes: list[tuple[int, ...]], option: str = "crop") -
 
 
 def build_datasets(
-    recipe: SegmentationRecipe, crop: int | None, valid_crop: Any = None, *, margin: int = 0
+    recipe: SegmentationRecipe,
+    crop: int | None,
+    valid_crop: Any = None,
+    *,
+    margin: int = 0,
+    valid_input: Callable[[int], int] | None = None,
 ) -> TrainingData:
     """The recipe's training draws and validation samples.
 
@@ -128,6 +134,8 @@ def build_datasets(
         valid_crop: the eval transform's centre crop for valid-padding models.
         margin: input minus output size of a valid-padding model; the output crop, not the
             input, is limited to the image size (the margin is mirrored context).
+        valid_input: for a valid-padding model, the largest input length it accepts at or
+            below a given length (a clamped crop plus margin need not be one).
     """
     if recipe.task == "regression":
         return _regression_datasets(recipe, crop)
@@ -145,6 +153,8 @@ def build_datasets(
         train, val, split, masks, shapes = _folder_data(recipe, common)
     if crop is not None:
         crop = clamp_crop(crop - margin, shapes) + margin
+        if valid_input is not None:
+            crop = valid_input(crop)
     train_tf, eval_tf, norm = build_transforms(recipe, crop, valid_crop)
     train.transform, val.transform = train_tf, eval_tf
     train.set_normalize(norm)

@@ -29,15 +29,16 @@ from unetkit.data.io import (
     write_image,
 )
 from unetkit.data.tiff import PixelSize
+from unetkit.data.vendor import VENDOR_EXTENSIONS
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
-from unetkit.inference.attention_maps import save_attention_heatmaps
+from unetkit.inference.attention_maps import attention_coefficients, write_attention_heatmaps
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.regression.io import colorize, write_target
 from unetkit.workflows import segment
-from unetkit.workflows.pictures import map_with_colorbar
+from unetkit.workflows.pictures import attention_preview, map_with_colorbar
 from unetkit.workflows.segment import (
     InferenceOptions,
     check_inference_metadata,
@@ -59,24 +60,33 @@ log = logging.getLogger(__name__)
 
 
 def read_float_input(
-    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+    path: Path,
+    *,
+    volumes: bool = False,
+    channels: Sequence[int] | None = None,
+    scene: int | None = None,
 ) -> np.ndarray:
     """A float C×H×W image (C×D×H×W volume) scaled by dtype, as training reads it."""
-    return read_input(path, volumes=volumes, channels=channels).image
+    return read_input(path, volumes=volumes, channels=channels, scene=scene).image
 
 
 def read_input(
-    path: Path, *, volumes: bool = False, channels: Sequence[int] | None = None
+    path: Path,
+    *,
+    volumes: bool = False,
+    channels: Sequence[int] | None = None,
+    scene: int | None = None,
 ) -> LoadedImage:
-    """An input image or volume as float C×[D×]H×W with the pixel size its file states."""
+    """An input image or volume as float C×[D×]H×W with the pixel size its file states;
+    ``scene`` picks the scene of a CZI/ND2/LIF file (None: the first)."""
     path = Path(path)
     if not volumes:
-        return load_image(path, channels=channels)
-    raw, _ = read_volume(path)  # NIfTI too; a single 2-D page becomes one slice
+        return load_image(path, channels=channels, scene=scene)
+    raw, _ = read_volume(path, scene=scene)  # NIfTI too; a single 2-D page becomes one slice
     image = to_float_image(raw, path=path, spatial_dims=3, channels=channels)
     pixel_size = None
-    if path.suffix.lower() in (".tif", ".tiff"):
-        pixel_size = read_pixel_size(path)
+    if path.suffix.lower() in (".tif", ".tiff", *VENDOR_EXTENSIONS):
+        pixel_size = read_pixel_size(path, scene=scene)
     return LoadedImage(image, pixel_size, "ZYXC")
 
 
@@ -88,7 +98,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False)
         if p.is_dir():
             found = list_images(p, extensions=VOLUME_EXTENSIONS) if volumes else list_images(p)
             if not found:
-                kinds = ".tif, .tiff, .nii, .nii.gz" if volumes else ".png, .tif, .tiff, .jpg"
+                kinds = ", ".join(VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS)
                 raise DataError(f"{p}: folder has no images ({kinds})")
             # entries named like images but unreadable are named by list_images itself
             endings = VOLUME_EXTENSIONS if volumes else IMAGE_EXTENSIONS
@@ -128,7 +138,8 @@ def predict_files(
     ``_overlay``, ``_objects.csv`` and what ``outputs`` asks for (see
     :mod:`unetkit.workflows.segment_outputs`). Images finished by an earlier run with the
     same settings are skipped (``outputs.overwrite`` redoes them).
-    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net);
+    ``attention_maps``: also ``<name>_attention_level<l>.png`` heat maps (Attention U-Net)
+    and ``_attention_preview_level<l>.png`` with a colour bar;
     regression models write ``<stem>_depth.tif/.png`` (or ``_restored``) instead.
     ``backend``/``compile``: see ``unetkit.inference.backends.load_inference_model``
     (``checkpoint`` may then be an ``.onnx`` file).
@@ -195,7 +206,7 @@ def _predict_one(
     ``prefix``: the output folder joined with the image's unique output name."""
     volumes = getattr(model, "dims", 2) == 3
     channels = options.channels if options.channels is not None else trained_channels(meta)
-    loaded = read_input(path, volumes=volumes, channels=channels)
+    loaded = read_input(path, volumes=volumes, channels=channels, scene=options.scene)
     _check_channels(path, loaded.image, model)
     pixel_size = loaded.pixel_size
     if options.pixel_size is not None:  # the user's size wins; a file's z spacing is kept
@@ -204,7 +215,7 @@ def _predict_one(
     scale = scale_factor(meta, options, pixel_size)
     pred = segment.predict_image(model, loaded.image, meta, options, scale=scale)
     if attention_maps:
-        save_attention_heatmaps(unwrap(model), normalize_input(loaded.image, meta), prefix)
+        _write_attention(unwrap(model), normalize_input(loaded.image, meta), prefix)
     row = write_outputs(
         prefix.parent,
         prefix.name,
@@ -215,6 +226,18 @@ def _predict_one(
         overlay_picture=overlay(loaded.image, pred.instances),
     )
     return {**row, "scale": round(scale, 4)} if scale != 1 else row
+
+
+def _write_attention(model: torch.nn.Module, image: torch.Tensor, prefix: Path) -> None:
+    """``<prefix>_attention_level<l>.png`` (blended, pixel for pixel) and
+    ``<prefix>_attention_preview_level<l>.png`` (the same over the input, with a colour bar
+    of the coefficient from 0 to 1) per gate."""
+    coefficients = attention_coefficients(model, image)
+    write_attention_heatmaps(coefficients, image, prefix)
+    picture = image.detach().cpu().numpy().astype(np.float64)
+    for level, alpha in coefficients:
+        preview = attention_preview(picture, alpha)
+        write_image(f"{prefix}_attention_preview_level{level}.png", preview)
 
 
 def trained_channels(meta: dict[str, Any]) -> tuple[int, ...] | None:

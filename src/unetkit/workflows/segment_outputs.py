@@ -3,10 +3,11 @@
 Per image ``<name>``: ``_mask.png`` (classes), instance labels (``_instances.png`` uint16,
 or ``_instances.tif`` uint32 when there are more than 65,535 objects or
 ``label_format="tif32"``), ``_labels_preview.png`` (labels in colour: a viewer shows uint16
-as black), ``_overlay.png``, ``_objects.csv`` (µm columns when the pixel size is known),
-and on request ``_probabilities.tif`` (float32 C×H×W), ``.geojson`` (QuPath) and
-``_RoiSet.zip`` (Fiji). ``counts.csv`` gains one row as each image finishes, and
-``predict.json`` records the settings, so a re-run skips finished images.
+as black), ``_overlay.png`` (volumes: both of the maximum projection along depth),
+``_objects.csv`` (µm columns when the pixel size is known), and on request
+``_probabilities.tif`` (float32 C×H×W), ``.geojson`` (QuPath) and ``_RoiSet.zip`` (Fiji).
+``counts.csv`` gains one row as each image finishes, and ``predict.json`` records the
+settings, so a re-run skips finished images.
 """
 
 from __future__ import annotations
@@ -271,8 +272,9 @@ def write_outputs(
     write_image(mask_path, mask * 255 if mask.max(initial=0) <= 1 else mask)
     labels_path, labels = _label_target(out, name, instances, options)
     tiff_px = pixel_size if labels_path.suffix == ".tif" else None
-    if not volume:
-        write_image(out / f"{name}_labels_preview.png", label_preview(instances))
+    # volumes: the preview of the maximum projection along depth, as the overlay draws them
+    preview = label_preview(instances.max(axis=0) if volume else instances)
+    write_image(out / f"{name}_labels_preview.png", preview)
     if overlay_picture is not None:
         write_image(out / f"{name}_overlay.png", overlay_picture)
     if options.save_probabilities:

@@ -90,7 +90,7 @@ class SegmentationRecipe:
     loss: str = "dice_ce"
     w0: float = 10.0
     sigma: float = 5.0
-    epochs: int = 10
+    epochs: int = 20
     steps_per_epoch: int = 50
     max_steps: int | None = None
     early_stopping: int | None = None

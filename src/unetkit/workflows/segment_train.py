@@ -18,7 +18,9 @@ import torch
 from unetkit import registry
 from unetkit.data import transforms as T
 from unetkit.data.io import list_images, read_pixel_size
+from unetkit.data.segmentation_base import fmt_size
 from unetkit.data.transforms import DEFAULT_PERCENTILES
+from unetkit.errors import DataError
 from unetkit.training import distributed
 from unetkit.training.logging import RunDirectory
 from unetkit.training.trainer import fit
@@ -72,7 +74,15 @@ def _largest_valid_input(model: torch.nn.Module) -> T.CenterCrop:
     """Validation images are centre-cropped to the largest size a valid model accepts."""
 
     def size(shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(model._nearest_valid_lengths(s)[0] or s for s in shape)
+        lengths = tuple(model._nearest_valid_lengths(s)[0] for s in shape)
+        if None in lengths:
+            smallest = model._nearest_valid_lengths(1)[1]
+            raise DataError(
+                f"validation image of {fmt_size(shape)} pixels: the valid-padding "
+                f"{type(model).__name__} needs at least {smallest} pixels per side — use "
+                "larger validation images (--val-data) or a same-padding recipe (modern)"
+            )
+        return lengths
 
     return T.CenterCrop(size)
 
@@ -198,8 +208,16 @@ def train(
     crop = input_crop(probe_model, recipe.crop)
     valid = probe_model.is_valid_padding
     valid_crop = _largest_valid_input(probe_model) if valid else None
-    data = build_datasets(recipe, crop, valid_crop, margin=crop - recipe.crop)
+    data = build_datasets(
+        recipe,
+        crop,
+        valid_crop,
+        margin=crop - recipe.crop,
+        valid_input=(lambda n: probe_model._nearest_valid_lengths(n)[0] or n) if valid else None,
+    )
     train_ds, val_ds, in_channels = data.train, data.val, data.in_channels
+    if valid:
+        val_ds[0]  # a validation image too small for the network fails now, before any step
     if given is not None:
         model = given
         task = regression_task(recipe) if recipe.task == "regression" else None
