@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from unetkit.cli import flags as F
-from unetkit.errors import ConfigError
+from unetkit.errors import ConfigError, DataError
 from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
 from unetkit.formats.bioimageio_load import check_package
 from unetkit.formats.checkpoint import load, read_metadata
@@ -111,19 +111,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "nothing to write: pass --onnx FILE, --torch-export FILE and/or --bioimageio OUT.zip"
         )
+    inputs = [args.checkpoint, args.test_image]
+    written: dict[Path, str] = {}
     for flag, path in (
         ("--onnx", args.onnx),
         ("--torch-export", args.torch_export),
         ("--bioimageio", args.bioimageio),
     ):
         if path:
-            output_file(path, flag=flag, inputs=[args.checkpoint])
-    if (
-        args.onnx
-        and args.torch_export
-        and Path(args.onnx).resolve() == Path(args.torch_export).resolve()
-    ):
-        raise ConfigError(f"--onnx and --torch-export name the same file {args.onnx}")
+            output_file(path, flag=flag, inputs=inputs)
+            other = written.setdefault(Path(path).resolve(), flag)
+            if other != flag:  # the second file would replace the first
+                raise ConfigError(f"{other} and {flag} name the same file {path}")
     if args.bioimageio:
         run_bioimageio(args)
         if not args.onnx and not args.torch_export:
@@ -157,9 +156,17 @@ def run(args: argparse.Namespace) -> int:
 def _training_data(checkpoint: Path) -> str | None:
     """A sentence on the training images from the run's config.json (RUN/checkpoints/X)."""
     config = checkpoint.resolve().parent.parent / "config.json"
-    if not config.is_file():
-        return None
-    run = json.loads(config.read_text(encoding="utf-8")).get("run", {})
+    if checkpoint.resolve().parent.name != "checkpoints" or not config.is_file():
+        return None  # not in a run folder: a config.json two levels up is someone else's
+    try:
+        run = json.loads(config.read_text(encoding="utf-8")).get("run", {})
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, or not an object
+        raise DataError(
+            f"{config}: cannot read the run's config ({type(e).__name__}); fix it or pass "
+            "--training-data TEXT"
+        ) from None
+    if not isinstance(run, dict):
+        raise DataError(f"{config}: 'run' is not a table; fix it or pass --training-data TEXT")
     if run.get("data"):
         what = f"the annotated images in {Path(run['data']).name}/"
     else:

@@ -8,9 +8,17 @@ import re
 from pathlib import Path
 
 from unetkit.cli import flags as F
-from unetkit.cli.sd_common import add_sd_options, parse_lora, progress, read_rgb, sd_size
+from unetkit.cli.sd_common import (
+    add_sd_options,
+    parse_lora,
+    progress,
+    read_rgb,
+    refuse_sd_only_flags,
+    sd_size,
+)
 from unetkit.data.io import write_image
 from unetkit.diffusion.samplers import SCHEDULER_NAMES
+from unetkit.errors import ConfigError
 from unetkit.formats.loading import base_checkpoint, is_adapter_file
 from unetkit.formats.lora_files import load_adapter, read_adapter
 from unetkit.outputs import output_file, output_folder
@@ -95,8 +103,20 @@ def open_sd(args: argparse.Namespace):
     return sd
 
 
+def load_run_loras(pipe: DiffusionPipeline, specs: list[str]) -> None:
+    """Stack the ``--lora FILE[:SCALE]`` files onto a diffusion run's U-Net."""
+    for i, spec in enumerate(specs):
+        file, scale = parse_lora(spec)
+        load_adapter(pipe.model, file, adapter_name=f"lora{i}", scale=scale)
+
+
 def _run_sd(args: argparse.Namespace) -> int:
     sd = open_sd(args)
+    scale = sd.codec.scale
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % scale:  # the VAE halves the image log2(scale) times
+            near = max(scale, round(value / scale) * scale)
+            raise ConfigError(f"{flag} {value}: must be a multiple of {scale}, e.g. {near}")
     n = args.n if args.n != 16 else 1  # 16 is the digits default; one SD image unless asked
     steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
@@ -147,15 +167,14 @@ def run(args: argparse.Namespace) -> int:
         output_folder(args.out, flag="--out", inputs=inputs)
     if is_sd_source(args.run_dir):
         return _run_sd(args)
+    refuse_sd_only_flags(args, "image", "height", "width", "negative", "tokenizer")
     pipe = DiffusionPipeline.from_checkpoint(
         args.run_dir,
         text_encoder=args.text_encoder,
         sampler=args.sampler,
         precision=args.precision,
     )
-    for i, spec in enumerate(args.lora):
-        file, scale = parse_lora(spec)
-        load_adapter(pipe.model, file, adapter_name=f"lora{i}", scale=scale)
+    load_run_loras(pipe, args.lora)
     loras = [f"{Path(f).name}:{s:g}" for f, s in map(parse_lora, args.lora)]
     file = base_checkpoint(args.run_dir)
     if is_adapter_file(file):  # a LoRA run: its adapter sits on the base it names

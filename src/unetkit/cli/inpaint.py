@@ -14,9 +14,10 @@ from unetkit.cli.generate import (
     SD_STEPS,
     _or,
     add_sampling_options,
+    load_run_loras,
     open_sd,
 )
-from unetkit.cli.sd_common import progress, read_rgb, sd_size
+from unetkit.cli.sd_common import parse_lora, progress, read_rgb, refuse_sd_only_flags, sd_size
 from unetkit.data.io import write_image
 from unetkit.errors import DataError
 from unetkit.outputs import output_file
@@ -84,6 +85,7 @@ def _run_sd(args: argparse.Namespace) -> tuple:
 
 
 def _run_pixels(args: argparse.Namespace) -> tuple:
+    refuse_sd_only_flags(args, "negative", "tokenizer")
     pipe = DiffusionPipeline.from_checkpoint(
         args.run_dir,
         text_encoder=args.text_encoder,
@@ -92,6 +94,7 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
     )
     if pipe.channels not in (1, 3):
         raise DataError(f"{args.run_dir}: inpainting needs a 1- or 3-channel model")
+    load_run_loras(pipe, args.lora)
     image, mask = _load_pair(args, (pipe.size, pipe.size), grey=pipe.channels == 1)
     out = pipe.inpaint(
         image,
@@ -107,7 +110,7 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     default = Path(args.image).with_name(Path(args.image).stem + "_inpainted.png")
-    inputs = [args.run_dir, args.image, args.mask]
+    inputs = [args.run_dir, args.image, args.mask, *(parse_lora(s)[0] for s in args.lora)]
     path = output_file(args.output or default, flag="--output", inputs=inputs)
     for given in (args.image, args.mask):  # before the model is loaded (seconds to minutes)
         if not Path(given).is_file():

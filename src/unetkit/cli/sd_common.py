@@ -52,6 +52,19 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return path, value
 
 
+def refuse_sd_only_flags(args: argparse.Namespace, *dests: str) -> None:
+    """ConfigError for a Stable-Diffusion-only flag given with a diffusion run: a run has
+    no negative prompt, tokenizer, image-to-image or free size, and a flag is never
+    ignored silently."""
+    for dest in dests:
+        if getattr(args, dest, None):
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(
+                f"{flag}: applies to Stable Diffusion sources only; {args.run_dir} is a "
+                f"diffusion run or checkpoint (leave {flag} out)"
+            )
+
+
 def progress(total: int, what: str, disabled: bool) -> tuple[Any, Any]:
     """``(callback(i, n), close)`` drawing a tqdm bar on stderr (nothing when disabled)."""
     if disabled:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 
 from unetkit.cli import flags as F
@@ -54,6 +55,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_address(host: str, port: int) -> None:
+    """ConfigError (one line) when ``host``:``port`` cannot be listened on: a name that does
+    not resolve, an address of another computer, a port in use or below 1024 without rights.
+
+    uvicorn would log its own error and ``sys.exit(1)`` instead; a probe bind (with
+    uvicorn's SO_REUSEADDR) finds the same faults first.
+    """
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"--host {host}: not an address of this computer ({reason})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(
+                f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                "choose a free --port (or an address of this computer)"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -73,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     models = ModelList(
         [Path(m) for m in args.models], Path(args.models_dir) if args.models_dir else None
     )
+    check_address(args.host, args.port)
     if not models.list():
         log.warning("no models: give run folders or checkpoints, or --models-dir")
     local = is_loopback(args.host)

@@ -241,13 +241,16 @@ class NoiseSchedule:
         if config.get("rescale_betas_zero_snr"):
             raise ConfigError(f"{source}: 'rescale_betas_zero_snr' is not supported")
         name = config.get("beta_schedule", "linear")
-        return cls(
-            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-            beta_schedule=_DIFFUSERS_BETA_NAMES.get(name, name),
-            beta_start=float(config.get("beta_start", 0.0001)),
-            beta_end=float(config.get("beta_end", 0.02)),
-            prediction_type=config.get("prediction_type", "epsilon"),
-        )
+        try:
+            return cls(
+                num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                beta_schedule=_DIFFUSERS_BETA_NAMES.get(name, name),
+                beta_start=float(config.get("beta_start", 0.0001)),
+                beta_end=float(config.get("beta_end", 0.02)),
+                prediction_type=config.get("prediction_type", "epsilon"),
+            )
+        except (ValueError, TypeError) as e:  # ConfigError too; "many" steps, a null beta
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """The schedule's keys in diffusers' ``scheduler_config.json`` spelling."""

@@ -140,11 +140,25 @@ def check_pipeline_dir(path: str | os.PathLike) -> Path:
 
 
 def _from_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
+    # diffusers/transformers raise OSError, ValueError, TypeError (a tokenizer without
+    # merges.txt), RuntimeError (weights of other shapes than config.json says) ... on a
+    # damaged folder: one line naming it, never a traceback
     try:
         return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: cannot load the {what} ({first})") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A component's JSON config file as a dict; CheckpointError naming it otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+    return value
 
 
 def load_pipeline_dir(
@@ -171,10 +185,15 @@ def load_pipeline_dir(
         CLIPTextModel, path / "text_encoder", "text encoder", use_safetensors=True
     )
     tok = _from_pretrained(CLIPTokenizer, path / "tokenizer", "tokenizer")
-    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    size = json.loads((path / "unet" / "config.json").read_text()).get("sample_size") or 64
+    sched = _json_object(path / "scheduler" / "scheduler_config.json")
+    size = _json_object(path / "unet" / "config.json").get("sample_size") or 64
+    size = size[0] if isinstance(size, (list, tuple)) and size else size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CheckpointError(
+            f"{path / 'unet' / 'config.json'}: sample_size={size!r} is not a positive integer"
+        )
     files = SDFiles(unet.eval(), vae.eval(), te.eval(), tok, sched, str(path))
-    files.unet_sample_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    files.unet_sample_size = size
     check_components(files)
     return files
 

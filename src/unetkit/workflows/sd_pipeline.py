@@ -65,10 +65,19 @@ class StableDiffusion:
         self.unet = files.unet
         self.codec = LatentCodec(files.vae, files.vae.config.scaling_factor)
         self.prompts = PromptEncoder(files.tokenizer, files.text_encoder)
-        self.schedule = NoiseSchedule.from_diffusers_config(files.scheduler_config)
-        self.sampler, self.sampler_options, note = sampler_from_config(
-            files.scheduler_config, sampler
+        source = Path(files.source)
+        if source.is_dir():
+            source = source / "scheduler" / "scheduler_config.json"
+        self.schedule = NoiseSchedule.from_diffusers_config(
+            files.scheduler_config, source=str(source)
         )
+        try:  # the file's class and options (timestep_spacing, ...) fail here, not mid-run
+            self.sampler, self.sampler_options, note = sampler_from_config(
+                files.scheduler_config, sampler
+            )
+            build_scheduler(self.sampler, self.schedule, **self.sampler_options)
+        except (ConfigError, ValueError, TypeError) as e:
+            raise ConfigError(f"{source}: {e}") from None
         self.notes = list(files.notes) + ([note] if note else [])
         stored = next(p.dtype for p in self.unet.parameters())
         if stored != torch.float32 and stored != fastpath.frozen_dtype(precision):
