@@ -156,3 +156,36 @@ def snapshot(*roots: Path) -> dict[Path, str]:
             if p.is_file() and not p.is_symlink():
                 out[p] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+# --- round 2 helpers (tests/reliability/test_bad_inputs_sweep.py) ----------------------------
+def tiny_sd_pipeline(folder: Path) -> Path:
+    """A tiny random Stable Diffusion pipeline folder (diffusers' own writer), or skip."""
+    import importlib.util
+    import sys
+
+    import pytest
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    if "sd_tiny" not in sys.modules:
+        where = Path(__file__).parents[1] / "workflows" / "sd_tiny.py"
+        spec = importlib.util.spec_from_file_location("sd_tiny", where)
+        sys.modules["sd_tiny"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["sd_tiny"])
+    sys.modules["sd_tiny"].save_pipeline(folder)
+    return folder
+
+
+def edit_json(path: Path, **changes: object) -> Path:
+    """Set keys of a JSON object file (a diffusers config) in place."""
+    value = json.loads(path.read_text())
+    value.update(changes)
+    path.write_text(json.dumps(value))
+    return path
+
+
+def grey_png(path: Path, shape: tuple[int, int] = (16, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, np.uint8)).save(path)
+    return path

@@ -53,11 +53,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def data_inputs(data: str) -> list[Path]:
+    """The folders and files evaluate reads in ``data``: an output onto any of them (the
+    CSV onto an image, pictures into masks/) would destroy or pollute the data set."""
+    root = Path(data)
+    found: list[Path] = [root]
+    for sub in ("images", "masks", "targets"):
+        if (root / sub).is_dir():
+            found += [root / sub, *(root / sub).iterdir()]
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
+    inputs = [args.checkpoint, *data_inputs(args.data)]
     if args.csv:
-        output_file(args.csv, flag="--csv", inputs=[args.checkpoint, args.data])
+        output_file(args.csv, flag="--csv", inputs=inputs)
     if args.pictures:
-        output_folder(args.pictures, flag="--pictures", inputs=[args.checkpoint, args.data])
+        output_folder(args.pictures, flag="--pictures", inputs=inputs)
     model, meta = load_for_inference(args.checkpoint)
     if meta.get("task") == "regression":
         data = FolderRegressionDataset(

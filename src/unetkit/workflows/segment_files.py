@@ -31,7 +31,7 @@ from unetkit.data.io import (
 from unetkit.data.tiff import PixelSize
 from unetkit.data.vendor import VENDOR_EXTENSIONS
 from unetkit.data.volumes import VOLUME_EXTENSIONS, read_volume, volume_stem
-from unetkit.errors import ConfigError, DataError
+from unetkit.errors import ConfigError, DataError, OutputError
 from unetkit.formats.checkpoint import unwrap
 from unetkit.formats.onnx import OnnxModel
 from unetkit.inference.attention_maps import attention_coefficients, write_attention_heatmaps
@@ -164,6 +164,8 @@ def predict_files(
     stem_of = volume_stem if volumes else (lambda p: p.stem)
     names = unique_names(files, stem_of)
     _refuse_overwriting_inputs(files, names, out)
+    if not outputs.overwrite:
+        _refuse_foreign_files(names, out, outputs, regression=meta.get("task") == "regression")
     if meta.get("task") == "regression":
         return _predict_regression_files(model, meta, files, names, out, options)
     settings = {
@@ -256,7 +258,9 @@ def _check_channels(path: Path, image: np.ndarray, model: torch.nn.Module) -> No
         )
 
 
-_OUTPUT_ENDINGS = (
+# what predict writes per image: always (segmentation), on request (OutputOptions field ->
+# ending), and for regression models
+_SEGMENTATION_ENDINGS = (
     "_mask.png",
     "_mask.tif",
     "_instances.png",
@@ -264,15 +268,43 @@ _OUTPUT_ENDINGS = (
     "_labels_preview.png",
     "_overlay.png",
     "_objects.csv",
-    "_probabilities.tif",
-    ".geojson",
-    "_RoiSet.zip",
+)
+_REQUESTED_ENDINGS = {
+    "save_probabilities": "_probabilities.tif",
+    "geojson": ".geojson",
+    "imagej_rois": "_RoiSet.zip",
+}
+_REGRESSION_ENDINGS = (
     "_depth.tif",
     "_depth.png",
     "_depth_preview.png",
     "_restored.tif",
     "_restored.png",
 )
+_OUTPUT_ENDINGS = (*_SEGMENTATION_ENDINGS, *_REQUESTED_ENDINGS.values(), *_REGRESSION_ENDINGS)
+
+
+def _refuse_foreign_files(
+    names: dict[Path, str], out: Path, outputs: OutputOptions, *, regression: bool
+) -> None:
+    """OutputError when a file this run would write already exists in an ``out`` that no
+    earlier predict run wrote into (it has no counts.csv): the user's own ``x_mask.png``
+    or QuPath ``x.geojson`` next to the images is never replaced without --overwrite."""
+    if (out / "counts.csv").is_file() or not out.is_dir():
+        return  # an earlier run's folder: its files are ours, resumed or refused by the ledger
+    if regression:
+        endings = _REGRESSION_ENDINGS
+    else:
+        wanted = [e for field, e in _REQUESTED_ENDINGS.items() if getattr(outputs, field)]
+        endings = (*_SEGMENTATION_ENDINGS, *wanted)
+    for name in names.values():
+        for ending in endings:
+            target = out / f"{name}{ending}"
+            if target.exists():
+                raise OutputError(
+                    f"{target}: exists and no earlier `unetkit predict` into {out} wrote it; "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
 
 
 def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: Path) -> None:

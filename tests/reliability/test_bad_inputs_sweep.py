@@ -1,0 +1,262 @@
+"""The bad-input corpus, round 2: hostile inputs to the code built after round 1.
+
+Same contract as ``test_bad_inputs.py``: a non-zero exit, exactly one line on stderr
+(``unetkit <cmd>: error: ...``) naming the file or flag at fault, no traceback, every input
+byte-identical afterwards and nothing written into the working folder. Each case here
+ended in a traceback, a generic or wrong one-liner, or lost data before the sweep.
+Cases marked ``sd`` run on a tiny random Stable Diffusion folder saved by diffusers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import badinputs as B
+import pytest
+
+from unetkit.cli.main import main
+
+Case = Callable[..., tuple[list[str], str]]
+CASES: dict[str, tuple[Case, bool]] = {}
+
+
+def case(name: str, *, sd: bool = False) -> Callable[[Case], Case]:
+    def register(build: Case) -> Case:
+        assert name not in CASES, name
+        CASES[name] = (build, sd)
+        return build
+
+    return register
+
+
+def _s(p: Path) -> str:
+    return str(p)
+
+
+def _sd_copy(sd: Path, w: Path) -> Path:
+    shutil.copytree(sd, w / "sd")
+    return w / "sd"
+
+
+def _generate(sd: Path, w: Path, *extra: str) -> list[str]:
+    grid = _s(w / "g.png")
+    return ["generate", _s(sd), "a cat", "--steps", "1", "--grid", grid, "--no-progress", *extra]
+
+
+# --- predict: results never replace files the user already had -------------------------------
+@case("predict-mask-onto-users-mask-next-to-image")
+def _(z, w):
+    B.grey_png(w / "in" / "a.png")
+    B.grey_png(w / "in" / "a_mask.png")  # hand-drawn ground truth beside the image
+    return ["predict", _s(z.seg), _s(w / "in" / "a.png"), "--out", _s(w / "in")], "a_mask.png"
+
+
+@case("predict-geojson-onto-users-geojson")
+def _(z, w):
+    B.grey_png(w / "in" / "a.png")
+    B.json_file(w / "in" / "a.geojson", {"type": "FeatureCollection", "features": []})
+    argv = ["predict", _s(z.seg), _s(w / "in" / "a.png"), "--out", _s(w / "in"), "--geojson"]
+    return argv, "a.geojson"
+
+
+# --- evaluate: --csv / --pictures never into the data set ------------------------------------
+@case("evaluate-csv-onto-an-image-of-data")
+def _(z, w):
+    data = shutil.copytree(z.data, w / "data")
+    return [
+        "evaluate",
+        _s(z.seg),
+        "--data",
+        _s(data),
+        "--csv",
+        _s(data / "masks" / "cell_000.png"),
+    ], ("--csv")
+
+
+@case("evaluate-pictures-into-data-images")
+def _(z, w):
+    data = shutil.copytree(z.data, w / "data")
+    return ["evaluate", _s(z.seg), "--data", _s(data), "--pictures", _s(data / "images")], (
+        "--pictures"
+    )
+
+
+# --- export --------------------------------------------------------------------------------
+@case("export-bioimageio-onto-test-image")
+def _(z, w):
+    image = B.grey_png(w / "t.png", (32, 32))
+    argv = ["export", _s(z.seg), "--bioimageio", _s(image), "--test-image", _s(image)]
+    return [*argv, "--authors", "A"], "--bioimageio"
+
+
+@case("export-onnx-onto-test-image")
+def _(z, w):
+    image = B.grey_png(w / "t.png", (32, 32))
+    argv = ["export", _s(z.seg), "--bioimageio", _s(w / "p.zip"), "--test-image", _s(image)]
+    return [*argv, "--authors", "A", "--onnx", _s(image)], "--onnx"
+
+
+@case("export-bioimageio-and-onnx-same-file")
+def _(z, w):
+    out = _s(w / "m.zip")
+    return ["export", _s(z.seg), "--bioimageio", out, "--onnx", out, "--authors", "A"], "--onnx"
+
+
+@case("export-run-config-not-json")
+def _(z, w):
+    (w / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(z.seg, w / "run" / "checkpoints" / "best.safetensors")
+    (w / "run" / "config.json").write_text("{broken")
+    ck = _s(w / "run" / "checkpoints" / "best.safetensors")
+    return ["export", ck, "--bioimageio", _s(w / "m.zip"), "--authors", "A"], "config.json"
+
+
+# --- serve: an address that cannot be listened on -------------------------------------------
+@case("serve-port-in-use")
+def _(z, w):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    _OPEN.append(busy)  # closed after the case
+    port = str(busy.getsockname()[1])
+    return ["serve", _s(z.seg), "--port", port, "--work-dir", _s(w / "work")], "--port"
+
+
+@case("serve-host-of-another-computer")
+def _(z, w):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    argv = ["serve", _s(z.seg), "--host", "192.0.2.1", "--work-dir", _s(w / "work")]  # TEST-NET
+    return argv, "--host"
+
+
+# --- generate / inpaint with a diffusion run: Stable-Diffusion-only flags ---------------------
+@case("generate-run-with-image")
+def _(z, w):
+    grid = _s(w / "g.png")
+    return ["generate", _s(z.diff), "x", "--image", _s(z.grey), "--grid", grid], "--image"
+
+
+@case("generate-run-with-height")
+def _(z, w):
+    return ["generate", _s(z.diff), "x", "--height", "64", "--grid", _s(w / "g.png")], "--height"
+
+
+@case("inpaint-run-with-negative")
+def _(z, w):
+    argv = ["inpaint", _s(z.diff), _s(z.grey), _s(z.mask), "x", "--output", _s(w / "o.png")]
+    return [*argv, "--negative", "blurry"], "--negative"
+
+
+# --- Stable Diffusion pipeline folders ------------------------------------------------------
+@case("sd-scheduler-config-not-json", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    (folder / "scheduler" / "scheduler_config.json").write_text("{nope")
+    return _generate(folder, w), "scheduler_config.json"
+
+
+@case("sd-scheduler-config-a-list", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    (folder / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
+    return _generate(folder, w), "scheduler_config.json"
+
+
+@case("sd-scheduler-timesteps-text", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    B.edit_json(folder / "scheduler" / "scheduler_config.json", num_train_timesteps="many")
+    return _generate(folder, w), "scheduler_config.json"
+
+
+@case("sd-scheduler-spacing-unknown", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    B.edit_json(folder / "scheduler" / "scheduler_config.json", timestep_spacing="wobbly")
+    return _generate(folder, w), "scheduler_config.json"
+
+
+@case("sd-tokenizer-without-merges", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    (folder / "tokenizer" / "merges.txt").unlink()
+    return _generate(folder, w), "tokenizer"
+
+
+@case("sd-vae-config-other-widths", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    B.edit_json(folder / "vae" / "config.json", block_out_channels=[8, 16])
+    return _generate(folder, w), "vae"
+
+
+@case("sd-unet-sample-size-text", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    B.edit_json(folder / "unet" / "config.json", sample_size="big")
+    return _generate(folder, w), "sample_size"
+
+
+@case("sd-height-not-a-multiple", sd=True)
+def _(z, w, sd):
+    return _generate(sd, w, "--height", "31"), "--height"
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return B.tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+def _never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("serve started although its address was refused")
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse refuses before run()
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_clear_line(
+    name: str, zoo: B.Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, request
+) -> None:
+    work, cwd = tmp_path / "case", tmp_path / "cwd"
+    work.mkdir()
+    cwd.mkdir()
+    build, needs_sd = CASES[name]
+    extra = (request.getfixturevalue("sd_dir"),) if needs_sd else ()
+    argv, needle = build(zoo, work, *extra)
+    roots = [zoo.root, work, *extra]
+    before = B.snapshot(*roots)
+    monkeypatch.chdir(cwd)
+    if argv[0] == "serve":  # a case that got past the checks must not serve for ever
+        uvicorn = pytest.importorskip("uvicorn")
+        monkeypatch.setattr(uvicorn, "run", _never)
+    try:
+        rc, err = _run(argv, capsys)
+    finally:
+        while _OPEN:
+            _OPEN.pop().close()
+    print(err)
+    assert rc not in (0, None), err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"unetkit {argv[0]}: error: "), lines[0]
+    assert "unexpected" not in lines[0], lines[0]
+    assert needle in lines[0], lines[0]
+    after = B.snapshot(*roots)
+    assert {p: after.get(p) for p in before} == before, "an input file changed"
+    assert not any(cwd.iterdir()), "something was written into the working folder"
