@@ -127,10 +127,20 @@ def _command(argv: list[str]) -> str | None:
     return word if word in COMMANDS else None
 
 
+def _printable_file_names() -> None:
+    """A file name that is not valid UTF-8 (bytes on POSIX, read as surrogates) is printed
+    with backslash escapes instead of failing with UnicodeEncodeError after the work is
+    done; stderr already does this, stdout is strict under a UTF-8 locale."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     # glibc would return >32 MiB activations to the OS and page-fault them back on every
     # pass (15-35% of CPU time); opt out with UNETKIT_ALLOCATOR=system
     tune_allocator()
+    _printable_file_names()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 RESCALE_TOLERANCE = 0.01  # inputs within 1 % of the training scale are not resampled
 DEFAULT_MIN_SIZE = 10  # pixels, for checkpoints that do not record their objects' size
 MIN_SIZE_FRACTION = 0.1  # of the median training object's area
+MAX_ZOOM = 64.0  # rescaling beyond this (either way) is a wrong pixel size or diameter
 
 
 @dataclasses.dataclass
@@ -174,14 +175,32 @@ def scale_factor(
                 "--object-diameter: the checkpoint does not state the object diameter it was "
                 "trained at (metadata 'object_diameter'); use --pixel-size, or leave it out"
             )
-        return float(trained) / options.object_diameter
+        factor = float(trained) / options.object_diameter
+        return _check_zoom(factor, f"--object-diameter {options.object_diameter:g}", trained)
     given = options.pixel_size or (pixel_size.x if pixel_size is not None else None)
     trained = meta.get("pixel_size")
     if given is None or not trained:
         if options.pixel_size is not None:
             log.info("the checkpoint states no training pixel size: inputs are not rescaled")
         return 1.0
-    return float(given) / float(trained)
+    what = (
+        f"--pixel-size {options.pixel_size:g}"
+        if options.pixel_size
+        else f"the input's pixel size {given:g} µm (file metadata; override with --pixel-size)"
+    )
+    return _check_zoom(float(given) / float(trained), what, trained)
+
+
+def _check_zoom(factor: float, what: str, trained: float) -> float:
+    """``factor``, or a ConfigError naming ``what`` when it is beyond ``MAX_ZOOM``: a
+    pixel size in nm for µm (1000x) would make a 1000² image 10⁶² pixels, not a result."""
+    if not 1 / MAX_ZOOM <= factor <= MAX_ZOOM:
+        raise ConfigError(
+            f"{what}: rescaling to the checkpoint's training scale ({trained:g}) means a zoom "
+            f"of {factor:.3g}, beyond {1 / MAX_ZOOM:g}..{MAX_ZOOM:g}; check the value and its "
+            "unit (µm per pixel; diameters in pixels)"
+        )
+    return factor
 
 
 def _rescaled(pred: Prediction, shape: tuple[int, ...]) -> Prediction:
