@@ -51,5 +51,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    A file name that is not valid UTF-8 (POSIX names are bytes; Python reads the odd bytes
+    as surrogates) is written as its own bytes, so a table that lists it names the file.
+    """
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))

@@ -213,7 +213,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # surrogateescape: an input name that is not UTF-8 is listed as its bytes
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read ({e}); pass --overwrite to start over") from None
