@@ -10,7 +10,12 @@ from typing import Any
 
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError, DataError
-from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
+from unetkit.formats.bioimageio import (
+    PackageInfo,
+    check_package_info,
+    default_test_image,
+    export_package,
+)
 from unetkit.formats.bioimageio_load import check_package
 from unetkit.formats.checkpoint import load, read_metadata
 from unetkit.formats.loading import load_with_metadata, user_metadata
@@ -106,6 +111,11 @@ def add_bioimageio_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+# a test image of a few pixels fails inside the export ("No functions provided to try");
+# refused with one line instead
+MIN_TEST_EDGE = 32
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.onnx and not args.torch_export and not args.bioimageio:
         raise ConfigError(
@@ -134,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     size = None
     if args.size:
         size = tuple(args.size) * model.dims if len(args.size) == 1 else tuple(args.size)
+        if len(size) != model.dims:
+            raise ConfigError(
+                f"--size {' '.join(map(str, args.size))}: give 1 or {model.dims} numbers for "
+                f"this {model.dims}-D model"
+            )
     if args.onnx:
         export_onnx(
             model,
@@ -207,9 +222,16 @@ def run_bioimageio(args: argparse.Namespace) -> None:
     if lora_layers(model):
         model = merge_and_unload(model)
     info = _package_info(args, meta)
+    check_package_info(info)  # before the prediction and export below
     volumes = model.dims == 3
     if args.test_image:
         image = read_float_input(Path(args.test_image), volumes=volumes)
+        if image.shape[0] != model.in_channels or min(image.shape[1:]) < MIN_TEST_EDGE:
+            raise DataError(
+                f"--test-image {args.test_image}: {image.shape[0]} channel(s) of "
+                f"{'×'.join(map(str, image.shape[1:]))} pixels; the package's test needs "
+                f"{model.in_channels} channel(s) and at least {MIN_TEST_EDGE} pixels per side"
+            )
     else:
         image = default_test_image(model)
     instances = predict_image(model, image, meta).instances

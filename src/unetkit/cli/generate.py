@@ -10,6 +10,7 @@ from pathlib import Path
 from unetkit.cli import flags as F
 from unetkit.cli.sd_common import (
     add_sd_options,
+    check_steps,
     parse_lora,
     progress,
     read_rgb,
@@ -118,7 +119,8 @@ def _run_sd(args: argparse.Namespace) -> int:
             near = max(scale, round(value / scale) * scale)
             raise ConfigError(f"{flag} {value}: must be a multiple of {scale}, e.g. {near}")
     n = args.n if args.n != 16 else 1  # 16 is the digits default; one SD image unless asked
-    steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
+    steps = check_steps(args.steps or SD_STEPS, sd.schedule)
+    guidance = _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
         if args.image:
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         file = Path(read_adapter(file).info.get("base_model") or file)
     used = ", ".join(loras) or "none"
     print(f"using base {file}; LoRA {used}; sampler {args.sampler or pipe.sampler}")
-    steps, guidance = args.steps or RUN_STEPS, _or(args.guidance, RUN_GUIDANCE)
+    steps = check_steps(args.steps or RUN_STEPS, pipe.schedule)
+    guidance = _or(args.guidance, RUN_GUIDANCE)
     callback, close = progress(steps, "sampling", args.no_progress)
     try:
         images = pipe.generate(

@@ -17,7 +17,14 @@ from unetkit.cli.generate import (
     load_run_loras,
     open_sd,
 )
-from unetkit.cli.sd_common import parse_lora, progress, read_rgb, refuse_sd_only_flags, sd_size
+from unetkit.cli.sd_common import (
+    check_steps,
+    parse_lora,
+    progress,
+    read_rgb,
+    refuse_sd_only_flags,
+    sd_size,
+)
 from unetkit.data.io import write_image
 from unetkit.errors import DataError
 from unetkit.outputs import output_file
@@ -72,7 +79,8 @@ def _run_sd(args: argparse.Namespace) -> tuple:
     sd = open_sd(args)
     image, _ = read_rgb(args.image, None)
     image, mask = _load_pair(args, sd_size(*image.shape[-2:], sd.codec.scale), grey=False)
-    steps, guidance = args.steps or SD_STEPS, _or(args.guidance, SD_GUIDANCE)
+    steps = check_steps(args.steps or SD_STEPS, sd.schedule)
+    guidance = _or(args.guidance, SD_GUIDANCE)
     callback, close = progress(steps, "inpainting", args.no_progress)
     try:
         out = sd.inpaint(
@@ -100,7 +108,7 @@ def _run_pixels(args: argparse.Namespace) -> tuple:
         image,
         mask,
         args.prompt,
-        steps=args.steps or RUN_STEPS,
+        steps=check_steps(args.steps or RUN_STEPS, pipe.schedule),
         guidance=_or(args.guidance, RUN_GUIDANCE),
         resample=args.resample,
         seed=args.seed,

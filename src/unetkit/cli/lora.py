@@ -18,7 +18,13 @@ from unetkit.errors import CheckpointError, ConfigError, NonFiniteError
 from unetkit.finite import check_finite_tensors
 from unetkit.formats.checkpoint import load, read_metadata, save
 from unetkit.formats.loading import base_checkpoint, user_metadata
-from unetkit.formats.lora_files import convert_adapter, load_adapter, read_adapter, verify_adapter
+from unetkit.formats.lora_files import (
+    adapter_file,
+    convert_adapter,
+    load_adapter,
+    read_adapter,
+    verify_adapter,
+)
 from unetkit.nn.lora_inject import merge_and_unload, set_lora_scale
 from unetkit.outputs import output_file, output_folder
 from unetkit.runlock import check_same_run, run_lock
@@ -137,7 +143,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     file = base_checkpoint(args.base)
-    output_file(args.out, flag="--out", inputs=[args.base, file, *args.adapters])
+    adapters = [*args.adapters, *(adapter_file(a) for a in args.adapters)]
+    output_file(args.out, flag="--out", inputs=[args.base, file, *adapters])
     model = load(file)
     check_finite_tensors(model.state_dict(), source=str(file))
     touched = 0
@@ -171,7 +178,7 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    output_file(args.dest, flag="DEST", inputs=[args.source])
+    output_file(args.dest, flag="DEST", inputs=[args.source, adapter_file(args.source)])
     convert_adapter(args.source, args.dest, format=args.fmt)
     n = len(read_adapter(args.dest).modules)
     print(f"wrote {args.dest} ({args.fmt} layout, {n} modules)")
@@ -189,7 +196,10 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base", metavar="BASE", help="run directory or checkpoint")
     p.add_argument("adapter", metavar="ADAPTER")
     p.add_argument(
-        "--size", type=F.int_at_least(8), default=32, help="spatial size of the probe input"
+        "--size",
+        type=F.int_at_least(8, 1024),  # a probe, not an image: 10**6 would ask for TiB
+        default=32,
+        help="spatial size of the probe input (8-1024)",
     )
     p.set_defaults(run=run_verify)
 

@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     _printable_file_names()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse's top level would say "unetkit: error:", not naming the command
+        prog = f"unetkit {args.command}" if args.command else "unetkit"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)}\n")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",

@@ -52,6 +52,17 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return path, value
 
 
+def check_steps(steps: int, schedule: Any) -> int:
+    """``--steps``, or a ConfigError when the model's schedule has fewer timesteps."""
+    limit = schedule.num_train_timesteps
+    if steps > limit:
+        raise ConfigError(
+            f"--steps {steps}: the model was trained with {limit} timesteps; "
+            f"use --steps {limit} or fewer"
+        )
+    return steps
+
+
 def refuse_sd_only_flags(args: argparse.Namespace, *dests: str) -> None:
     """ConfigError for a Stable-Diffusion-only flag given with a diffusion run: a run has
     no negative prompt, tokenizer, image-to-image or free size, and a flag is never

@@ -85,7 +85,8 @@ class Normalize:
         low, high = (float(v) for v in percentiles)
         if not 0.0 <= low < high <= 100.0:
             raise ConfigError(
-                f"normalisation percentiles ({low:g}, {high:g}): need 0 <= low < high <= 100"
+                f"--norm-percentiles {low:g} {high:g} (norm_percentiles): need "
+                "0 <= low < high <= 100"
             )
         self.mode = mode
         self.percentiles = (low, high)

@@ -65,6 +65,8 @@ def instances_to_geojson(
     if object_type not in OBJECT_TYPES:
         raise ConfigError(f"object_type={object_type!r}: use one of {', '.join(OBJECT_TYPES)}")
     by_label = {int(row["label"]): row for row in measurements if "label" in row}
+    # ids hash the name as UTF-8: a file name that is not UTF-8 hashes as its escaped bytes
+    key = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     features = []
     for outline in object_outlines(np.asarray(instances)):
         polygons = [
@@ -85,7 +87,7 @@ def instances_to_geojson(
         features.append(
             {
                 "type": "Feature",
-                "id": str(uuid.uuid5(_NAMESPACE, f"{name}/{outline.label}")),
+                "id": str(uuid.uuid5(_NAMESPACE, f"{key}/{outline.label}")),
                 "geometry": geometry,
                 "properties": {
                     "objectType": object_type,

@@ -50,6 +50,12 @@ from unetkit.nn.lora_targets import wrappable_layers
 log = logging.getLogger(__name__)
 
 
+def adapter_file(path: str | os.PathLike) -> Path:
+    """The weights file a LoRA path means: itself, or the file inside a diffusers/PEFT
+    folder (what output checks compare against: writing it would destroy the adapter)."""
+    return _file(path)
+
+
 def _file(path: str | os.PathLike) -> Path:
     """The weights file of ``path``: itself, or the LoRA file inside a diffusers/PEFT folder."""
     path = Path(path)

@@ -260,7 +260,8 @@ def create_prediction(
 
     Layout: root image = class mask (uint8, ``y, x``); ``labels/instances`` = instance
     labels (uint32, with ``image-label`` metadata); ``probabilities`` = ``c, y, x`` float32
-    (only with ``probabilities``). Every array is chunked ``chunk``² in Y, X.
+    (only with ``probabilities``). Every array is chunked ``chunk``² in Y, X (at most the
+    level's own extent).
 
     Args:
         path: the output ``.zarr`` folder; an existing store of the same layout is reopened
@@ -293,7 +294,10 @@ def create_prediction(
         for level in range(levels):
             yx = tuple(-(-n // 2**level) for n in shape)
             full = yx if channels is None else (channels, *yx)
-            chunks = (chunk, chunk) if channels is None else (1, chunk, chunk)
+            # never larger than the level: a 100000² chunk of a 64² image is a 9 GiB buffer
+            # for every write (one block still fills one chunk: a block is the whole axis)
+            cy, cx = min(chunk, yx[0]), min(chunk, yx[1])
+            chunks = (cy, cx) if channels is None else (1, cy, cx)
             names = SPATIAL if channels is None else ("c", *SPATIAL)
             arrays[key].append(  # NGFF 0.5: dimension_names must repeat the axes' names
                 group.require_array(

@@ -12,6 +12,7 @@ Weights are read from ``.safetensors`` only. Original single-file checkpoints ar
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,11 @@ def check_components(files: SDFiles) -> None:
     """The VAE, text encoder and U-Net must fit together (one line naming the mismatch)."""
     c = files.unet.config
     latent = int(files.vae.config.latent_channels)
+    factor = files.vae.config.scaling_factor  # latents are divided by it: NaN or 0 poisons all
+    if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise CheckpointError(
+            f"{files.source}: the VAE's scaling_factor={factor!r} is not a positive number"
+        )
     if c.in_channels not in (latent, 2 * latent + 1) or c.out_channels != latent:
         raise CheckpointError(
             f"{files.source}: the VAE makes {latent}-channel latents but the U-Net takes "

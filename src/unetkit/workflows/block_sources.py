@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,8 @@ def _open_source(path: str, level: int, stamp: int) -> Source:
     if level:
         raise ConfigError(f"{p}: --level {level} needs an OME-Zarr input with that level")
     if p.suffix.lower() in (".tif", ".tiff"):
-        return _tiff_source(p)
+        with _tiff_errors(p):
+            return _tiff_source(p)
     loaded = load_image(p)  # small image files: read whole, as predict reads them
     arr = np.moveaxis(loaded.image, 0, -1)
     return Source(
@@ -104,6 +106,21 @@ def _open_source(path: str, level: int, stamp: int) -> Source:
         lambda ys, xs: arr[ys, xs],
         pixel_size=loaded.pixel_size,
     )
+
+
+@contextlib.contextmanager
+def _tiff_errors(p: Path) -> Iterator[None]:
+    """A bad TIFF (truncated, 0 bytes, a header claiming impossible sizes) as one DataError
+    naming it: tifffile and zarr raise TiffFileError, ValueError, ... when opened or read."""
+    try:
+        yield
+    except (DataError, ConfigError):
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{p}: cannot read image ({type(e).__name__}: {e}); the file is truncated, "
+            "corrupt or not a valid TIFF: re-export or remove it"
+        ) from None
 
 
 def _tiff_source(p: Path) -> Source:
@@ -124,8 +141,10 @@ def _tiff_source(p: Path) -> Source:
     def read(ys: slice, xs: slice) -> np.ndarray:
         index = tuple({"Y": ys, "X": xs}.get(a, slice(None) if a == channel else 0) for a in axes)
         kept = [a for a in axes if a in "YX" or a == channel]
+        with _tiff_errors(p):
+            pixels = np.asarray(arr[index])
         block = np.transpose(
-            np.asarray(arr[index]),
+            pixels,
             [kept.index(a) for a in "YX"] + ([kept.index(channel)] if channel else []),
         )
         return block if block.ndim == 3 else block[..., None]

@@ -185,7 +185,7 @@ def scratch(job: Job, mode: str) -> Any:
         str(Path(job.out) / MARKERS / "local"),
         mode=mode,
         shape=job.shape,
-        chunks=(size, size),
+        chunks=tuple(min(size, n) for n in job.shape),  # as ome_zarr.create_prediction
         dtype="uint32",
         fill_value=0,
         zarr_format=3,

@@ -71,6 +71,8 @@ def dask_client(
         raise ConfigError(f"--cluster {cluster}: expected local:N or tcp://HOST:PORT")
     try:
         client = Client(cluster, timeout=timeout)
+    except ValueError as e:  # distributed's parser: "missing port number in address ''"
+        raise ConfigError(f"--cluster {cluster}: {e}; expected tcp://HOST:PORT") from None
     except (OSError, TimeoutError) as e:
         raise DataError(
             f"--cluster {cluster}: no Dask scheduler answered within {timeout:g} s "

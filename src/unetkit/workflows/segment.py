@@ -148,6 +148,19 @@ def check_inference_metadata(meta: dict[str, Any], *, source: str) -> None:
     n = meta.get("num_classes", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise CheckpointError(f"{source}: metadata num_classes={n!r} is not an integer >= 1")
+    for key in ("pixel_size", "object_diameter"):  # the training scale inputs are zoomed to
+        value = meta.get(key)
+        if value is not None and not _positive_number(value):
+            raise CheckpointError(f"{source}: metadata {key}={value!r} is not a positive number")
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+        and value > 0
+    )
 
 
 def scale_factor(
@@ -161,12 +174,7 @@ def scale_factor(
     """
     for key in ("pixel_size", "object_diameter"):
         value = meta.get(key)
-        if value is not None and not (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and bool(np.isfinite(value))
-            and value > 0
-        ):
+        if value is not None and not _positive_number(value):
             raise CheckpointError(f"checkpoint metadata {key}={value!r} is not a positive number")
     if options.object_diameter is not None:
         trained = meta.get("object_diameter")
