@@ -12,6 +12,7 @@ Files are ``.safetensors`` only (never unpickled) and written atomically.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -87,6 +88,21 @@ def _peft_config(path: Path) -> str | None:
     return config.read_text() if config.is_file() else None
 
 
+def _check_peft_config(path: Path, text: str) -> None:
+    """CheckpointError naming ``adapter_config.json`` when it is not a LoraConfig object
+    whose ``r``/``lora_alpha`` are numbers (an edited or damaged file)."""
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (PEFT's LoraConfig)")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise CheckpointError(f"{path}: {key}={value!r} is not a number")
+
+
 def read_adapter(
     path: str | os.PathLike, *, module_names: Sequence[str] | None = None, strict: bool = True
 ) -> Adapter:
@@ -103,6 +119,7 @@ def read_adapter(
     check_finite_tensors(tensors, source=str(path), what="adapter weights")
     config = _peft_config(path)
     if config is not None and DIFFUSERS_METADATA_KEY not in metadata:
+        _check_peft_config(path.with_name(PEFT_CONFIG_NAME), config)
         metadata[DIFFUSERS_METADATA_KEY] = config  # PEFT keeps the LoraConfig beside the file
     try:
         return parse_adapter(

@@ -231,7 +231,9 @@ def train(
     _describe(recipe, data, model)
     run = RunDirectory(run_dir)
     if resume and run.has_state():  # a resumed run continues the draws where it stopped
-        train_ds.set_epoch(len(run.read_metrics()))
+        # a state saved mid-way through the first epoch comes before any metrics.csv row
+        done = len(run.read_metrics()) if run.metrics_path.is_file() else 0
+        train_ds.set_epoch(done)
     result = fit(
         model,
         task,
