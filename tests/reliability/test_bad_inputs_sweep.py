@@ -182,10 +182,10 @@ def _(z, w, sd):
     return _generate(folder, w), "scheduler_config.json"
 
 
-@case("sd-tokenizer-without-merges", sd=True)
+@case("sd-tokenizer-json-not-json", sd=True)
 def _(z, w, sd):
     folder = _sd_copy(sd, w)
-    (folder / "tokenizer" / "merges.txt").unlink()
+    (folder / "tokenizer" / "tokenizer.json").write_text("{nope")
     return _generate(folder, w), "tokenizer"
 
 
@@ -206,6 +206,142 @@ def _(z, w, sd):
 @case("sd-height-not-a-multiple", sd=True)
 def _(z, w, sd):
     return _generate(sd, w, "--height", "31"), "--height"
+
+
+# --- predict: checkpoint scale metadata, rescale bounds, argument order --------------------
+@case("predict-checkpoint-pixel-size-text")
+def _(z, w):
+    ck = B.edited(z.seg, w / "px.safetensors", pixel_size='"big"')
+    return ["predict", _s(ck), _s(z.grey), "--out", _s(w / "o")], "px.safetensors"
+
+
+@case("predict-pixel-size-in-nm")
+def _(z, w):
+    ck = B.edited(z.seg, w / "px.safetensors", pixel_size="0.5")
+    argv = ["predict", _s(ck), _s(z.grey), "--out", _s(w / "o"), "--pixel-size", "325"]
+    return argv, "--pixel-size 325"
+
+
+@case("predict-input-after-the-options")
+def _(z, w):
+    return ["predict", _s(z.seg), _s(z.grey), "--out", _s(w / "o"), _s(z.grey)], "unrecognized"
+
+
+# --- block-wise predict --------------------------------------------------------------------
+@case("block-truncated-tiff")
+def _(z, w):
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(w / "t.tif", np.zeros((64, 64), np.uint16))
+    B.truncated(w / "t.tif", w / "t.tif")
+    return ["predict", _s(z.seg), _s(w / "t.tif"), "--out", _s(w / "o"), "--block-size", "64"], (
+        "t.tif"
+    )
+
+
+@case("block-empty-tiff")
+def _(z, w):
+    argv = ["predict", _s(z.seg), _s(B.empty(w / "z.tif")), "--out", _s(w / "o")]
+    return [*argv, "--block-size", "64"], "z.tif"
+
+
+@case("block-cluster-without-port")
+def _(z, w):
+    pytest.importorskip("distributed")
+    argv = ["predict", _s(z.seg), _s(z.grey), "--out", _s(w / "o"), "--block-size", "64"]
+    return [*argv, "--cluster", "tcp://", "--scheduler-timeout", "1"], "--cluster"
+
+
+# --- LoRA outputs onto the weights inside an adapter folder --------------------------------
+def _peft_folder(z, w) -> Path:
+    from unetkit.formats.lora_files import convert_adapter
+
+    (w / "peft").mkdir()
+    convert_adapter(z.adapter, w / "peft" / "adapter_model.safetensors", format="diffusers")
+    return w / "peft"
+
+
+@case("lora-convert-dest-inside-source-folder")
+def _(z, w):
+    folder = _peft_folder(z, w)
+    dest = _s(folder / "adapter_model.safetensors")
+    return ["lora-convert", _s(folder), dest, "--to", "unetkit"], "DEST"
+
+
+@case("lora-merge-out-onto-adapter-in-folder")
+def _(z, w):
+    folder = _peft_folder(z, w)
+    out = _s(folder / "adapter_model.safetensors")
+    return ["lora-merge", _s(z.diff), _s(folder), "--out", out], "--out"
+
+
+@case("lora-convert-peft-config-not-json")
+def _(z, w):
+    import safetensors.torch
+
+    (w / "peft").mkdir()
+    tensors = safetensors.torch.load_file(
+        str(_peft_folder(z, w / "peft") / "adapter_model.safetensors")
+    )
+    safetensors.torch.save_file(
+        tensors, str(w / "peft" / "adapter_model.safetensors")
+    )  # no metadata
+    (w / "peft" / "adapter_config.json").write_text("{nope")
+    return ["lora-convert", _s(w / "peft"), _s(w / "k.safetensors"), "--to", "kohya"], (
+        "adapter_config.json"
+    )
+
+
+@case("lora-verify-size-huge")
+def _(z, w):
+    return ["lora-verify", _s(z.diff), _s(z.adapter), "--size", "1000000"], "--size"
+
+
+# --- export: bioimage.io fields, test image, --size ----------------------------------------
+@case("export-bioimageio-licence-unknown")
+def _(z, w):
+    argv = ["export", _s(z.seg), "--bioimageio", _s(w / "m.zip"), "--authors", "A"]
+    return [*argv, "--license", "NOT-A-LICENCE"], "--license"
+
+
+@case("export-bioimageio-cite-not-a-doi")
+def _(z, w):
+    argv = ["export", _s(z.seg), "--bioimageio", _s(w / "m.zip"), "--authors", "A"]
+    return [*argv, "--cite", "x", "not a doi"], "--cite"
+
+
+@case("export-bioimageio-test-image-1x1")
+def _(z, w):
+    argv = ["export", _s(z.seg), "--bioimageio", _s(w / "m.zip"), "--authors", "A"]
+    return [*argv, "--test-image", _s(B.grey_png(w / "one.png", (1, 1)))], "--test-image"
+
+
+@case("export-size-three-numbers-for-2d")
+def _(z, w):
+    return ["export", _s(z.seg), "--onnx", _s(w / "m.onnx"), "--size", "16", "16", "16"], "--size"
+
+
+# --- train: a run saved mid-way through its first epoch ------------------------------------
+@case("train-resume-state-before-metrics")
+def _(z, w):
+    (w / "r" / "checkpoints").mkdir(parents=True)
+    B.truncated(z.seg, w / "r" / "checkpoints" / "state.safetensors")
+    argv = ["train", "--out", _s(w / "r"), "--epochs", "1", "--steps-per-epoch", "1"]
+    return [*argv, "--crop", "16", "--model-option", "channels=(4,8)"], "state.safetensors"
+
+
+# --- generate: --steps beyond the schedule, a VAE scaling factor that is not a number -------
+@case("generate-run-steps-beyond-schedule")
+def _(z, w):
+    return ["generate", _s(z.diff), "x", "--steps", "100000", "--grid", _s(w / "g.png")], "--steps"
+
+
+@case("sd-vae-scaling-factor-nan", sd=True)
+def _(z, w, sd):
+    folder = _sd_copy(sd, w)
+    B.edit_json(folder / "vae" / "config.json", scaling_factor=float("nan"))
+    return _generate(folder, w), "scaling_factor"
 
 
 _OPEN: list[socket.socket] = []
@@ -240,6 +376,7 @@ def test_bad_input_is_one_clear_line(
     argv, needle = build(zoo, work, *extra)
     roots = [zoo.root, work, *extra]
     before = B.snapshot(*roots)
+    capsys.readouterr()  # what building the case printed (diffusers' writers) is not the CLI's
     monkeypatch.chdir(cwd)
     if argv[0] == "serve":  # a case that got past the checks must not serve for ever
         uvicorn = pytest.importorskip("uvicorn")

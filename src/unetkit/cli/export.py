@@ -10,12 +10,7 @@ from typing import Any
 
 from unetkit.cli import flags as F
 from unetkit.errors import ConfigError, DataError
-from unetkit.formats.bioimageio import (
-    PackageInfo,
-    check_package_info,
-    default_test_image,
-    export_package,
-)
+from unetkit.formats.bioimageio import PackageInfo, default_test_image, export_package
 from unetkit.formats.bioimageio_load import check_package
 from unetkit.formats.checkpoint import load, read_metadata
 from unetkit.formats.loading import load_with_metadata, user_metadata
@@ -23,7 +18,8 @@ from unetkit.formats.onnx import DEFAULT_OPSET, EXPORTERS, export_onnx, read_onn
 from unetkit.formats.torch_export import export_torch
 from unetkit.nn.lora_inject import lora_layers, merge_and_unload
 from unetkit.outputs import output_file
-from unetkit.workflows.segment import check_inference_metadata, overlay, predict_image
+from unetkit.workflows.pictures import overlay
+from unetkit.workflows.segment import check_inference_metadata, predict_image
 from unetkit.workflows.segment_files import read_float_input
 
 
@@ -222,7 +218,6 @@ def run_bioimageio(args: argparse.Namespace) -> None:
     if lora_layers(model):
         model = merge_and_unload(model)
     info = _package_info(args, meta)
-    check_package_info(info)  # before the prediction and export below
     volumes = model.dims == 3
     if args.test_image:
         image = read_float_input(Path(args.test_image), volumes=volumes)

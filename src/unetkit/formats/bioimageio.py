@@ -47,7 +47,7 @@ from unetkit.data.io import write_image
 from unetkit.data.synthetic import synth_cells
 from unetkit.data.transforms import DEFAULT_PERCENTILES, Normalize
 from unetkit.errors import ConfigError
-from unetkit.formats._bioimageio_spec import require_spec
+from unetkit.formats._bioimageio_spec import check_package_fields, require_spec
 from unetkit.formats.checkpoint import RESERVED_METADATA_KEYS, unwrap
 from unetkit.formats.onnx import DEFAULT_OPSET, export_onnx
 
@@ -108,28 +108,6 @@ class PackageInfo:
             raise ConfigError("--authors: a bioimage.io package needs at least one author name")
         if not self.name.strip() or not self.description.strip():
             raise ConfigError("--name and --description must not be empty")
-
-
-def check_package_info(info: PackageInfo) -> None:
-    """ConfigError naming the flag of a field the bioimage.io spec refuses (an unknown
-    licence, a DOI that is not one, an author name with a slash), before any work; the
-    spec's own types decide, so unetkit and the model zoo agree."""
-    require_spec()
-    from bioimageio.spec.model import v0_5 as v5
-    from pydantic import ValidationError
-
-    fields = [("--license", v5.LicenseId, info.license, "an SPDX id, e.g. MIT or CC-BY-4.0")]
-    fields += [
-        ("--authors", lambda a: v5.Author(name=a), a.strip(), "a name") for a in info.authors
-    ]
-    fields += [("--cite", v5.Doi, doi, "a DOI such as 10.1038/nmeth.4473") for _, doi in info.cite]
-    for flag, build, value, expected in fields:
-        try:
-            build(value)
-        except ValidationError:
-            raise ConfigError(
-                f"{flag} {value!r}: not valid in a bioimage.io package; expected {expected}"
-            ) from None
 
 
 def default_test_image(model: nn.Module) -> np.ndarray:
@@ -338,7 +316,7 @@ def export_package(
         >>> export_package(unetkit.load("best.safetensors"), meta, "m.zip", info)  # doctest: +SKIP
     """
     spec = require_spec()
-    check_package_info(info)
+    check_package_fields(info.license, info.authors, info.cite)  # before any work
     from bioimageio.spec.dataset.v0_3 import DatasetDescr
     from bioimageio.spec.model import v0_5 as v5
 

@@ -11,9 +11,11 @@ Weights are read from ``.safetensors`` only. Original single-file checkpoints ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,12 +142,31 @@ def check_pipeline_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bars from transformers/diffusers while a component loads: a
+    folder of tiny files should not print more than the command's own lines."""
+    import diffusers.utils.logging as d_log
+    import transformers.utils.logging as t_log
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (d_log, t_log)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, enabled in was:
+            if enabled:
+                m.enable_progress_bar()
+
+
 def _from_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
     # diffusers/transformers raise OSError, ValueError, TypeError (a tokenizer without
     # merges.txt), RuntimeError (weights of other shapes than config.json says) ... on a
     # damaged folder: one line naming it, never a traceback
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        with _quiet_loading():
+            return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: cannot load the {what} ({first})") from None

@@ -32,10 +32,10 @@ from unetkit.training.trainer import fit
 from unetkit.workflows import segment_train as S
 from unetkit.workflows.adapt import LoRAOptions, adapter_saver, attach
 from unetkit.workflows.calibrate import calibrate_seed_threshold
+from unetkit.workflows.pictures import overlay
 from unetkit.workflows.segment import (
     InferenceOptions,
     load_for_inference,
-    overlay,
     predict_image,
 )
 from unetkit.workflows.segment_data import build_datasets

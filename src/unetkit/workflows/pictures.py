@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from skimage.color import label2rgb
+from skimage.segmentation import find_boundaries
 
 from unetkit.segmentation.postprocess import instances_from_semantic
-from unetkit.workflows.segment import Prediction, overlay
+from unetkit.workflows.segment import Prediction
 
 __all__ = [
     "attention_preview",
@@ -22,10 +24,26 @@ __all__ = [
     "regression_picture",
     "grey_picture",
     "map_with_colorbar",
+    "overlay",
     "side_by_side",
 ]
 
 _GAP = 4  # white pixels between panels
+
+
+
+def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """RGB uint8 picture: the image in grey, objects tinted, their outlines in yellow.
+
+    Volumes (C×D×H×W image, D×H×W instances) are drawn as a maximum projection along D."""
+    if instances.ndim == 3:
+        image, instances = image.max(axis=1), instances.max(axis=0)
+    grey = image.mean(0) if image.ndim == 3 else image
+    lo, hi = np.percentile(grey, [1, 99.5])
+    grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = label2rgb(instances, image=grey, alpha=0.3, bg_label=0, image_alpha=1.0)
+    rgb[find_boundaries(instances, mode="inner")] = (1.0, 0.9, 0.0)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
 def grey_picture(image: np.ndarray) -> np.ndarray:

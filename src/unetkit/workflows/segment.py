@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from skimage.color import label2rgb
-from skimage.segmentation import find_boundaries, relabel_sequential
+from skimage.segmentation import relabel_sequential
 from skimage.transform import resize
 
 from unetkit import runtime
@@ -155,12 +154,7 @@ def check_inference_metadata(meta: dict[str, Any], *, source: str) -> None:
 
 
 def _positive_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and bool(np.isfinite(value))
-        and value > 0
-    )
+    return type(value) in (int, float) and bool(np.isfinite(value)) and value > 0  # not bool
 
 
 def scale_factor(
@@ -173,9 +167,8 @@ def scale_factor(
     checkpoint's ``pixel_size``: input / trained pixel size; else 1.
     """
     for key in ("pixel_size", "object_diameter"):
-        value = meta.get(key)
-        if value is not None and not _positive_number(value):
-            raise CheckpointError(f"checkpoint metadata {key}={value!r} is not a positive number")
+        if meta.get(key) is not None and not _positive_number(meta[key]):
+            raise CheckpointError(f"checkpoint metadata {key}={meta[key]!r} is not positive")
     if options.object_diameter is not None:
         trained = meta.get("object_diameter")
         if not trained:
@@ -183,30 +176,25 @@ def scale_factor(
                 "--object-diameter: the checkpoint does not state the object diameter it was "
                 "trained at (metadata 'object_diameter'); use --pixel-size, or leave it out"
             )
-        factor = float(trained) / options.object_diameter
-        return _check_zoom(factor, f"--object-diameter {options.object_diameter:g}", trained)
+        what = f"--object-diameter {options.object_diameter:g}"
+        return _check_zoom(float(trained) / options.object_diameter, what, trained)
     given = options.pixel_size or (pixel_size.x if pixel_size is not None else None)
     trained = meta.get("pixel_size")
     if given is None or not trained:
         if options.pixel_size is not None:
             log.info("the checkpoint states no training pixel size: inputs are not rescaled")
         return 1.0
-    what = (
-        f"--pixel-size {options.pixel_size:g}"
-        if options.pixel_size
-        else f"the input's pixel size {given:g} µm (file metadata; override with --pixel-size)"
-    )
+    what = f"--pixel-size {options.pixel_size:g}" if options.pixel_size else None
+    what = what or f"the input's pixel size {given:g} µm (file metadata; or give --pixel-size)"
     return _check_zoom(float(given) / float(trained), what, trained)
 
 
 def _check_zoom(factor: float, what: str, trained: float) -> float:
-    """``factor``, or a ConfigError naming ``what`` when it is beyond ``MAX_ZOOM``: a
-    pixel size in nm for µm (1000x) would make a 1000² image 10⁶² pixels, not a result."""
+    """``factor``, or a ConfigError naming ``what`` beyond ``MAX_ZOOM`` (nm given for µm)."""
     if not 1 / MAX_ZOOM <= factor <= MAX_ZOOM:
         raise ConfigError(
-            f"{what}: rescaling to the checkpoint's training scale ({trained:g}) means a zoom "
-            f"of {factor:.3g}, beyond {1 / MAX_ZOOM:g}..{MAX_ZOOM:g}; check the value and its "
-            "unit (µm per pixel; diameters in pixels)"
+            f"{what}: the zoom to the checkpoint's training scale ({trained:g}) would be "
+            f"{factor:.3g}, beyond {1 / MAX_ZOOM:g}..{MAX_ZOOM:g}; check the value and unit (µm)"
         )
     return factor
 
@@ -289,20 +277,6 @@ def predict_regression(
             activation=lambda y: to_prediction(y, output),
             runner=runner,
         ).numpy()
-
-
-def overlay(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
-    """RGB uint8 picture: the image in grey, objects tinted, their outlines in yellow.
-
-    Volumes (C×D×H×W image, D×H×W instances) are drawn as a maximum projection along D."""
-    if instances.ndim == 3:
-        image, instances = image.max(axis=1), instances.max(axis=0)
-    grey = image.mean(0) if image.ndim == 3 else image
-    lo, hi = np.percentile(grey, [1, 99.5])
-    grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = label2rgb(instances, image=grey, alpha=0.3, bg_label=0, image_alpha=1.0)
-    rgb[find_boundaries(instances, mode="inner")] = (1.0, 0.9, 0.0)
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
 def evaluate_regression(

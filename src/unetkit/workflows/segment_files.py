@@ -38,12 +38,11 @@ from unetkit.inference.attention_maps import attention_coefficients, write_atten
 from unetkit.inference.backends import load_inference_model, options_for
 from unetkit.regression.io import colorize, write_target
 from unetkit.workflows import segment
-from unetkit.workflows.pictures import attention_preview, map_with_colorbar
+from unetkit.workflows.pictures import attention_preview, map_with_colorbar, overlay
 from unetkit.workflows.segment import (
     InferenceOptions,
     check_inference_metadata,
     normalize_input,
-    overlay,
     predict_regression,
     scale_factor,
 )
