@@ -16,6 +16,30 @@ from unetkit.cli.main import main
 from unetkit.data.io import read_image
 
 
+def _lively_diffusion(zoo: B.Zoo, folder: Path) -> tuple[Path, Path]:
+    """The zoo's diffusion checkpoint with every weight random (its zero-initialised
+    attention outputs would hide any adapter) and an adapter on all its attention layers."""
+    import torch
+
+    from unetkit.formats import checkpoint
+    from unetkit.formats.loading import user_metadata
+    from unetkit.formats.lora_files import save_adapter
+    from unetkit.nn.lora_inject import inject_lora
+
+    torch.manual_seed(1)
+    model = checkpoint.load(zoo.diff)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.1)
+    extra = user_metadata(checkpoint.read_metadata(zoo.diff))
+    checkpoint.save(model, folder / "base.safetensors", extra=extra)
+    inject_lora(model, ["attn"], r=2)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data.normal_(0.0, 0.3)
+    save_adapter(model, folder / "lora.safetensors", targets=["attn"])
+    return folder / "base.safetensors", folder / "lora.safetensors"
+
+
 def test_inpaint_with_a_run_applies_lora_as_the_pipeline_api_does(zoo: B.Zoo, tmp_path: Path):
     """`inpaint RUN --lora F:S` once ignored the adapter; now its pixels are those of
     DiffusionPipeline.inpaint with the adapter loaded through the library."""
@@ -23,16 +47,17 @@ def test_inpaint_with_a_run_applies_lora_as_the_pipeline_api_does(zoo: B.Zoo, tm
     from unetkit.formats.lora_files import load_adapter
     from unetkit.workflows.diffuse import DiffusionPipeline, to_uint8
 
-    argv = ["inpaint", str(zoo.diff), str(zoo.grey), str(zoo.mask), "a digit", "--steps", "2"]
+    base, adapter = _lively_diffusion(zoo, tmp_path)
+    argv = ["inpaint", str(base), str(zoo.grey), str(zoo.mask), "a digit", "--steps", "2"]
     argv += ["--precision", "fp32"]
     assert main([*argv, "--output", str(tmp_path / "plain.png")]) == 0
-    lora = [*argv, "--output", str(tmp_path / "lora.png"), "--lora", f"{zoo.adapter}:0.7"]
+    lora = [*argv, "--output", str(tmp_path / "lora.png"), "--lora", f"{adapter}:0.7"]
     assert main(lora) == 0
     plain, adapted = (read_image(tmp_path / f"{n}.png") for n in ("plain", "lora"))
     assert not np.array_equal(plain, adapted)  # the adapter changed the picture
 
-    pipe = DiffusionPipeline.from_checkpoint(str(zoo.diff), precision="fp32")
-    load_adapter(pipe.model, zoo.adapter, adapter_name="lora0", scale=0.7)
+    pipe = DiffusionPipeline.from_checkpoint(str(base), precision="fp32")
+    load_adapter(pipe.model, adapter, adapter_name="lora0", scale=0.7)
     image, _ = read_rgb(str(zoo.grey), (pipe.size, pipe.size))
     mask, _ = read_rgb(str(zoo.mask), (pipe.size, pipe.size), mask=True)
     out = pipe.inpaint(image.mean(0, keepdim=True), mask, "a digit", steps=2, guidance=3.0, seed=0)
@@ -60,6 +85,7 @@ def test_predict_rescales_within_bounds_and_names_the_flag_beyond(zoo, tmp_path,
     assert main([*argv, "--pixel-size", "0.6"]) == 0  # zoom 1.2: resampled
     assert "scale" in (tmp_path / "o" / "counts.csv").read_text().splitlines()[0]
     capsys.readouterr()
+    argv[-1] = str(tmp_path / "o2")
     assert main([*argv, "--pixel-size", "325"]) == 2  # nm given for µm: a zoom of 650
     err = capsys.readouterr().err.strip()
     assert err.startswith("unetkit predict: error: --pixel-size 325:") and "\n" not in err
@@ -76,7 +102,7 @@ def test_predict_reads_and_records_a_file_name_that_is_not_utf8(zoo, tmp_path, c
     argv = ["predict", str(zoo.seg), str(folder), "--out", str(tmp_path / "o"), "--geojson"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "caf\\xe9.png" in out
+    assert "caf\\udce9.png" in out  # the undecodable byte, escaped
     assert b"caf\xe9.png" in (tmp_path / "o" / "counts.csv").read_bytes()
     assert (tmp_path / "o" / os.fsdecode(b"caf\xe9_mask.png")).is_file()
     assert main(argv) == 0
