@@ -122,3 +122,16 @@ def test_serve_address_check_accepts_a_free_port_and_refuses_a_busy_one():
             check_address("127.0.0.1", port)
     check_address("127.0.0.1", port)  # closed: free again
     check_address("localhost", port)
+
+
+def test_block_chunks_never_exceed_the_image(tmp_path):
+    """`predict --block-size 100000` on a 64² image once made 100000² chunks: every write
+    allocated a 9 GiB buffer and the kernel killed the process."""
+    pytest.importorskip("zarr")
+    from unetkit.formats.ome_zarr import create_prediction
+
+    arrays = create_prediction(tmp_path / "p.zarr", (64, 48), chunk=100_000, probabilities=True)
+    assert [a.chunks for a in arrays["mask"]] == [(64, 48)]
+    assert arrays["probabilities"][0].chunks == (1, 64, 48)
+    tall = create_prediction(tmp_path / "t.zarr", (5000, 3), chunk=1024)
+    assert tall["instances"][0].chunks == (1024, 3)  # clipped per axis, blocks still align
