@@ -16,7 +16,8 @@ same sampler on both sides), and each case loads it in a fresh process:
 - ``unetkit``: ``StableDiffusion.from_pretrained(folder)``, as ``unetkit generate`` runs it
   with ``--precision auto``: the U-Net on the frozen bf16 fast path where the CPU computes
   bf16 (weights read straight into bf16; the freeze happens in the first image and is
-  timed with it), VAE and text encoder in float32;
+  timed with it), the VAE under bf16 autocast with it (norms float32), the text encoder
+  in float32;
 - ``diffusers-bf16``: ``StableDiffusionPipeline.from_pretrained(folder,
   torch_dtype=torch.bfloat16)``, every component in bf16;
 - ``diffusers-fp32``: the same with the float32 default.
