@@ -2,6 +2,7 @@
 
     python benchmarks/sd_image.py                      # SD 1.x sizes: minutes per case
     python benchmarks/sd_image.py --quick              # tiny components: seconds
+    python benchmarks/sd_image.py --vae                # the VAE decode alone, fp32 vs bf16
 
 The whole ``generate`` workload for one image: the CLIP text encoder on the prompt and the
 negative prompt, 25 denoising steps of the U-Net at batch 2 (classifier-free guidance
@@ -16,11 +17,14 @@ same sampler on both sides), and each case loads it in a fresh process:
 - ``unetkit``: ``StableDiffusion.from_pretrained(folder)``, as ``unetkit generate`` runs it
   with ``--precision auto``: the U-Net on the frozen bf16 fast path where the CPU computes
   bf16 (weights read straight into bf16; the freeze happens in the first image and is
-  timed with it), VAE and text encoder in float32;
+  timed with it), the VAE under bf16 autocast with it (norms float32), the text encoder
+  in float32;
 - ``diffusers-bf16``: ``StableDiffusionPipeline.from_pretrained(folder,
   torch_dtype=torch.bfloat16)``, every component in bf16;
 - ``diffusers-fp32``: the same with the float32 default.
 
+Before each case every file of the folder is read once, untimed, so that loading is
+compared from the page cache (the first case to read a cold folder would pay for the disk).
 Each case times one image from a fresh load (``--images`` for more); the table gives
 seconds per image, the mean of steps 2..n (from the step callbacks) and the rest (text
 encoder, first step, VAE decoder), and peak RSS. ``--rounds 2`` runs the cases twice, in
@@ -157,6 +161,16 @@ def _load(case: str, folder: Path):
     return generate
 
 
+def read_files_once(folder: Path) -> None:
+    """Read every file of the pipeline folder (untimed), so that no case pays for the disk:
+    the first case to load a cold folder would otherwise take seconds more than the next."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
 def run_case(case: str, folder: Path, quick: bool, images: int, steps: int) -> dict:
     """Time ``images`` images of ``case`` in this process (loading not timed)."""
     import torch
@@ -179,6 +193,39 @@ def run_case(case: str, folder: Path, quick: bool, images: int, steps: int) -> d
         "case": case, "seconds": totals, "step_seconds": step_means, "load_seconds": load,
         "steps": steps, "peak_rss_mib": peak_rss_mib(),
     }  # fmt: skip
+
+
+def vae_decode_table(quick: bool, repeats: int = 2) -> str:
+    """``--vae``: seconds for one VAE decode (SD's VAE config, random weights, one latent of
+    a 512×512 image) as unetkit runs it: float32, and under bf16 autocast (``--precision
+    auto`` with the fast path); the largest difference of the two images."""
+    import diffusers
+    import torch
+
+    from unetkit.diffusion.latent import LatentCodec
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(**(TINY_VAE if quick else SD_VAE)).eval()
+    side = 4 if quick else 64
+    z = torch.randn(1, vae.config.latent_channels, side, side)
+    rows, images = [], {}
+    for name, dtype in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+        codec = LatentCodec(vae, 0.18215, compute_dtype=dtype)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            images[name] = codec.decode(z)
+            times.append(time.perf_counter() - start)
+        rows.append(f"| {name} | {min(times):.2f} |")
+    diff = (images["bf16 autocast"] - images["float32"]).abs().max().item()
+    head = [
+        f"VAE decode, {side * 8}×{side * 8} image, best of {repeats}; {cpu_name()}; "
+        f"largest |bf16 − float32| on [−1, 1]: {diff:.3f}",
+        "",
+        "| VAE | s/decode |",
+        "|---|---|",
+    ]
+    return "\n".join(head + rows)
 
 
 def table(results: list[dict], quick: bool) -> str:
@@ -220,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--pipeline", help="folder for the shared pipeline (default: a temp folder)")
     p.add_argument("--json", help="write the raw results here")
+    p.add_argument("--vae", action="store_true", help="time the VAE decode only (fp32, bf16)")
     p.add_argument("--inline", action="store_true", help="run the cases in this process")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     p.add_argument("--_make", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.vae:
+        print(vae_decode_table(args.quick))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.pipeline or tmp)
         if args._case:
@@ -239,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for _ in range(args.rounds):
             for case in args.cases.split(","):
+                read_files_once(folder)  # every case loads from the page cache, not the disk
                 if args.inline:
                     res = run_case(case, folder, args.quick, args.images, args.steps)
                 else:

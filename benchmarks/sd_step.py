@@ -20,6 +20,12 @@ case loads that folder in a fresh process (so its peak resident memory is its ow
 Each case: ``--warmup`` untimed steps, then ``--repeats`` timed ones; the table shows the
 median, speed-ups against both diffusers cases, and peak RSS. On a machine shared with
 other jobs the numbers are noisy: state the repeats with the table.
+
+The ceiling: the step's arithmetic is counted (``torch.utils.flop_counter`` on the diffusers
+model built on the meta device: convolutions, linear layers, attention products), and this
+CPU's large-matrix-product rate is measured in the same run (``torch.mm`` on 4096² bf16
+and float32 matrices, best of 5); their ratio is the least time any implementation doing
+this arithmetic can take here. Each case's GFLOP/s is given as a share of that rate.
 """
 
 from __future__ import annotations
@@ -113,6 +119,52 @@ def run_case(case: str, folder: Path, quick: bool, warmup: int, repeats: int) ->
     return {"case": case, "seconds": times, "peak_rss_mib": peak, "params": params}
 
 
+def step_flops(quick: bool) -> dict:
+    """Floating-point operations of one step (batch 2), by kind, counted on the meta device."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = TINY if quick else SD15
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**config)
+        side = config["sample_size"]
+        x = torch.empty(2, 4, side, side)
+        ctx = torch.empty(2, 8 if quick else 77, config["cross_attention_dim"])
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.zeros(2), ctx)
+    kinds = {"convolution": "convolutions", "addmm": "linear", "mm": "linear"}
+    out: dict[str, float] = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        kind = kinds.get(str(op).split(".")[-1], "attention")  # bmm / sdpa
+        out[kind] = out.get(kind, 0.0) + n
+    return out
+
+
+def matmul_rate(dtype_name: str, size: int = 4096, repeats: int = 5) -> float:
+    """This CPU's best large-matrix-product rate in GFLOP/s (``torch.mm``, size² × size²)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm-up: oneDNN picks and caches its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def run_ceiling(quick: bool) -> dict:
+    return {
+        "flops": step_flops(quick),
+        "gflops_per_s": {
+            d: matmul_rate(d, 512 if quick else 4096) for d in ("bfloat16", "float32")
+        },
+    }
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory in MiB: ``VmHWM`` where Linux has it, because
     ``ru_maxrss`` carries the parent's peak across fork + exec (a parent that drew the
@@ -151,22 +203,44 @@ def cpu_name() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs"
 
 
-def table(results: list[dict], repeats: int, quick: bool) -> str:
+def table(results: list[dict], repeats: int, quick: bool, ceiling: dict) -> str:
     med = {r["case"]: statistics.median(r["seconds"]) for r in results}
+    flops = sum(ceiling["flops"].values())
+    rate = ceiling["gflops_per_s"]
+    kinds = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in sorted(ceiling["flops"].items()))
     lines = [
         f"SD 1.x U-Net ({results[0]['params'] / 1e6:.1f} M params), one denoising step, "
         f"batch 2, {'tiny config' if quick else '64×64 latents, 77×768 context'}; "
         f"median of {repeats} timed step(s) after warm-up; {cpu_name()}; torch "
         f"{__import__('torch').__version__}",
         "",
-        "| case | s/step | vs diffusers bf16 | vs diffusers fp32 | peak RSS (MiB) |",
-        "|---|---|---|---|---|",
+        f"A step is {flops / 1e9:,.1f} GFLOP ({kinds}); this CPU's torch.mm rate is "
+        f"{rate['bfloat16']:.0f} GFLOP/s in bf16 and {rate['float32']:.0f} in float32, so no "
+        f"step can take less than {flops / 1e9 / rate['bfloat16']:.2f} s in bf16 "
+        f"({flops / 1e9 / rate['float32']:.2f} s in float32).",
+        "",
+        "| case | s/step | vs diffusers bf16 | vs diffusers fp32 | GFLOP/s (of mm rate) "
+        "| peak RSS (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         s = med[r["case"]]
         vs = [f"{med[ref] / s:.2f}×" if ref in med else "-" for ref in CASES[1::-1]]
-        lines.append(f"| {r['case']} | {s:.3f} | {vs[0]} | {vs[1]} | {r['peak_rss_mib']:.0f} |")
+        achieved = flops / 1e9 / s
+        share = achieved / rate["float32" if r["case"].endswith("fp32") else "bfloat16"]
+        lines.append(
+            f"| {r['case']} | {s:.3f} | {vs[0]} | {vs[1]} | {achieved:.0f} ({share:.0%}) "
+            f"| {r['peak_rss_mib']:.0f} |"
+        )
     return "\n".join(lines)
+
+
+def _in_fresh_process(args: argparse.Namespace, folder: Path, case: str) -> dict:
+    cmd = [sys.executable, __file__, "--_case", case, "--weights", str(folder)]
+    cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    cmd += ["--quick"] if args.quick else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.weights or tmp)
+        if args._case == "ceiling":
+            print(json.dumps(run_ceiling(args.quick)))
+            return 0
         if args._case:
             res = run_case(args._case, folder, args.quick, args.warmup, args.repeats)
             print(json.dumps(res))
@@ -191,16 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         for case in args.cases.split(","):
             if args.inline:
                 results.append(run_case(case, folder, args.quick, args.warmup, args.repeats))
-                continue
-            cmd = [sys.executable, __file__, "--_case", case, "--weights", str(folder)]
-            cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-            cmd += ["--quick"] if args.quick else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            else:
+                results.append(_in_fresh_process(args, folder, case))
             print(f"{case}: {results[-1]['seconds']}", file=sys.stderr)
-    print(table(results, args.repeats, args.quick))
+        if args.inline:
+            ceiling = run_ceiling(args.quick)
+        else:
+            ceiling = _in_fresh_process(args, folder, "ceiling")
+    print(table(results, args.repeats, args.quick, ceiling))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"cases": results, "ceiling": ceiling}, indent=2))
     return 0
 
 

@@ -30,3 +30,12 @@ def test_quick_run_times_every_case(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert len(r["seconds"]) == 1 and r["seconds"][0] > r["step_seconds"][0] > 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     assert len(rows) == 1 + 2  # header + one row per case, the repeated case merged
+
+
+def test_vae_mode_times_both_precisions(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("sd_image", SCRIPT)
+    sd_image = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_image)
+    assert sd_image.main(["--vae", "--quick"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["float32", "bf16 autocast"]

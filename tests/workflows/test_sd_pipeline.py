@@ -276,6 +276,9 @@ def test_bf16_pipeline_stores_the_unet_as_the_fast_path_runs_it(pipe_dir, tmp_pa
     exact = StableDiffusion.from_pretrained(folder, precision="fp32")
     err = np.abs(_np(got) - _np(exact.txt2img(["the cat"], **kw))).max()
     assert err < 0.05
+    # the VAE runs under bf16 autocast with the fast path, float32 otherwise, unmutated
+    assert sd.codec.compute_dtype == torch.bfloat16 and exact.codec.compute_dtype is None
+    assert full.files.vae.decoder.conv_in.weight.dtype == torch.float32
 
     lora = load_pipeline_dir(folder).unet
     inject_lora(lora, targets="attn", r=4)
@@ -298,3 +301,25 @@ def test_bf16_pipeline_stores_the_unet_as_the_fast_path_runs_it(pipe_dir, tmp_pa
     assert (stored - want).abs().max() < 2 * ref_err  # measured: 1.3x
     with pytest.raises(ConfigError, match="precision='fp32' needs float32 weights"):
         StableDiffusion(sd.files, precision="fp32")
+
+
+@pytest.mark.skipif(fastpath.frozen_dtype("bf16") is None, reason="no CPU bf16 fast path here")
+def test_bf16_vae_decodes_and_encodes_within_bf16_error_of_float32(pipe_dir) -> None:
+    """The codec's bf16 autocast path against the float32 VAE (the reference) on the same
+    latents and images: close at bf16's precision, float32 out, the weights untouched."""
+    from unetkit.diffusion.latent import LatentCodec
+    from unetkit.formats.sd_files import load_pipeline_dir
+
+    folder, _ = pipe_dir
+    vae = load_pipeline_dir(folder).vae
+    exact = LatentCodec(vae, 0.18215)
+    fast = LatentCodec(vae, 0.18215, compute_dtype=torch.bfloat16)
+    z = torch.randn(1, exact.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    want, got = exact.decode(z), fast.decode(z)
+    assert got.dtype == torch.float32 and vae.decoder.conv_in.weight.dtype == torch.float32
+    scale = want.abs().max()
+    assert 0 < (got - want).abs().max() < 0.05 * scale  # bf16 ran, and stayed close
+    image = want.clamp(-1, 1)
+    enc = [c.encode(image, torch.Generator().manual_seed(1)) for c in (exact, fast)]
+    assert enc[1].dtype == torch.float32
+    assert (enc[1] - enc[0]).abs().max() < 0.05 * enc[0].abs().max()

@@ -33,27 +33,42 @@ class LatentCodec:
     Args:
         vae: the autoencoder (``encode(x).latent_dist`` and ``decode(z).sample``).
         scaling_factor: latents are multiplied by it after encoding (SD 1.x: 0.18215).
+        compute_dtype: run the VAE under autocast in this dtype (e.g. bf16 on a CPU that
+            computes it natively); None runs it in its weights' dtype. Autocast keeps the
+            weights and the module untouched (the same VAE may serve a float32 pipeline)
+            and its norms in float32. Results are float32 either way.
     """
 
-    def __init__(self, vae: nn.Module, scaling_factor: float) -> None:
+    def __init__(
+        self, vae: nn.Module, scaling_factor: float, compute_dtype: torch.dtype | None = None
+    ) -> None:
         self.vae = vae.eval()
         self.scaling_factor = float(scaling_factor)
+        self.compute_dtype = compute_dtype
         cfg = vae.config
         self.latent_channels = int(cfg.latent_channels)
         self.image_channels = int(cfg.in_channels)
         self.scale = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent
 
+    def _autocast(self) -> torch.autocast:
+        device = model_device(self.vae).type
+        return torch.autocast(device, self.compute_dtype, enabled=self.compute_dtype is not None)
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] → (B, 4, H/s, W/s) latents sampled with ``generator``."""
-        dist = self.vae.encode(images).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype)
-        return (dist.mean + dist.std * noise) * self.scaling_factor
+        """(B, 3, H, W) in [-1, 1] → (B, 4, H/s, W/s) float32 latents sampled with
+        ``generator``."""
+        with self._autocast():
+            dist = self.vae.encode(images).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return (mean + std * noise) * self.scaling_factor
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → (B, 3, H, W) images in [-1, 1] (not clamped)."""
-        return self.vae.decode(latents / self.scaling_factor).sample
+        """Latents → (B, 3, H, W) float32 images in [-1, 1] (not clamped)."""
+        with self._autocast():
+            return self.vae.decode(latents / self.scaling_factor).sample.float()
 
 
 class PromptEncoder:

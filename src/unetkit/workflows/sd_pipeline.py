@@ -54,8 +54,9 @@ class StableDiffusion:
     Args:
         files: the loaded components (``load_pipeline_dir`` / ``load_single_file``).
         sampler: override of the pipeline's scheduler ("ddim", "ddpm", "dpmpp-2m", "euler").
-        precision: "auto" (bf16 fast path where the CPU computes bf16), "bf16" or "fp32";
-            the U-Net only: the VAE and text encoder run in float32.
+        precision: "auto" (bf16 fast path where the CPU computes bf16), "bf16" or "fp32".
+            Where it runs the U-Net's bf16 fast path, the VAE runs under bf16 autocast
+            (its norms in float32); the text encoder (a few tokens) stays float32.
     """
 
     def __init__(
@@ -63,7 +64,9 @@ class StableDiffusion:
     ):
         self.files = files
         self.unet = files.unet
-        self.codec = LatentCodec(files.vae, files.vae.config.scaling_factor)
+        self.codec = LatentCodec(
+            files.vae, files.vae.config.scaling_factor, fastpath.frozen_dtype(precision)
+        )
         self.prompts = PromptEncoder(files.tokenizer, files.text_encoder)
         source = Path(files.source)
         if source.is_dir():
