@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from unetkit.errors import OutputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -22,6 +24,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         ...     image.save(tmp, format="PNG")
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail after the work, naming the temp file
+        raise OutputError(f"{path}: is a folder; cannot write a file there")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -230,6 +230,7 @@ def _(z, w):
 # --- block-wise predict --------------------------------------------------------------------
 @case("block-truncated-tiff")
 def _(z, w):
+    pytest.importorskip("zarr")  # block-wise predict writes OME-Zarr (zarr extra)
     import numpy as np
     import tifffile
 
@@ -242,12 +243,14 @@ def _(z, w):
 
 @case("block-empty-tiff")
 def _(z, w):
+    pytest.importorskip("zarr")  # block-wise predict writes OME-Zarr (zarr extra)
     argv = ["predict", _s(z.seg), _s(B.empty(w / "z.tif")), "--out", _s(w / "o")]
     return [*argv, "--block-size", "64"], "z.tif"
 
 
 @case("block-cluster-without-port")
 def _(z, w):
+    pytest.importorskip("zarr")  # block-wise predict writes OME-Zarr (zarr extra)
     pytest.importorskip("distributed")
     argv = ["predict", _s(z.seg), _s(z.grey), "--out", _s(w / "o"), "--block-size", "64"]
     return [*argv, "--cluster", "tcp://", "--scheduler-timeout", "1"], "--cluster"
@@ -342,6 +345,46 @@ def _(z, w, sd):
     folder = _sd_copy(sd, w)
     B.edit_json(folder / "vae" / "config.json", scaling_factor=float("nan"))
     return _generate(folder, w), "scaling_factor"
+
+
+# --- images: values beyond float32, a FIFO; an output name taken by a folder ----------------
+@case("predict-float64-beyond-float32")
+def _(z, w):
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(w / "f.tif", np.random.default_rng(0).random((16, 16)) * 1e300)
+    return ["predict", _s(z.seg), _s(w / "f.tif"), "--out", _s(w / "o")], "exceed float32"
+
+
+@case("predict-fifo-named-png")
+def _(z, w):
+    import os
+
+    os.mkfifo(w / "pipe.png")  # reading it would wait for a writer for ever
+    return ["predict", _s(z.seg), _s(w / "pipe.png"), "--out", _s(w / "o")], "not a regular file"
+
+
+@case("evaluate-picture-name-taken-by-folder")
+def _(z, w):
+    (w / "pics" / "cell_000_comparison.png").mkdir(parents=True)
+    argv = ["evaluate", _s(z.seg), "--data", _s(z.data), "--pictures", _s(w / "pics")]
+    return argv, "cell_000_comparison.png: is a folder"
+
+
+@case("lora-convert-dest-existing-text-file")
+def _(z, w):
+    (w / "notes.txt").write_text("keep me")
+    return ["lora-convert", _s(z.adapter), _s(w / "notes.txt"), "--to", "kohya"], "DEST"
+
+
+@case("block-two-inputs-same-stem")
+def _(z, w):
+    pytest.importorskip("zarr")  # block-wise predict writes OME-Zarr (zarr extra)
+    for sub in ("d1", "d2"):
+        B.grey_png(w / sub / "a.png", (32, 32))
+    argv = ["predict", _s(z.seg), _s(w / "d1" / "a.png"), _s(w / "d2" / "a.png")]
+    return [*argv, "--out", _s(w / "o"), "--block-size", "64"], "a.zarr"
 
 
 _OPEN: list[socket.socket] = []

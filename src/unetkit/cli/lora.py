@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from unetkit.cli import flags as F
-from unetkit.errors import CheckpointError, ConfigError, NonFiniteError
+from unetkit.errors import CheckpointError, ConfigError, NonFiniteError, OutputError
 from unetkit.finite import check_finite_tensors
 from unetkit.formats.checkpoint import load, read_metadata, save
 from unetkit.formats.loading import base_checkpoint, user_metadata
@@ -179,6 +179,11 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     output_file(args.dest, flag="DEST", inputs=[args.source, adapter_file(args.source)])
+    if Path(args.dest).is_file() and Path(args.dest).suffix != ".safetensors":
+        raise OutputError(  # a name without .safetensors becomes a diffusers LoRA folder
+            f"DEST {args.dest}: an existing file that is not .safetensors; name a "
+            ".safetensors file or a new folder"
+        )
     convert_adapter(args.source, args.dest, format=args.fmt)
     n = len(read_adapter(args.dest).modules)
     print(f"wrote {args.dest} ({args.fmt} layout, {n} modules)")

@@ -346,6 +346,12 @@ def to_float_image(
     elif np.issubdtype(arr.dtype, np.integer):
         out = arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
     elif np.issubdtype(arr.dtype, np.floating):
+        big = np.finfo(np.float32).max
+        if arr.dtype.itemsize > 4 and np.isfinite(arr).all() and np.abs(arr).max() > big:
+            raise DataError(
+                f"{name}: image values up to {np.abs(arr).max():.3g} exceed float32 "
+                f"(±{big:.3g}); rescale the image (e.g. divide by its maximum)"
+            )
         out = arr.astype(np.float32)
         bad = ~np.isfinite(out)
         if bad.any():

@@ -117,6 +117,18 @@ def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> list[
     return merge_labels(counts, areas, links, min_size=min_size)
 
 
+def _check_stems(files: list[Path]) -> None:
+    """DataError when two inputs would write the same ``<stem>.zarr``."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        other = seen.setdefault(_stem(f).lower(), f)
+        if other != f:
+            raise DataError(
+                f"{other} and {f}: both would write {_stem(f)}.zarr; rename one or predict "
+                "them into separate --out folders"
+            )
+
+
 def _prepare(
     checkpoint: str,
     path: Path,
@@ -272,6 +284,7 @@ def predict_blocks(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = block_inputs(inputs)
+    _check_stems(files)
     jobs = [_prepare(str(checkpoint), f, out, options, blocks, outputs, model, meta) for f in files]
     todo = [j for j in jobs if not (Path(j.out) / MARKERS / "complete.json").is_file()]
     grids = {j.out: block_grid(j.shape, blocks.block_size) for j in todo}

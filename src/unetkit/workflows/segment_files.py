@@ -114,6 +114,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *, volumes: bool = False)
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a FIFO, socket or device: reading it could block for ever
+            raise DataError(f"{p}: not a regular file or folder")
         else:
             raise DataError(f"{p}: no such file or folder")
     return files
