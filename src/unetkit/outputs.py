@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from unetkit.errors import OutputError
+from unetkit.errors import DataError, OutputError
 
 PathLike = str | os.PathLike
 
@@ -80,13 +80,20 @@ def _check_parent(path: Path, flag: str) -> None:
         raise OutputError(f"{flag} {path}: cannot write in {ancestor} (read-only or no permission)")
 
 
+def _resolve(path: Path, what: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise DataError(f"{what}{path}: cannot be resolved ({e})") from None
+
+
 def _check_not_input(path: Path, flag: str, inputs: Iterable[PathLike | None]) -> None:
-    target = path.resolve()
+    target = _resolve(path, f"{flag} ")
     for given in inputs:
         if given is None:
             continue
         source = Path(given)
-        same = source.resolve() == target
+        same = _resolve(source, "") == target
         if not same and path.exists() and source.exists():
             same = os.path.samefile(path, source)
         if same:

@@ -387,6 +387,34 @@ def _(z, w):
     return [*argv, "--out", _s(w / "o"), "--block-size", "64"], "a.zarr"
 
 
+# --- train data and config; a symlink loop as an input -----------------------------------
+@case("train-config-model-options-a-list")
+def _(z, w):
+    (w / "c.toml").write_text("model_options = [1, 2]\n")
+    argv = ["train", "--out", _s(w / "r"), "--config", _s(w / "c.toml")]
+    return [*argv, "--model-option", "channels=(4,8)"], "model_options"
+
+
+@case("train-images-with-other-channel-counts")
+def _(z, w):
+    import numpy as np
+    from PIL import Image
+
+    data = shutil.copytree(z.data, w / "data")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / "images" / "cell_000.png")
+    argv = ["train", "--data", _s(data), "--out", _s(w / "r"), "--epochs", "1"]
+    return [*argv, "--crop", "16", "--model-option", "channels=(4,8)"], "channel(s)"
+
+
+@case("predict-input-symlink-loop")
+def _(z, w):
+    import os
+
+    os.symlink(w / "b.png", w / "a.png")
+    os.symlink(w / "a.png", w / "b.png")
+    return ["predict", _s(z.seg), _s(w / "a.png"), "--out", _s(w / "o")], "a.png"
+
+
 _OPEN: list[socket.socket] = []
 
 

@@ -107,6 +107,11 @@ def recipe_from_args(args: argparse.Namespace) -> SegmentationRecipe:
     for name in VALUE_FLAGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if not isinstance(values.get("model_options", {}), dict):
+        raise ConfigError(
+            f"--config {args.config}: model_options = {values['model_options']!r}: expected a "
+            "table of model config overrides, e.g. [model_options] channels = [16, 32]"
+        )
     if args.model_option:
         values["model_options"] = {
             **values.get("model_options", {}),

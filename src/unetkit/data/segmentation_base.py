@@ -209,13 +209,21 @@ def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
 def validate_all(dataset: Any, root: Path, visit: Callable[[Any], None] | None = None) -> None:
     """Call ``dataset._load(i)`` for every file (``visit`` sees each result); one DataError
     lists every bad file."""
-    problems = []
+    problems, channels = [], None
     for index in range(_files(dataset)):
         try:
             loaded = dataset._load(index)
         except DataError as e:
             problems.append(str(e))
             continue
+        image = loaded[1] if isinstance(loaded, tuple) and len(loaded) > 1 else None
+        if isinstance(image, np.ndarray) and image.ndim >= 3:  # C×H×W: batches need one C
+            channels = image.shape[0] if channels is None else channels
+            if image.shape[0] != channels:
+                problems.append(
+                    f"{loaded[0]}: {image.shape[0]} channel(s), the images before it have "
+                    f"{channels}; convert it, or pick channels with --channels"
+                )
         if visit is not None:
             visit(loaded)
     if problems:
