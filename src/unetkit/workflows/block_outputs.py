@@ -4,8 +4,9 @@
 path (``workflows.segment_outputs.OutputOptions``):
 
 * the object table ``<stem>_objects.csv`` is always written: :func:`object_sums` runs on
-  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up, so the
-  table equals ``object_table`` on the whole label image without holding it;
+  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up and hands
+  rows on as they complete, so the table equals ``object_table`` on the whole label image
+  without holding it (nor the whole table);
 * ``save_probabilities``: a ``probabilities`` pyramid inside the store;
 * ``geojson`` / ``imagej_rois``: ``<stem>.geojson`` / ``<stem>_RoiSet.zip``, traced from
   the whole label image, so only for images up to :data:`EXPORT_PIXELS` (refused before
@@ -19,6 +20,7 @@ rescaled (the whole-image path resamples it; block-wise predict does not).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,60 +149,112 @@ def object_sums(
 
 class ObjectTable:
     """The object table of a whole image, added up from its blocks' :func:`object_sums`
-    (one block at a time: the client never holds more than one block's sums).
+    in the blocks' order and handed on in rows as soon as no later block adds to them:
+    it holds the rows from the lowest object still open (one crossing into a later
+    block) on, about a row of blocks' objects, never the whole table.
 
     Args:
-        count: the largest final object id.
         channels: image channels (one ``mean_intensity_<c>`` column each).
+        pixel_size: µm per pixel, for the µm columns (None: none).
+
+    Example:
+        >>> table = ObjectTable(1, None)
+        >>> rows = table.add(object_sums(local, lut, image, block), 0)  # doctest: +SKIP
     """
 
-    def __init__(self, count: int, channels: int) -> None:
-        self.area = np.zeros(count + 1, np.int64)
-        self.sums = np.zeros((2 + channels, count + 1))
+    def __init__(self, channels: int, pixel_size: PixelSize | None) -> None:
+        self.spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
+        self.base = 1  # the final id of the first row held
+        self.count = 0  # the largest final id added
+        self.area = np.zeros(0, np.int64)
+        self.sums = np.zeros((2 + channels, 0))
 
-    def add(self, part: dict[str, np.ndarray]) -> None:
-        """Add one block's sums (ids may repeat: one object entering a block twice)."""
-        ids = part["ids"]
-        np.add.at(self.area, ids, part["area"])
-        for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
-            np.add.at(self.sums[row], ids, values)
+    def add(self, part: dict[str, np.ndarray] | None, open_id: int) -> dict[str, np.ndarray]:
+        """Add one block's sums (ids may repeat: one object entering a block twice) and
+        return the rows now complete: ``object_table``'s columns for the objects with ids
+        below ``open_id`` (all, when it is 0), the ones that have pixels.
 
-    def columns(self, pixel_size: PixelSize | None) -> dict[str, np.ndarray]:
-        """``object_table``'s columns (objects 1..count that have pixels)."""
-        keep = np.flatnonzero(self.area[1:]) + 1
-        means = self.sums[:, keep] / self.area[keep]
+        Args:
+            part: a block's :func:`object_sums` (None: nothing to add).
+            open_id: the smallest final id a later block still adds to (0: none).
+        """
+        if part is not None:
+            ids = np.asarray(part["ids"])
+            nonzero = ids > 0  # 0: background and dropped objects
+            index = ids[nonzero] - self.base
+            if index.size and index.min() < 0:
+                raise ValueError(f"object ids {ids[nonzero].min()}..: rows already handed on")
+            self._reserve(int(index.max(initial=-1)) + 1)
+            self.count = max(self.count, int(ids.max(initial=0)))
+            np.add.at(self.area, index, part["area"][nonzero])
+            for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
+                np.add.at(self.sums[row], index, values[nonzero])
+        done = self.count + 1 - self.base if open_id == 0 else open_id - self.base
+        return self._hand_on(max(done, 0))
+
+    def _reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows from ``base`` (doubling, so that growing stays linear)."""
+        if rows > self.area.size:
+            size = max(rows, 2 * self.area.size)
+            self.area = np.pad(self.area, (0, size - self.area.size))
+            self.sums = np.pad(self.sums, ((0, 0), (0, size - self.sums.shape[1])))
+
+    def _hand_on(self, n: int) -> dict[str, np.ndarray]:
+        """``object_table``'s columns of the first ``n`` rows held, which are then let go."""
+        area, sums = self.area[:n], self.sums[:, :n]
+        keep = np.flatnonzero(area)
+        means = sums[:, keep] / area[keep]
         values = {"centroid_y": means[0], "centroid_x": means[1]}
         values.update({f"mean_intensity_{c}": m for c, m in enumerate(means[2:])})
-        spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
-        return object_columns(keep, self.area[keep], values, pixel_size=spacing)
+        columns = object_columns(keep + self.base, area[keep], values, pixel_size=self.spacing)
+        self.area, self.sums = self.area[n:].copy(), self.sums[:, n:].copy()
+        self.base += n
+        return columns
 
 
-def write_columns_csv(path: Path, columns: dict[str, np.ndarray], rows: int = 65536) -> None:
+def write_columns_csv(
+    path: Path, parts: Iterable[dict[str, np.ndarray]], rows: int = 65536
+) -> None:
     """A table as ``write_object_table_csv`` writes it (ints as ints, floats as Python
-    prints them), atomically, ``rows`` lines at a time: millions of objects stay fast."""
-    n = len(next(iter(columns.values()))) if columns else 0
+    prints them), atomically, from its parts (the same columns each, the first gives the
+    header), ``rows`` lines at a time: millions of objects stay fast and small."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(columns) + "\n")
-        for start in range(0, n, rows):
-            parts = [
-                map(str, col[start : start + rows].tolist())  # str(float) == repr(float)
-                for col in columns.values()
-            ]
-            f.writelines(",".join(line) + "\n" for line in zip(*parts, strict=True))
+        for k, columns in enumerate(parts):
+            if k == 0:
+                f.write(",".join(columns) + "\n")
+            n = len(next(iter(columns.values()))) if columns else 0
+            for start in range(0, n, rows):
+                lines = [
+                    map(str, col[start : start + rows].tolist())  # str(float) == repr(float)
+                    for col in columns.values()
+                ]
+                f.writelines(",".join(line) + "\n" for line in zip(*lines, strict=True))
 
 
 def write_tables(
     store: Path,
     files: dict[str, Path],
-    columns: dict[str, np.ndarray],
+    parts: Iterable[dict[str, np.ndarray]],
     outputs: OutputOptions,
 ) -> None:
-    """The object table, and the exports asked for (traced from the store's labels)."""
-    write_columns_csv(files["table"], columns)
-    if not (outputs.geojson or outputs.imagej_rois):
+    """The object table from its parts (e.g. :meth:`ObjectTable.add`'s), and the exports
+    asked for (traced from the store's labels; they keep the whole table, and only
+    images up to :data:`EXPORT_PIXELS` are traced)."""
+    exports = outputs.geojson or outputs.imagej_rois
+    kept: list[dict[str, np.ndarray]] = []
+
+    def written() -> Iterator[dict[str, np.ndarray]]:
+        for part in parts:
+            if exports:
+                kept.append(part)
+            yield part
+
+    write_columns_csv(files["table"], written())
+    if not exports:
         return
     instances = np.asarray(ome_zarr.open_prediction(store)["instances"][0][:])
     if outputs.geojson:
+        columns = {name: np.concatenate([p[name] for p in kept]) for name in kept[0]}
         names, values = list(columns), zip(*columns.values(), strict=True)
         rows = [dict(zip(names, row, strict=True)) for row in values]
         write_geojson(files["geojson"], instances, rows, object_type=outputs.object_type)

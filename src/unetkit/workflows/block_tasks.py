@@ -44,6 +44,7 @@ __all__ = [
     "SIDES",
     "Job",
     "finish_block",
+    "lut_file",
     "marker",
     "predict_block",
     "pyramid_chunk",
@@ -100,6 +101,12 @@ def marker(job: Job, kind: str, block: Block) -> Path:
     return Path(job.out) / MARKERS / f"{kind}_{block.row}_{block.col}.npz"
 
 
+def lut_file(job: Job, block: Block) -> Path:
+    """Where the stitching leaves a block's look-up table local id -> final id (``.npy``)
+    for pass 2: tasks read their own, the client never sends every block's."""
+    return Path(job.out) / MARKERS / f"lut_{block.row}_{block.col}.npy"
+
+
 def predict_block(job: Job, block: Block) -> str:
     """Pass 1: probabilities, class mask, local instance labels and border data of a block."""
     done = marker(job, "block", block)
@@ -150,12 +157,14 @@ SIDES = {
 }
 
 
-def finish_block(job: Job, block: Block, lut: np.ndarray, boundary: bool) -> str:
-    """Pass 2: local ids -> final ids (and, for watershed targets, the mask of kept
-    objects); the block's sums for the object table go into its marker."""
+def finish_block(job: Job, block: Block, boundary: bool) -> str:
+    """Pass 2: local ids -> final ids (the look-up table the stitching left next to the
+    markers; and, for watershed targets, the mask of kept objects); the block's sums for
+    the object table go into its marker."""
     done = marker(job, "final", block)
     if done.is_file():
         return str(done)
+    lut = np.load(lut_file(job, block))
     arrays = ome_zarr.open_prediction(job.out)
     local = np.asarray(scratch(job, "r")[block.slices])
     final = lut[local]
