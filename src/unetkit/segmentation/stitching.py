@@ -107,7 +107,7 @@ def stream_luts(
     links: Sequence[tuple[int, int, np.ndarray]],
     *,
     min_size: int = 0,
-) -> Iterator[tuple[np.ndarray, int]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """:func:`merge_labels` block by block, holding only the linked labels (those on block
     borders) and one block's labels at a time, never every label of the image.
 
@@ -124,7 +124,8 @@ def stream_luts(
 
     Yields:
         per block in order: (look-up table local id -> final id, uint32 of length n + 1;
-        the smallest final id that a later block still adds pixels to, 0 when none).
+        the final ids, ascending, of the linked objects whose first label is in this
+        block: the objects that other blocks add pixels to).
     """
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     ends = [(offsets[i] + p[:, 0] - 1, offsets[j] + p[:, 1] - 1) for i, j, p in links if len(p)]
@@ -144,14 +145,9 @@ def stream_luts(
         np.add.at(size, comp[lo:hi], np.asarray(areas(i), np.int64)[nodes[lo:hi] - offsets[i] + 1])
     first = np.full(n_comp, offsets[-1], np.int64)
     np.minimum.at(first, comp, nodes)
-    last_block = np.zeros(n_comp, np.int64)
-    np.maximum.at(last_block, comp, block_of)
     smallest = max(min_size, 1)
     kept = size >= smallest
     final = np.zeros(n_comp, np.uint32)  # a component's id, once its first label has one
-    # kept components by first label = by final id: the open one with the lowest id
-    by_first = np.flatnonzero(kept)[np.argsort(first[kept], kind="stable")]
-    first_block = np.searchsorted(offsets, first[by_first], side="right") - 1
     next_id = 1
     for i, n in enumerate(counts):
         linked, c = nodes[starts[i] : starts[i + 1]] - offsets[i], comp[starts[i] : starts[i + 1]]
@@ -163,11 +159,10 @@ def stream_luts(
         lut = np.zeros(n + 1, np.uint32)
         lut[new + 1] = np.arange(next_id, next_id + len(new), dtype=np.uint32)
         next_id += len(new)
-        final[c[is_first[linked]]] = lut[linked[is_first[linked]] + 1]
-        later = ~is_first[linked]  # the component's first label came earlier: its id is set
-        lut[linked[later] + 1] = final[c[later]]
-        open_now = by_first[(first_block <= i) & (last_block[by_first] > i)]
-        yield lut, int(final[open_now[0]]) if len(open_now) else 0
+        starting = is_first[linked]
+        final[c[starting]] = lut[linked[starting] + 1]
+        lut[linked[~starting] + 1] = final[c[~starting]]  # first label earlier: id set
+        yield lut, lut[linked[starting & kept[c]] + 1]
 
 
 def label_classes(classes: np.ndarray) -> np.ndarray:

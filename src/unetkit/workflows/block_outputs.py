@@ -4,9 +4,9 @@
 path (``workflows.segment_outputs.OutputOptions``):
 
 * the object table ``<stem>_objects.csv`` is always written: :func:`object_sums` runs on
-  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up and hands
-  rows on as they complete, so the table equals ``object_table`` on the whole label image
-  without holding it (nor the whole table);
+  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up in two
+  passes, so the table equals ``object_table`` on the whole label image without holding
+  it (nor the whole table);
 * ``save_probabilities``: a ``probabilities`` pyramid inside the store;
 * ``geojson`` / ``imagej_rois``: ``<stem>.geojson`` / ``<stem>_RoiSet.zip``, traced from
   the whole label image, so only for images up to :data:`EXPORT_PIXELS` (refused before
@@ -148,68 +148,65 @@ def object_sums(
 
 
 class ObjectTable:
-    """The object table of a whole image, added up from its blocks' :func:`object_sums`
-    in the blocks' order and handed on in rows as soon as no later block adds to them:
-    it holds the rows from the lowest object still open (one crossing into a later
-    block) on, about a row of blocks' objects, never the whole table.
+    """The object table of a whole image from its blocks' :func:`object_sums`, in two
+    passes over the blocks in order: :meth:`add_spanning` sums the objects that span
+    blocks, then :meth:`rows` gives each block's new rows (final ids follow the blocks'
+    order). It holds the spanning objects and one block's rows, never the whole table.
 
     Args:
         channels: image channels (one ``mean_intensity_<c>`` column each).
+        spanning: the final ids of the objects that span blocks, ascending.
         pixel_size: µm per pixel, for the µm columns (None: none).
 
     Example:
-        >>> table = ObjectTable(1, None)
-        >>> rows = table.add(object_sums(local, lut, image, block), 0)  # doctest: +SKIP
+        >>> table = ObjectTable(1, spanning, None)  # doctest: +SKIP
+        >>> for part in parts: table.add_spanning(part)
+        >>> columns = [table.rows(part) for part in parts]
     """
 
-    def __init__(self, channels: int, pixel_size: PixelSize | None) -> None:
+    def __init__(self, channels: int, spanning: np.ndarray, pixel_size: PixelSize | None) -> None:
+        self.spanning = np.asarray(spanning, np.int64)
         self.spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
-        self.base = 1  # the final id of the first row held
-        self.count = 0  # the largest final id added
-        self.area = np.zeros(0, np.int64)
-        self.sums = np.zeros((2 + channels, 0))
+        self.count = 0  # the largest final id handed on
+        self.area = np.zeros(len(self.spanning), np.int64)
+        self.sums = np.zeros((2 + channels, len(self.spanning)))
 
-    def add(self, part: dict[str, np.ndarray] | None, open_id: int) -> dict[str, np.ndarray]:
-        """Add one block's sums (ids may repeat: one object entering a block twice) and
-        return the rows now complete: ``object_table``'s columns for the objects with ids
-        below ``open_id`` (all, when it is 0), the ones that have pixels.
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``ids`` are in ``spanning``, and which of them are there."""
+        at = np.searchsorted(self.spanning, ids)
+        hit = at < len(self.spanning)
+        hit[hit] = self.spanning[at[hit]] == ids[hit]
+        return at, hit
 
-        Args:
-            part: a block's :func:`object_sums` (None: nothing to add).
-            open_id: the smallest final id a later block still adds to (0: none).
-        """
-        if part is not None:
-            ids = np.asarray(part["ids"])
-            nonzero = ids > 0  # 0: background and dropped objects
-            index = ids[nonzero] - self.base
-            if index.size and index.min() < 0:
-                raise ValueError(f"object ids {ids[nonzero].min()}..: rows already handed on")
-            self._reserve(int(index.max(initial=-1)) + 1)
-            self.count = max(self.count, int(ids.max(initial=0)))
-            np.add.at(self.area, index, part["area"][nonzero])
-            for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
-                np.add.at(self.sums[row], index, values[nonzero])
-        done = self.count + 1 - self.base if open_id == 0 else open_id - self.base
-        return self._hand_on(max(done, 0))
+    def add_spanning(self, part: dict[str, np.ndarray]) -> None:
+        """Pass 1: add a block's sums of the spanning objects (in the blocks' order: the
+        sums are those of one pass over every block)."""
+        at, hit = self._find(np.asarray(part["ids"]))
+        np.add.at(self.area, at[hit], part["area"][hit])
+        for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
+            np.add.at(self.sums[row], at[hit], values[hit])
 
-    def _reserve(self, rows: int) -> None:
-        """Room for ``rows`` rows from ``base`` (doubling, so that growing stays linear)."""
-        if rows > self.area.size:
-            size = max(rows, 2 * self.area.size)
-            self.area = np.pad(self.area, (0, size - self.area.size))
-            self.sums = np.pad(self.sums, ((0, 0), (0, size - self.sums.shape[1])))
-
-    def _hand_on(self, n: int) -> dict[str, np.ndarray]:
-        """``object_table``'s columns of the first ``n`` rows held, which are then let go."""
-        area, sums = self.area[:n], self.sums[:, :n]
+    def rows(self, part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pass 2: ``object_table``'s columns for the objects whose first pixels are in
+        this block (ids above those of earlier blocks), the ones that have pixels."""
+        ids = np.asarray(part["ids"])
+        top = max(self.count, int(ids.max(initial=0)))
+        base, n = self.count + 1, top - self.count
+        area, sums = np.zeros(n, np.int64), np.zeros((self.sums.shape[0], n))
+        at, hit = self._find(ids)
+        alone = (ids >= base) & ~hit  # an object of this block only: one local label
+        area[ids[alone] - base] = part["area"][alone]
+        for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
+            sums[row, ids[alone] - base] = values[alone]
+        lo, hi = np.searchsorted(self.spanning, [base, top + 1])
+        area[self.spanning[lo:hi] - base] = self.area[lo:hi]
+        sums[:, self.spanning[lo:hi] - base] = self.sums[:, lo:hi]
+        self.count = top
         keep = np.flatnonzero(area)
         means = sums[:, keep] / area[keep]
         values = {"centroid_y": means[0], "centroid_x": means[1]}
         values.update({f"mean_intensity_{c}": m for c, m in enumerate(means[2:])})
-        columns = object_columns(keep + self.base, area[keep], values, pixel_size=self.spacing)
-        self.area, self.sums = self.area[n:].copy(), self.sums[:, n:].copy()
-        self.base += n
-        return columns
+        return object_columns(keep + base, area[keep], values, pixel_size=self.spacing)
 
 
 def write_columns_csv(
@@ -237,7 +234,7 @@ def write_tables(
     parts: Iterable[dict[str, np.ndarray]],
     outputs: OutputOptions,
 ) -> None:
-    """The object table from its parts (e.g. :meth:`ObjectTable.add`'s), and the exports
+    """The object table from its parts (e.g. :meth:`ObjectTable.rows`'), and the exports
     asked for (traced from the store's labels; they keep the whole table, and only
     images up to :data:`EXPORT_PIXELS` are traced)."""
     exports = outputs.geojson or outputs.imagej_rois

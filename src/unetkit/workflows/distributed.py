@@ -89,11 +89,11 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> list[int]:
+def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> np.ndarray:
     """Per block, the look-up table local id -> final id, from the pass-1 markers, written
     next to them for pass 2 (:func:`stitching.stream_luts`: one block's labels in memory at
-    a time, plus the labels on block borders). Returns, per block, the smallest final id
-    a later block still adds pixels to (0: none), for the object table."""
+    a time, plus the labels on block borders). Returns the final ids of the objects that
+    span blocks (ascending), for the object table."""
     counts = []
     for b in grid:
         with np.load(marker(job, "block", b)) as part:  # reads this one member only
@@ -105,15 +105,14 @@ def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> list[
         return np.pad(found, (0, max(0, counts[i] + 1 - len(found))))
 
     links = list(_links(job, grid, boundary))
-    opens = []
-    for b, (lut, open_id) in zip(
-        grid, stream_luts(counts, areas, links, min_size=min_size), strict=True
-    ):
+    spanning = [np.zeros(0, np.uint32)]
+    merged = stream_luts(counts, areas, links, min_size=min_size)
+    for b, (lut, starting) in zip(grid, merged, strict=True):
         buf = io.BytesIO()
         np.save(buf, lut)
         atomic_write_bytes(lut_file(job, b), buf.getvalue())
-        opens.append(open_id)
-    return opens
+        spanning.append(starting)
+    return np.concatenate(spanning)
 
 
 def _links(job: Job, grid: list[Block], boundary: bool) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -305,7 +304,7 @@ def predict_blocks(
         client, predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress
     )
     boundary = meta.get("target", "semantic") == "boundary"
-    opens = {
+    spanning = {
         j.out: _stitch(j, grids[j.out], boundary, min_object_size(meta, 2, options.min_size))
         for j in todo
     }
@@ -313,7 +312,7 @@ def predict_blocks(
     run_tasks(client, finish_block, finals, "stitch", progress)
     _pyramids(todo, client, progress)
     for j in todo:
-        count = _write_tables(j, grids[j.out], opens[j.out], outputs)
+        count = _write_tables(j, grids[j.out], spanning[j.out], outputs)
         summary = {"objects": count, "blocks": len(grids[j.out])}
         atomic_write_text(Path(j.out) / MARKERS / "complete.json", json.dumps(summary))
         # the local labels go only once the image is complete: a resumed run needs them
@@ -341,18 +340,22 @@ def _pyramids(todo: list[Job], client: Any, progress: Progress | None) -> None:
         run_tasks(client, pyramid_chunk, tasks, f"pyramid level {level}", progress)
 
 
-def _write_tables(job: Job, grid: list[Block], opens: list[int], outputs: OutputOptions) -> int:
-    """The object table (from the blocks' pass-2 sums, handed on as soon as no later block
-    adds to a row) and the exports of one image; returns its number of objects."""
+def _write_tables(job: Job, grid: list[Block], spanning: np.ndarray, outputs: OutputOptions) -> int:
+    """The object table and the exports of one image, from the blocks' pass-2 sums in two
+    passes (the objects that span blocks summed first, then the rows block by block);
+    returns its number of objects."""
     source = open_source(job.source, job.blocks.level, job.options.channels)
     channels = source.pixels(slice(0, 1), slice(0, 1)).shape[0]
-    table = block_outputs.ObjectTable(channels, block_outputs.input_pixel_size(source, job.options))
+    size = block_outputs.input_pixel_size(source, job.options)
+    table = block_outputs.ObjectTable(channels, spanning, size)
+    for b in grid:
+        with np.load(marker(job, "final", b)) as part:
+            table.add_spanning(dict(part))
 
     def rows() -> Iterator[dict[str, np.ndarray]]:
-        for b, open_id in zip(grid, opens, strict=True):
+        for b in grid:
             with np.load(marker(job, "final", b)) as part:
-                yield table.add(dict(part), open_id)
-        yield table.add(None, 0)
+                yield table.rows(dict(part))
 
     out = Path(job.out)
     files = block_outputs.output_files(out.parent, out.name[: -len(".zarr")])
