@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
@@ -23,11 +24,18 @@ writer = pytest.importorskip("ome_zarr.writer")
 
 import unetkit  # noqa: E402
 from unetkit.data.synthetic import synth_cells  # noqa: E402
+from unetkit.data.tiff import PixelSize  # noqa: E402
 from unetkit.inference import TileOptions  # noqa: E402
-from unetkit.segmentation.stitching import stream_luts  # noqa: E402
+from unetkit.segmentation.postprocess import object_table  # noqa: E402
+from unetkit.segmentation.stitching import (  # noqa: E402
+    core_labels,
+    face_pairs,
+    label_classes,
+    stream_luts,
+)
 from unetkit.workflows import block_sources  # noqa: E402
-from unetkit.workflows.block_outputs import ObjectTable  # noqa: E402
-from unetkit.workflows.blocks import BlockOptions  # noqa: E402
+from unetkit.workflows.block_outputs import ObjectTable, object_sums  # noqa: E402
+from unetkit.workflows.blocks import BlockOptions, block_grid  # noqa: E402
 from unetkit.workflows.distributed import predict_blocks  # noqa: E402
 from unetkit.workflows.segment import InferenceOptions  # noqa: E402
 
@@ -106,6 +114,53 @@ def test_global_passes_hold_one_block_of_labels(stage) -> None:
     assert done_large > 15 * done_small  # 16x the blocks: it saw 16x the objects
     # one graph or table of all labels would need ~16x (64 vs 4 blocks of 4000 labels)
     assert large < 1.5 * small, f"peak {large / 2**20:.2f} MiB vs {small / 2**20:.2f} MiB"
+
+
+def test_two_pass_table_equals_object_table_of_the_whole_labels() -> None:
+    """Blocks labelled, stitched and summed as the workflow does; the table's rows, handed
+    on block by block, equal ``object_table`` of the assembled labels bit for bit."""
+    rng = np.random.default_rng(5)
+    smooth = ndimage.gaussian_filter(rng.random((150, 170)), 2.5)
+    classes = (smooth > np.quantile(smooth, 0.55)).astype(np.uint8)
+    image = rng.random((2, 150, 170))
+    grid = block_grid(classes.shape, 40)
+    index = {(b.row, b.col): i for i, b in enumerate(grid)}
+    local = [core_labels(label_classes(classes[b.slices]), np.s_[:, :])[0] for b in grid]
+    links = []
+    for i, b in enumerate(grid):
+        for j, edge, face in (
+            (index.get((b.row + 1, b.col)), np.s_[-1, :], np.s_[0, :]),
+            (index.get((b.row, b.col + 1)), np.s_[:, -1], np.s_[:, 0]),
+        ):
+            if j is not None:
+                pairs = face_pairs(
+                    local[i][edge],
+                    local[j][face],
+                    classes[b.slices][edge],
+                    classes[grid[j].slices][face],
+                )
+                links.append((i, j, pairs))
+    counts = [int(lab.max()) for lab in local]
+    areas = [np.bincount(lab.ravel(), minlength=int(lab.max()) + 1) for lab in local]
+    merged = list(stream_luts(counts, areas.__getitem__, links, min_size=3))
+    parts = [
+        object_sums(lab, lut, image[:, b.y0 : b.y1, b.x0 : b.x1], b)
+        for lab, (lut, _), b in zip(local, merged, grid, strict=True)
+    ]
+    whole = np.zeros(classes.shape, np.uint32)
+    for lab, (lut, _), b in zip(local, merged, grid, strict=True):
+        whole[b.slices] = lut[lab]
+    spanning = np.concatenate([s for _, s in merged])
+    assert len(spanning) >= 5  # objects cross borders
+    table = ObjectTable(2, spanning, PixelSize(0.5, 0.25))
+    for part in parts:
+        table.add_spanning(part)
+    got = [table.rows(part) for part in parts]
+    columns = {k: np.concatenate([g[k] for g in got]) for k in got[0]}
+    want = object_table(whole, image, pixel_size=(0.5, 0.25))
+    assert list(columns) == list(want[0]) and table.count == len(want) == whole.max()
+    for key in columns:
+        assert columns[key].tolist() == [row[key] for row in want], key
 
 
 # --- the whole single-process path, with a model -----------------------------------------
