@@ -17,8 +17,9 @@ Cases, each in a fresh process so that its peak memory is its own:
 * ``local:N`` — a ``distributed.LocalCluster`` with N worker processes, 1 thread each.
 
 Peak memory: the process's peak resident set (``VmHWM``, else ``ru_maxrss``); for Dask,
-each worker process's own peak, read on the worker after the run. CPU: user + system seconds of the
-process (the client, which also runs the scheduler and the stitching) and of each worker.
+each worker process's own peak, read on the worker after the run. CPU: user + system
+seconds of the process (the client, which also runs the scheduler and the stitching) and
+of each worker.
 Torch runs on one thread per worker (and per single-process case), so ``local:2`` vs
 ``local:1`` measures scaling; the clock starts once the workers are up (unetkit imported
 on them, as ``dask_client`` preloads it). ``--repeat N`` runs the cases N times,
