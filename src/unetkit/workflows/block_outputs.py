@@ -160,8 +160,9 @@ class ObjectTable:
 
     Example:
         >>> table = ObjectTable(1, spanning, None)  # doctest: +SKIP
-        >>> for part in parts: table.add_spanning(part)
-        >>> columns = [table.rows(part) for part in parts]
+        >>> for part in parts:  # the blocks' object_sums, in order  # doctest: +SKIP
+        ...     table.add_spanning(part)
+        >>> columns = [table.rows(part) for part in parts]  # doctest: +SKIP
     """
 
     def __init__(self, channels: int, spanning: np.ndarray, pixel_size: PixelSize | None) -> None:
@@ -234,7 +235,7 @@ def write_tables(
     parts: Iterable[dict[str, np.ndarray]],
     outputs: OutputOptions,
 ) -> None:
-    """The object table from its parts (e.g. :meth:`ObjectTable.rows`'), and the exports
+    """The object table from its parts (e.g. from :meth:`ObjectTable.rows`), and the exports
     asked for (traced from the store's labels; they keep the whole table, and only
     images up to :data:`EXPORT_PIXELS` are traced)."""
     exports = outputs.geojson or outputs.imagej_rois
