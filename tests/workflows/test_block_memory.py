@@ -4,7 +4,8 @@ Measured with ``tracemalloc`` (numpy reports its arrays to it; torch's own buffe
 block-sized and not counted): the peak of what is allocated while a stage runs, at two
 image sizes with the same blocks. A stage that holds something of the whole image (every
 block's normalisation sample, every label of the image in one graph, the whole object
-table) needs several times more at 16x the pixels; a block-wise one needs the same.
+table) needs several times more at 7x the pixels; a block-wise one needs about the same
+(what grows is the graph of the labels on block borders: ~0.2 MiB at 64 blocks here).
 No wall clock: the numbers are bytes, the same on any machine."""
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from unetkit.workflows.blocks import BlockOptions, block_grid  # noqa: E402
 from unetkit.workflows.distributed import predict_blocks  # noqa: E402
 from unetkit.workflows.segment import InferenceOptions  # noqa: E402
 
-SMALL, LARGE, BLOCK = 256, 1024, 128  # 4 and 64 blocks
+SMALL, LARGE, BLOCK = 384, 1024, 128  # 9 and 64 blocks: both have blocks inside
 OPTIONS = InferenceOptions(TileOptions(tile=64, batch_size=4), precision="fp32", min_size=4)
 
 
@@ -118,7 +119,7 @@ def test_global_passes_hold_one_block_of_labels(stage) -> None:
 
 def test_two_pass_table_equals_object_table_of_the_whole_labels() -> None:
     """Blocks labelled, stitched and summed as the workflow does; the table's rows, handed
-    on block by block, equal ``object_table`` of the assembled labels bit for bit."""
+    on block by block, equal ``object_table`` of the assembled labels."""
     rng = np.random.default_rng(5)
     smooth = ndimage.gaussian_filter(rng.random((150, 170)), 2.5)
     classes = (smooth > np.quantile(smooth, 0.55)).astype(np.uint8)
@@ -159,8 +160,10 @@ def test_two_pass_table_equals_object_table_of_the_whole_labels() -> None:
     columns = {k: np.concatenate([g[k] for g in got]) for k in got[0]}
     want = object_table(whole, image, pixel_size=(0.5, 0.25))
     assert list(columns) == list(want[0]) and table.count == len(want) == whole.max()
-    for key in columns:
-        assert columns[key].tolist() == [row[key] for row in want], key
+    for key in ("label", "area"):
+        assert columns[key].tolist() == [row[key] for row in want]
+    for key in columns:  # sums in another order than the whole image's: the last bit
+        np.testing.assert_allclose(columns[key], [row[key] for row in want], rtol=1e-12)
 
 
 # --- the whole single-process path, with a model -----------------------------------------
@@ -199,8 +202,9 @@ def test_single_process_peak_does_not_grow_with_the_image(inputs: dict, monkeypa
         large, rows_large = _peak(lambda: run(LARGE, "large"))
     finally:
         torch.set_num_threads(threads)
-    assert rows_large[0]["blocks"] == 16 * rows_small[0]["blocks"] == 64
+    assert (rows_small[0]["blocks"], rows_large[0]["blocks"]) == (9, 64)
     assert rows_large[0]["objects"] > 4 * rows_small[0]["objects"] > 0
-    # the whole 1024² image as float32 is 4 MiB; one block's working set is far less
-    assert large < 1.3 * small, f"peak {large / 2**20:.2f} MiB vs {small / 2**20:.2f} MiB"
+    # measured: 1.05 vs 1.22 MiB; before the fix 2.2 vs 14.5 MiB (every block's float32
+    # pixels kept by the normalisation sample, every label in one graph, the whole table)
+    assert large < 1.6 * small, f"peak {large / 2**20:.2f} MiB vs {small / 2**20:.2f} MiB"
     assert Path(rows_large[0]["output"]).is_dir()
