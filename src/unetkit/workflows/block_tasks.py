@@ -3,7 +3,8 @@
 A :class:`Job` holds everything a worker needs for one image (small, picklable: the
 checkpoint travels as a path, loaded once per worker process). Pass 1
 (:func:`predict_block`): probabilities, class mask and local labels of a block plus its
-border data; pass 2 (:func:`finish_block`): final ids and the block's object-table sums;
+border data; pass 2 (:func:`finish_block`): final ids (from the look-up table the
+stitching left in :func:`lut_file`) and the block's object-table sums;
 pass 3 (:func:`pyramid_chunk`): one chunk of a coarser level. Each block writes only its
 own chunks (blocks are chunks), so no task needs a lock; each leaves a marker in
 ``<out>.zarr/.unetkit/`` that a resumed run skips.
