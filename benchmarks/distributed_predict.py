@@ -16,9 +16,10 @@ Cases, each in a fresh process so that its peak memory is its own:
   ``--cluster``);
 * ``local:N`` — a ``distributed.LocalCluster`` with N worker processes, 1 thread each.
 
-Peak memory: the process's peak resident set (``ru_maxrss``); for Dask, each worker
-process's own peak, read on the worker after the run. CPU: user + system seconds of the
-process (the client, which also runs the scheduler and the stitching) and of each worker.
+Peak memory: the process's peak resident set (``VmHWM``, else ``ru_maxrss``); for Dask,
+each worker process's own peak, read on the worker after the run. CPU: user + system
+seconds of the process (the client, which also runs the scheduler and the stitching) and
+of each worker.
 Torch runs on one thread per worker (and per single-process case), so ``local:2`` vs
 ``local:1`` measures scaling; the clock starts once the workers are up (unetkit imported
 on them, as ``dask_client`` preloads it). ``--repeat N`` runs the cases N times,
@@ -47,6 +48,15 @@ import numpy as np
 
 
 def _peak_mib() -> float:
+    """This process's peak resident memory: ``VmHWM`` (``ru_maxrss`` can carry the peak of
+    the parent that started the process, e.g. the one that generated the image)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

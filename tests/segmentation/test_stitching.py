@@ -12,6 +12,7 @@ from unetkit.segmentation.stitching import (
     label_classes,
     merge_labels,
     overlap_pairs,
+    stream_luts,
 )
 
 
@@ -91,3 +92,66 @@ def test_overlap_matching_keeps_touching_cells_apart() -> None:
     b[:] = 0
     b[:, 4] = 5
     assert len(overlap_pairs(a, b)) == 0
+
+
+def _all_labels_at_once(counts, areas, links, min_size):
+    """The reference: one graph over every label of every block (``merge_labels`` as it
+    was before it streamed), components by scipy, numbered by their first label."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(offsets[-1])
+    r = np.concatenate([offsets[i] + p[:, 0] - 1 for i, _, p in links] + [np.zeros(0, int)])
+    c = np.concatenate([offsets[j] + p[:, 1] - 1 for _, j, p in links] + [np.zeros(0, int)])
+    graph = sparse.coo_matrix((np.ones(len(r)), (r, c)), shape=(total, total))
+    _, component = connected_components(graph, directed=False)
+    area = np.concatenate([a[1:] for a in areas]).astype(np.float64)
+    size = np.bincount(component, weights=area)
+    keep = size >= max(min_size, 1)
+    first = np.full(len(size), total)
+    np.minimum.at(first, component, np.arange(total))
+    order = np.argsort(np.where(keep, first, total + np.arange(len(size))), kind="stable")
+    final = np.zeros(len(size), np.uint32)
+    final[order[: keep.sum()]] = np.arange(1, keep.sum() + 1)
+    return [
+        np.concatenate([[0], final[component[offsets[i] : offsets[i + 1]]]]).astype(np.uint32)
+        for i in range(len(counts))
+    ]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_streamed_tables_equal_one_graph_of_all_labels(seed: int) -> None:
+    """``stream_luts`` (holding only the linked labels) numbers every label as one graph
+    of all labels does, and names the objects that span blocks where they start."""
+    rng = np.random.default_rng(seed)
+    counts = [int(n) for n in rng.integers(0, 40, rng.integers(2, 12))]
+    areas = [np.concatenate([[0], rng.integers(1, 30, n)]) for n in counts]
+    links = []
+    for _ in range(rng.integers(0, 30)):
+        i, j = sorted(rng.choice(len(counts), 2, replace=False))
+        if counts[i] and counts[j]:
+            k = rng.integers(1, 4)
+            pairs = np.stack([rng.integers(1, counts[i] + 1, k), rng.integers(1, counts[j] + 1, k)])
+            links.append((int(i), int(j), pairs.T.astype(np.int64)))
+    min_size = int(rng.integers(0, 40))
+    calls: list[int] = []
+
+    def area_of(i: int) -> np.ndarray:
+        calls.append(i)
+        return areas[i]
+
+    streamed = list(stream_luts(counts, area_of, links, min_size=min_size))
+    expected = _all_labels_at_once(counts, areas, links, min_size)
+    for (lut, _), want in zip(streamed, expected, strict=True):
+        np.testing.assert_array_equal(lut, want)
+    assert max(np.bincount(calls, minlength=len(counts))) <= 2  # each block read twice at most
+    # the spanning objects: final ids given to more than one label, at their first block
+    ids = np.concatenate([want[1:] for want in expected])
+    shared = set(np.flatnonzero(np.bincount(ids) > 1)) - {0}
+    first_block = {}
+    for i, want in enumerate(expected):
+        for v in want[1:]:
+            first_block.setdefault(int(v), i)
+    for i, (_, starting) in enumerate(streamed):
+        assert starting.tolist() == sorted(v for v in shared if first_block[v] == i)

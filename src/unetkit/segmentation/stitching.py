@@ -11,18 +11,26 @@ distributed segmentation):
   of the strip around their shared face, matched by IoU > 0.5 (a one-to-one matching, so
   touching cells that both cross the border stay apart).
 * :func:`merge_labels` — the components, objects smaller than ``min_size`` (summed over
-  blocks) dropped, and per block a look-up table local id -> final id (1..N).
+  blocks) dropped, and per block a look-up table local id -> final id (1..N);
+  :func:`stream_luts` gives them block by block, holding only the labels on borders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["core_labels", "face_pairs", "label_classes", "merge_labels", "overlap_pairs"]
+__all__ = [
+    "core_labels",
+    "face_pairs",
+    "label_classes",
+    "merge_labels",
+    "overlap_pairs",
+    "stream_luts",
+]
 
 
 def face_pairs(
@@ -82,6 +90,7 @@ def merge_labels(
     Returns:
         per block, a look-up table (length n + 1, uint32) from local id to final id;
         0 stays 0, dropped objects map to 0. Final ids follow the blocks' order.
+        (:func:`stream_luts` gives the same tables one block at a time.)
 
     Example:
         >>> luts = merge_labels([1, 1], [np.array([0, 5]), np.array([0, 3])],
@@ -89,30 +98,71 @@ def merge_labels(
         >>> [lut.tolist() for lut in luts]
         [[0, 1], [0, 1]]
     """
+    return [lut for lut, _ in stream_luts(counts, areas.__getitem__, links, min_size=min_size)]
+
+
+def stream_luts(
+    counts: Sequence[int],
+    areas: Callable[[int], np.ndarray],
+    links: Sequence[tuple[int, int, np.ndarray]],
+    *,
+    min_size: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`merge_labels` block by block, holding only the linked labels (those on block
+    borders) and one block's labels at a time, never every label of the image.
+
+    A label no link touches is an object of its own; the graph's components are the
+    objects that cross borders. Final ids go to the kept objects in the order of their
+    first label (block by block, then local id), as :func:`merge_labels` numbers them.
+
+    Args:
+        counts: per block, its number of local labels n (ids 1..n).
+        areas: ``areas(i)``: block i's pixel count per local id (length n + 1); called
+            twice for blocks with links (sizes first, then ids), once for the others.
+        links: (block i, block j, K×2 pairs of local ids of i and j) that are one object.
+        min_size: drop objects with fewer pixels in all blocks together.
+
+    Yields:
+        per block in order: (look-up table local id -> final id, uint32 of length n + 1;
+        the final ids, ascending, of the linked objects whose first label is in this
+        block: the objects that other blocks add pixels to).
+    """
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    total = int(offsets[-1])
-    rows = [offsets[i] + p[:, 0] - 1 for i, _, p in links if len(p)]
-    cols = [offsets[j] + p[:, 1] - 1 for _, j, p in links if len(p)]
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    graph = sparse.coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(total, total))
-    _, component = connected_components(graph, directed=False)
-    area = np.concatenate([np.asarray(a[1:], np.int64) for a in areas]) if total else np.zeros(0)
-    size = np.bincount(component, weights=area, minlength=component.max(initial=-1) + 1)
-    keep = size >= max(min_size, 1)
-    # number the kept components in order of their first node: stable, block by block
-    first = np.full(len(size), total, np.int64)
-    np.minimum.at(first, component, np.arange(total))
-    order = np.argsort(np.where(keep, first, total + np.arange(len(size))), kind="stable")
-    final = np.zeros(len(size), np.uint32)
-    n_kept = int(keep.sum())
-    final[order[:n_kept]] = np.arange(1, n_kept + 1, dtype=np.uint32)
-    luts = []
-    for i in range(len(counts)):
-        lut = np.zeros(int(counts[i]) + 1, np.uint32)
-        lut[1:] = final[component[offsets[i] : offsets[i + 1]]]
-        luts.append(lut)
-    return luts
+    ends = [(offsets[i] + p[:, 0] - 1, offsets[j] + p[:, 1] - 1) for i, j, p in links if len(p)]
+    a = np.concatenate([e[0] for e in ends]) if ends else np.zeros(0, np.int64)
+    b = np.concatenate([e[1] for e in ends]) if ends else np.zeros(0, np.int64)
+    nodes = np.unique(np.concatenate([a, b]))  # global ids of the linked labels, sorted
+    graph = sparse.coo_matrix(
+        (np.ones(len(a), np.int8), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))),
+        shape=(len(nodes), len(nodes)),
+    )
+    n_comp, comp = connected_components(graph, directed=False)
+    starts = np.searchsorted(nodes, offsets)  # block i's linked labels: starts[i]:starts[i+1]
+    block_of = np.searchsorted(offsets, nodes, side="right") - 1
+    size = np.zeros(n_comp, np.int64)
+    for i in np.unique(block_of):
+        lo, hi = starts[i], starts[i + 1]
+        np.add.at(size, comp[lo:hi], np.asarray(areas(i), np.int64)[nodes[lo:hi] - offsets[i] + 1])
+    first = np.full(n_comp, offsets[-1], np.int64)
+    np.minimum.at(first, comp, nodes)
+    smallest = max(min_size, 1)
+    kept = size >= smallest
+    final = np.zeros(n_comp, np.uint32)  # a component's id, once its first label has one
+    next_id = 1
+    for i, n in enumerate(counts):
+        linked, c = nodes[starts[i] : starts[i + 1]] - offsets[i], comp[starts[i] : starts[i + 1]]
+        is_kept = np.asarray(areas(i), np.int64)[1 : n + 1] >= smallest
+        is_first = np.ones(n, bool)
+        is_kept[linked] = kept[c]
+        is_first[linked] = first[c] == linked + offsets[i]
+        new = np.flatnonzero(is_kept & is_first)
+        lut = np.zeros(n + 1, np.uint32)
+        lut[new + 1] = np.arange(next_id, next_id + len(new), dtype=np.uint32)
+        next_id += len(new)
+        starting = is_first[linked]
+        final[c[starting]] = lut[linked[starting] + 1]
+        lut[linked[~starting] + 1] = final[c[~starting]]  # first label earlier: id set
+        yield lut, lut[linked[starting & kept[c]] + 1]
 
 
 def label_classes(classes: np.ndarray) -> np.ndarray:

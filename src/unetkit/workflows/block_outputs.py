@@ -4,8 +4,9 @@
 path (``workflows.segment_outputs.OutputOptions``):
 
 * the object table ``<stem>_objects.csv`` is always written: :func:`object_sums` runs on
-  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up, so the
-  table equals ``object_table`` on the whole label image without holding it;
+  each block's labels (on a worker) and :class:`ObjectTable` adds the blocks up in two
+  passes, so the table equals ``object_table`` on the whole label image without holding
+  it (nor the whole table);
 * ``save_probabilities``: a ``probabilities`` pyramid inside the store;
 * ``geojson`` / ``imagej_rois``: ``<stem>.geojson`` / ``<stem>_RoiSet.zip``, traced from
   the whole label image, so only for images up to :data:`EXPORT_PIXELS` (refused before
@@ -19,6 +20,7 @@ rescaled (the whole-image path resamples it; block-wise predict does not).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,61 +148,111 @@ def object_sums(
 
 
 class ObjectTable:
-    """The object table of a whole image, added up from its blocks' :func:`object_sums`
-    (one block at a time: the client never holds more than one block's sums).
+    """The object table of a whole image from its blocks' :func:`object_sums`, in two
+    passes over the blocks in order: :meth:`add_spanning` sums the objects that span
+    blocks, then :meth:`rows` gives each block's new rows (final ids follow the blocks'
+    order). It holds the spanning objects and one block's rows, never the whole table.
 
     Args:
-        count: the largest final object id.
         channels: image channels (one ``mean_intensity_<c>`` column each).
+        spanning: the final ids of the objects that span blocks, ascending.
+        pixel_size: µm per pixel, for the µm columns (None: none).
+
+    Example:
+        >>> table = ObjectTable(1, spanning, None)  # doctest: +SKIP
+        >>> for part in parts:  # the blocks' object_sums, in order  # doctest: +SKIP
+        ...     table.add_spanning(part)
+        >>> columns = [table.rows(part) for part in parts]  # doctest: +SKIP
     """
 
-    def __init__(self, count: int, channels: int) -> None:
-        self.area = np.zeros(count + 1, np.int64)
-        self.sums = np.zeros((2 + channels, count + 1))
+    def __init__(self, channels: int, spanning: np.ndarray, pixel_size: PixelSize | None) -> None:
+        self.spanning = np.asarray(spanning, np.int64)
+        self.spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
+        self.count = 0  # the largest final id handed on
+        self.area = np.zeros(len(self.spanning), np.int64)
+        self.sums = np.zeros((2 + channels, len(self.spanning)))
 
-    def add(self, part: dict[str, np.ndarray]) -> None:
-        """Add one block's sums (ids may repeat: one object entering a block twice)."""
-        ids = part["ids"]
-        np.add.at(self.area, ids, part["area"])
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``ids`` are in ``spanning``, and which of them are there."""
+        at = np.searchsorted(self.spanning, ids)
+        hit = at < len(self.spanning)
+        hit[hit] = self.spanning[at[hit]] == ids[hit]
+        return at, hit
+
+    def add_spanning(self, part: dict[str, np.ndarray]) -> None:
+        """Pass 1: add a block's sums of the spanning objects (in the blocks' order: the
+        sums are those of one pass over every block)."""
+        at, hit = self._find(np.asarray(part["ids"]))
+        np.add.at(self.area, at[hit], part["area"][hit])
         for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
-            np.add.at(self.sums[row], ids, values)
+            np.add.at(self.sums[row], at[hit], values[hit])
 
-    def columns(self, pixel_size: PixelSize | None) -> dict[str, np.ndarray]:
-        """``object_table``'s columns (objects 1..count that have pixels)."""
-        keep = np.flatnonzero(self.area[1:]) + 1
-        means = self.sums[:, keep] / self.area[keep]
+    def rows(self, part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pass 2: ``object_table``'s columns for the objects whose first pixels are in
+        this block (ids above those of earlier blocks), the ones that have pixels."""
+        ids = np.asarray(part["ids"])
+        top = max(self.count, int(ids.max(initial=0)))
+        base, n = self.count + 1, top - self.count
+        area, sums = np.zeros(n, np.int64), np.zeros((self.sums.shape[0], n))
+        at, hit = self._find(ids)
+        alone = (ids >= base) & ~hit  # an object of this block only: one local label
+        area[ids[alone] - base] = part["area"][alone]
+        for row, values in enumerate((part["sum_y"], part["sum_x"], *part["sum_i"])):
+            sums[row, ids[alone] - base] = values[alone]
+        lo, hi = np.searchsorted(self.spanning, [base, top + 1])
+        area[self.spanning[lo:hi] - base] = self.area[lo:hi]
+        sums[:, self.spanning[lo:hi] - base] = self.sums[:, lo:hi]
+        self.count = top
+        keep = np.flatnonzero(area)
+        means = sums[:, keep] / area[keep]
         values = {"centroid_y": means[0], "centroid_x": means[1]}
         values.update({f"mean_intensity_{c}": m for c, m in enumerate(means[2:])})
-        spacing = None if pixel_size is None else (pixel_size.y, pixel_size.x)
-        return object_columns(keep, self.area[keep], values, pixel_size=spacing)
+        return object_columns(keep + base, area[keep], values, pixel_size=self.spacing)
 
 
-def write_columns_csv(path: Path, columns: dict[str, np.ndarray], rows: int = 65536) -> None:
+def write_columns_csv(
+    path: Path, parts: Iterable[dict[str, np.ndarray]], rows: int = 65536
+) -> None:
     """A table as ``write_object_table_csv`` writes it (ints as ints, floats as Python
-    prints them), atomically, ``rows`` lines at a time: millions of objects stay fast."""
-    n = len(next(iter(columns.values()))) if columns else 0
+    prints them), atomically, from its parts (the same columns each, the first gives the
+    header), ``rows`` lines at a time: millions of objects stay fast and small."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(columns) + "\n")
-        for start in range(0, n, rows):
-            parts = [
-                map(str, col[start : start + rows].tolist())  # str(float) == repr(float)
-                for col in columns.values()
-            ]
-            f.writelines(",".join(line) + "\n" for line in zip(*parts, strict=True))
+        for k, columns in enumerate(parts):
+            if k == 0:
+                f.write(",".join(columns) + "\n")
+            n = len(next(iter(columns.values()))) if columns else 0
+            for start in range(0, n, rows):
+                lines = [
+                    map(str, col[start : start + rows].tolist())  # str(float) == repr(float)
+                    for col in columns.values()
+                ]
+                f.writelines(",".join(line) + "\n" for line in zip(*lines, strict=True))
 
 
 def write_tables(
     store: Path,
     files: dict[str, Path],
-    columns: dict[str, np.ndarray],
+    parts: Iterable[dict[str, np.ndarray]],
     outputs: OutputOptions,
 ) -> None:
-    """The object table, and the exports asked for (traced from the store's labels)."""
-    write_columns_csv(files["table"], columns)
-    if not (outputs.geojson or outputs.imagej_rois):
+    """The object table from its parts (e.g. from :meth:`ObjectTable.rows`), and the exports
+    asked for (traced from the store's labels; they keep the whole table, and only
+    images up to :data:`EXPORT_PIXELS` are traced)."""
+    exports = outputs.geojson or outputs.imagej_rois
+    kept: list[dict[str, np.ndarray]] = []
+
+    def written() -> Iterator[dict[str, np.ndarray]]:
+        for part in parts:
+            if exports:
+                kept.append(part)
+            yield part
+
+    write_columns_csv(files["table"], written())
+    if not exports:
         return
     instances = np.asarray(ome_zarr.open_prediction(store)["instances"][0][:])
     if outputs.geojson:
+        columns = {name: np.concatenate([p[name] for p in kept]) for name in kept[0]}
         names, values = list(columns), zip(*columns.values(), strict=True)
         rows = [dict(zip(names, row, strict=True)) for row in values]
         write_geojson(files["geojson"], instances, rows, object_type=outputs.object_type)

@@ -185,7 +185,8 @@ def normalization_stats(
         total = total + flat.sum(1)
         squares = squares + (flat**2).sum(1)
         count += flat.shape[1]
-        samples.append(x[:, (-y0) % stride :: stride, (-x0) % stride :: stride])
+        if mode != "zscore":  # a copy: a strided view would keep the whole block alive
+            samples.append(x[:, (-y0) % stride :: stride, (-x0) % stride :: stride].copy())
     if mode == "zscore":
         mean = total / count
         return mean.astype(np.float32), np.sqrt(np.maximum(squares / count - mean**2, 0)).astype(

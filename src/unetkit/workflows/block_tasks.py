@@ -3,7 +3,8 @@
 A :class:`Job` holds everything a worker needs for one image (small, picklable: the
 checkpoint travels as a path, loaded once per worker process). Pass 1
 (:func:`predict_block`): probabilities, class mask and local labels of a block plus its
-border data; pass 2 (:func:`finish_block`): final ids and the block's object-table sums;
+border data; pass 2 (:func:`finish_block`): final ids (from the look-up table the
+stitching left in :func:`lut_file`) and the block's object-table sums;
 pass 3 (:func:`pyramid_chunk`): one chunk of a coarser level. Each block writes only its
 own chunks (blocks are chunks), so no task needs a lock; each leaves a marker in
 ``<out>.zarr/.unetkit/`` that a resumed run skips.
@@ -44,6 +45,7 @@ __all__ = [
     "SIDES",
     "Job",
     "finish_block",
+    "lut_file",
     "marker",
     "predict_block",
     "pyramid_chunk",
@@ -100,6 +102,12 @@ def marker(job: Job, kind: str, block: Block) -> Path:
     return Path(job.out) / MARKERS / f"{kind}_{block.row}_{block.col}.npz"
 
 
+def lut_file(job: Job, block: Block) -> Path:
+    """Where the stitching leaves a block's look-up table local id -> final id (``.npy``)
+    for pass 2: tasks read their own, the client never sends every block's."""
+    return Path(job.out) / MARKERS / f"lut_{block.row}_{block.col}.npy"
+
+
 def predict_block(job: Job, block: Block) -> str:
     """Pass 1: probabilities, class mask, local instance labels and border data of a block."""
     done = marker(job, "block", block)
@@ -150,12 +158,14 @@ SIDES = {
 }
 
 
-def finish_block(job: Job, block: Block, lut: np.ndarray, boundary: bool) -> str:
-    """Pass 2: local ids -> final ids (and, for watershed targets, the mask of kept
-    objects); the block's sums for the object table go into its marker."""
+def finish_block(job: Job, block: Block, boundary: bool) -> str:
+    """Pass 2: local ids -> final ids (the look-up table the stitching left next to the
+    markers; and, for watershed targets, the mask of kept objects); the block's sums for
+    the object table go into its marker."""
     done = marker(job, "final", block)
     if done.is_file():
         return str(done)
+    lut = np.load(lut_file(job, block))
     arrays = ome_zarr.open_prediction(job.out)
     local = np.asarray(scratch(job, "r")[block.slices])
     final = lut[local]

@@ -23,30 +23,32 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from unetkit._atomic import atomic_write_text
+from unetkit._atomic import atomic_write_bytes, atomic_write_text
 from unetkit.data.io import list_images
 from unetkit.data.transforms import DEFAULT_PERCENTILES
 from unetkit.errors import ConfigError, DataError
 from unetkit.formats import ome_zarr
 from unetkit.inference import TileOptions
 from unetkit.inference.backends import load_inference_model, options_for
-from unetkit.segmentation.stitching import face_pairs, merge_labels, overlap_pairs
+from unetkit.segmentation.stitching import face_pairs, overlap_pairs, stream_luts
 from unetkit.workflows import block_outputs
 from unetkit.workflows.block_sources import normalization_stats, open_source
 from unetkit.workflows.block_tasks import (
     MARKERS,
     Job,
     finish_block,
+    lut_file,
     marker,
     predict_block,
     pyramid_chunk,
@@ -87,11 +89,36 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> list[np.ndarray]:
-    """Per block, the look-up table local id -> final id, from the pass-1 markers."""
-    data = [dict(np.load(marker(job, "block", b))) for b in grid]
+def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> np.ndarray:
+    """Per block, the look-up table local id -> final id, from the pass-1 markers, written
+    next to them for pass 2 (:func:`stitching.stream_luts`: one block's labels in memory at
+    a time, plus the labels on block borders). Returns the final ids of the objects that
+    span blocks (ascending), for the object table."""
+    counts = []
+    for b in grid:
+        with np.load(marker(job, "block", b)) as part:  # reads this one member only
+            counts.append(int(part["count"]))
+
+    def areas(i: int) -> np.ndarray:
+        with np.load(marker(job, "block", grid[i])) as part:
+            found = part["areas"]
+        return np.pad(found, (0, max(0, counts[i] + 1 - len(found))))
+
+    links = list(_links(job, grid, boundary))
+    spanning = [np.zeros(0, np.uint32)]
+    merged = stream_luts(counts, areas, links, min_size=min_size)
+    for b, (lut, starting) in zip(grid, merged, strict=True):
+        buf = io.BytesIO()
+        np.save(buf, lut)
+        atomic_write_bytes(lut_file(job, b), buf.getvalue())
+        spanning.append(starting)
+    return np.concatenate(spanning)
+
+
+def _links(job: Job, grid: list[Block], boundary: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(block i, its neighbour j below or right, pairs of their local ids that are one
+    object), reading two blocks' border data at a time."""
     index = {(b.row, b.col): i for i, b in enumerate(grid)}
-    links = []
     for i, b in enumerate(grid):
         for j, first, second in (
             (index.get((b.row + 1, b.col)), "bottom", "top"),
@@ -99,22 +126,20 @@ def _stitch(job: Job, grid: list[Block], boundary: bool, min_size: int) -> list[
         ):
             if j is None:
                 continue
-            if boundary:
-                pairs = overlap_pairs(data[i][f"strip_{first}"], data[j][f"strip_{second}"])
-            else:
-                pairs = face_pairs(
-                    data[i][f"edge_{first}"],
-                    data[j][f"edge_{second}"],
-                    data[i][f"class_{first}"],
-                    data[j][f"class_{second}"],
-                )
-            links.append((i, j, pairs))
-    counts = [int(d["count"]) for d in data]
-    areas = [
-        np.pad(d["areas"], (0, max(0, c + 1 - len(d["areas"]))))
-        for d, c in zip(data, counts, strict=True)
-    ]
-    return merge_labels(counts, areas, links, min_size=min_size)
+            with (
+                np.load(marker(job, "block", b)) as mine,
+                np.load(marker(job, "block", grid[j])) as theirs,
+            ):
+                if boundary:
+                    pairs = overlap_pairs(mine[f"strip_{first}"], theirs[f"strip_{second}"])
+                else:
+                    pairs = face_pairs(
+                        mine[f"edge_{first}"],
+                        theirs[f"edge_{second}"],
+                        mine[f"class_{first}"],
+                        theirs[f"class_{second}"],
+                    )
+            yield i, j, pairs
 
 
 def _check_stems(files: list[Path]) -> None:
@@ -292,19 +317,21 @@ def predict_blocks(
         client, predict_block, [(j, b) for j in todo for b in grids[j.out]], "predict", progress
     )
     boundary = meta.get("target", "semantic") == "boundary"
-    finals = []
-    for j in todo:
-        luts = _stitch(j, grids[j.out], boundary, min_object_size(meta, 2, options.min_size))
-        finals += [(j, b, lut, boundary) for b, lut in zip(grids[j.out], luts, strict=True)]
+    spanning = {
+        j.out: _stitch(j, grids[j.out], boundary, min_object_size(meta, 2, options.min_size))
+        for j in todo
+    }
+    finals = [(j, b, boundary) for j in todo for b in grids[j.out]]
     run_tasks(client, finish_block, finals, "stitch", progress)
     _pyramids(todo, client, progress)
     for j in todo:
-        count = max((int(lut.max(initial=0)) for jj, _, lut, _ in finals if jj is j), default=0)
-        _write_tables(j, grids[j.out], count, outputs)
+        count = _write_tables(j, grids[j.out], spanning[j.out], outputs)
         summary = {"objects": count, "blocks": len(grids[j.out])}
         atomic_write_text(Path(j.out) / MARKERS / "complete.json", json.dumps(summary))
         # the local labels go only once the image is complete: a resumed run needs them
         shutil.rmtree(Path(j.out) / MARKERS / "local", ignore_errors=True)
+        for b in grids[j.out]:
+            lut_file(j, b).unlink(missing_ok=True)
     rows = []
     for j in jobs:
         summary = json.loads((Path(j.out) / MARKERS / "complete.json").read_text())
@@ -326,15 +353,24 @@ def _pyramids(todo: list[Job], client: Any, progress: Progress | None) -> None:
         run_tasks(client, pyramid_chunk, tasks, f"pyramid level {level}", progress)
 
 
-def _write_tables(job: Job, grid: list[Block], count: int, outputs: OutputOptions) -> None:
-    """The object table (from the blocks' pass-2 sums) and the exports of one image."""
+def _write_tables(job: Job, grid: list[Block], spanning: np.ndarray, outputs: OutputOptions) -> int:
+    """The object table and the exports of one image, from the blocks' pass-2 sums in two
+    passes (the objects that span blocks summed first, then the rows block by block);
+    returns its number of objects."""
     source = open_source(job.source, job.blocks.level, job.options.channels)
     channels = source.pixels(slice(0, 1), slice(0, 1)).shape[0]
-    table = block_outputs.ObjectTable(count, channels)
+    size = block_outputs.input_pixel_size(source, job.options)
+    table = block_outputs.ObjectTable(channels, spanning, size)
     for b in grid:
         with np.load(marker(job, "final", b)) as part:
-            table.add(dict(part))
-    columns = table.columns(block_outputs.input_pixel_size(source, job.options))
+            table.add_spanning(dict(part))
+
+    def rows() -> Iterator[dict[str, np.ndarray]]:
+        for b in grid:
+            with np.load(marker(job, "final", b)) as part:
+                yield table.rows(dict(part))
+
     out = Path(job.out)
     files = block_outputs.output_files(out.parent, out.name[: -len(".zarr")])
-    block_outputs.write_tables(out, files, columns, outputs)
+    block_outputs.write_tables(out, files, rows(), outputs)
+    return table.count
