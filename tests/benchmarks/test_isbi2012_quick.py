@@ -3,7 +3,6 @@ and reports the challenge's errors beside the argmax ones (the real run is by ha
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from unetkit.segmentation.isbi import ISBI_THRESHOLDS
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "isbi2012.py"
 
 
 def _membrane_stack(root: Path, size: int = 64) -> Path:
@@ -38,10 +35,8 @@ def _membrane_stack(root: Path, size: int = 64) -> Path:
     return root
 
 
-def test_two_steps_report_challenge_and_argmax_errors(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("isbi2012", SCRIPT)
-    isbi2012 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(isbi2012)
+def test_two_steps_report_challenge_and_argmax_errors(benchmark_script, tmp_path, capsys):
+    isbi2012 = benchmark_script("isbi2012")
     data = _membrane_stack(tmp_path / "isbi")
     out = tmp_path / "runs"
     isbi2012.main(["--data", str(data), "--only", "modern", "--steps", "2", "--out", str(out)])
@@ -68,10 +63,8 @@ def test_two_steps_report_challenge_and_argmax_errors(tmp_path, capsys):
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
-def test_missing_slices_are_one_line(tmp_path):
-    spec = importlib.util.spec_from_file_location("isbi2012", SCRIPT)
-    isbi2012 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(isbi2012)
+def test_missing_slices_are_one_line(benchmark_script, tmp_path):
+    isbi2012 = benchmark_script("isbi2012")
     with pytest.raises(SystemExit, match="60 of 60 files missing"):
         isbi2012.main(["--data", str(tmp_path), "--steps", "2", "--out", str(tmp_path / "o")])
     data = _membrane_stack(tmp_path / "isbi", size=16)

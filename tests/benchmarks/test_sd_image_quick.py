@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,13 +11,11 @@ pytestmark = pytest.mark.compare
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "sd_image.py"
 
-
-def test_quick_run_times_every_case(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("sd_image", SCRIPT)
-    sd_image = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sd_image)
+def test_quick_run_times_every_case(
+    benchmark_script, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sd_image = benchmark_script("sd_image")
     out = tmp_path / "r.json"
     args = ["--quick", "--steps", "3", "--inline", "--json", str(out)]
     args += ["--pipeline", str(tmp_path / "sd"), "--cases", "unetkit,diffusers-bf16,unetkit"]
@@ -32,10 +29,8 @@ def test_quick_run_times_every_case(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(rows) == 1 + 2  # header + one row per case, the repeated case merged
 
 
-def test_vae_mode_times_both_precisions(capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("sd_image", SCRIPT)
-    sd_image = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sd_image)
+def test_vae_mode_times_both_precisions(benchmark_script, capsys: pytest.CaptureFixture) -> None:
+    sd_image = benchmark_script("sd_image")
     assert sd_image.main(["--vae", "--quick"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["float32", "bf16 autocast"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,13 +10,11 @@ import pytest
 pytestmark = pytest.mark.compare
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "sd_step.py"
 
-
-def test_quick_run_times_every_case(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = importlib.util.spec_from_file_location("sd_step", SCRIPT)
-    sd_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sd_step)
+def test_quick_run_times_every_case(
+    benchmark_script, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sd_step = benchmark_script("sd_step")
     out = tmp_path / "r.json"
     args = ["--quick", "--repeats", "1", "--warmup", "0", "--inline", "--json", str(out)]
     args += ["--weights", str(tmp_path / "w")]
@@ -31,15 +28,13 @@ def test_quick_run_times_every_case(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(rows) == 1 + len(sd_step.CASES)
 
 
-def test_step_flops_match_a_count_by_layer_shapes() -> None:
+def test_step_flops_match_a_count_by_layer_shapes(benchmark_script) -> None:
     """The ceiling's arithmetic (torch's flop counter on the meta device) against 2 × the
     multiply-adds of every Conv2d and Linear layer, counted from their shapes on a real run."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    spec = importlib.util.spec_from_file_location("sd_step", SCRIPT)
-    sd_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sd_step)
+    sd_step = benchmark_script("sd_step")
     counted = sd_step.step_flops(quick=True)
     model = UNet2DConditionModel(**sd_step.TINY).eval()
     by_shape = {"convolutions": 0, "linear": 0}
